@@ -1,0 +1,30 @@
+# Two commands do all set-up on a fresh machine with only Python 3.11:
+#   make demo   optimize the real all-MiniLM-L6-v2 for this CPU and print the report
+#   make test   run the test suite
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench venv clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PY) >/dev/null || { echo "need $(PY) on PATH"; exit 1; }
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/optim demo --out reports/minilm
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not gpu" tests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/minilm_cpu.py
+
+clean:
+	rm -rf $(VENV) reports .pytest_cache

@@ -1,0 +1,1 @@
+"""optim's backends. Importing this package registers each one in `optim.registry.BACKENDS`."""

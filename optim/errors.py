@@ -1,0 +1,52 @@
+"""Errors optim raises. Each names the problem and the fix; none leaves the user's model changed."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class OptimError(Exception):
+    """Base class: everything optim raises on bad input or a failed step."""
+
+
+class UnknownNameError(OptimError, KeyError):
+    """A pass, target, backend, pipeline or zoo name that is not registered."""
+
+    def __init__(self, kind: str, name: str, valid: Iterable[str]):
+        self.kind, self.name, self.valid = kind, name, sorted(valid)
+        close = difflib.get_close_matches(name, self.valid, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        super().__init__(f"unknown {kind} {name!r}.{hint} Valid {kind}s: {', '.join(self.valid)}")
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.args[0]
+
+
+class ConfigError(OptimError, ValueError):
+    """A pass option, pipeline key or YAML value that is wrong; says where and what is allowed."""
+
+
+class CaptureError(OptimError):
+    """The model could not be traced to a graph."""
+
+
+class PassError(OptimError):
+    """A pass failed mid-pipeline. Names the pass and the passes that ran before it."""
+
+    def __init__(self, name: str, before: list[str], cause: BaseException):
+        self.pass_name, self.before, self.cause = name, before, cause
+        ran = ", ".join(before) if before else "none"
+        super().__init__(
+            f"pass {name!r} failed: {type(cause).__name__}: {cause}\n"
+            f"  passes that ran before it: {ran}\n"
+            f"  the original model is untouched; drop or reconfigure {name!r} to continue"
+        )
+
+
+class NumericsError(OptimError):
+    """A pass broke its numerics contract or the pipeline's fidelity budget."""
+
+
+class BackendError(OptimError):
+    """Lowering to or running on a backend failed."""

@@ -1,0 +1,194 @@
+"""Capture: a PyTorch model traced by `torch.export` into an FX graph of aten ops.
+
+The graph is `ep.module()`: weights are `get_attr` nodes, inputs and outputs keep the model's
+pytree structure, and every node carries `meta["val"]` (a meta tensor with shape and dtype).
+Shapes are static: they come from the example inputs.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+from torch.utils import _pytree as pytree
+
+from optim.errors import CaptureError
+
+
+@dataclass
+class Captured:
+    gm: torch.fx.GraphModule
+    args: tuple
+    kwargs: dict
+    seconds: float
+
+
+def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> Captured:
+    """Trace `model(*args, **kwargs)` into an FX graph with its own copy of the weights."""
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"optimize() takes a torch.nn.Module, got {type(model).__name__}")
+    kwargs = dict(kwargs or {})
+    args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(model, args, kwargs, strict=False)
+    except Exception as e:  # torch.export raises many types; all become one clear error
+        raise CaptureError(_explain_capture_failure(model, e)) from e
+    finally:
+        model.train(was_training)
+    gm = ep.module()
+    _own_weights(gm)
+    captured = Captured(gm, args, kwargs, time.perf_counter() - t0)
+    refresh_meta(gm, args, kwargs)
+    return captured
+
+
+def _own_weights(gm: torch.fx.GraphModule) -> None:
+    """Give the graph copies of its parameters and buffers so no pass can touch the user's."""
+    for name, p in list(gm.named_parameters(recurse=True)):
+        _set(gm, name, torch.nn.Parameter(p.detach().clone(), requires_grad=False))
+    for name, b in list(gm.named_buffers(recurse=True)):
+        _set(gm, name, b.detach().clone())
+
+
+def _set(root: torch.nn.Module, qualname: str, value: Any) -> None:
+    *path, leaf = qualname.split(".")
+    mod = root
+    for p in path:
+        mod = getattr(mod, p)
+    if isinstance(value, torch.nn.Parameter):
+        mod._parameters[leaf] = value
+    elif leaf in getattr(mod, "_buffers", {}):
+        mod._buffers[leaf] = value
+    else:
+        setattr(mod, leaf, value)
+
+
+_HINTS = [
+    (("DynamicCache", "Cache", "past_key_values"),
+     "the model returns a KV cache object; pass use_cache=False (e.g. in example kwargs or config)"),
+    (("data-dependent", "GuardOnDataDependentSymNode", "Could not guard on data-dependent"),
+     "control flow depends on tensor values; make it static (fixed shapes, no .item() branching)"),
+    (("Dynamic control flow", "cond"),
+     "Python control flow on tensors cannot be traced; use torch.where or static branches"),
+    (("not supported", "Unsupported", "NotImplementedError"),
+     "an operation is not traceable; replace it or wrap it as a torch.library custom op"),
+]
+
+
+def _explain_capture_failure(model: torch.nn.Module, e: Exception) -> str:
+    text = f"{type(e).__name__}: {e}"
+    where = _failing_module(model, e)
+    hint = next((h for keys, h in _HINTS if any(k in text for k in keys)),
+                "check that the model runs eagerly with these inputs and uses static shapes")
+    first = text.strip().splitlines()[0][:400] if text.strip() else type(e).__name__
+    loc = f" in module {where}" if where else ""
+    return (f"could not trace {type(model).__name__}{loc}: {first}\n  hint: {hint}\n"
+            "  your model was not changed")
+
+
+def _failing_module(model: torch.nn.Module, e: BaseException) -> str | None:
+    """Name the deepest submodule of `model` whose forward is on the failing stack."""
+    names = {id(m): (n or type(model).__name__) for n, m in model.named_modules()}
+    found = None
+    tb = e.__traceback__
+    for frame, _ in traceback.walk_tb(tb):
+        owner = frame.f_locals.get("self")
+        if owner is not None and id(owner) in names:
+            found = f"{names[id(owner)]} ({type(owner).__name__}, {frame.f_code.co_name})"
+    if found is None and e.__cause__ is not None and e.__cause__ is not e:
+        return _failing_module(model, e.__cause__)
+    return found
+
+
+# ---- running the graph and refreshing metadata ----
+
+def flatten_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list:
+    """The flat input list the graph's placeholders take, in order."""
+    info = getattr(gm._graph._codegen, "pytree_info", None)
+    if info is None:
+        return list(args)
+    from torch.fx._pytree import tree_flatten_spec
+
+    return list(tree_flatten_spec((args, kwargs), info.in_spec))
+
+
+class _MetaRecorder(torch.fx.Interpreter):
+    def run_node(self, n):
+        out = super().run_node(n)
+        n.meta["val"] = pytree.tree_map(
+            lambda t: t.detach().to("meta") if isinstance(t, torch.Tensor) else t, out)
+        return out
+
+
+def refresh_meta(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> None:
+    """Recompute every node's `meta["val"]` (shape, dtype) by running the graph once."""
+    with torch.no_grad():
+        _MetaRecorder(gm).run(*flatten_inputs(gm, args, kwargs))
+
+
+def shape(node: torch.fx.Node) -> tuple[int, ...] | None:
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def op_histogram(gm: torch.fx.GraphModule) -> dict[str, int]:
+    """Count call_function targets by name, e.g. {"aten.linear": 36, "optim.attention": 6}."""
+    c: Counter = Counter()
+    for n in gm.graph.nodes:
+        if n.op == "call_function":
+            c[target_name(n.target)] += 1
+    return dict(sorted(c.items()))
+
+
+def target_name(target: Any) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        ns, name = target.namespace, target._schema.name.split("::")[-1]
+        return f"{ns}.{name}"
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return str(target).replace("::", ".")
+    return getattr(target, "__name__", str(target))
+
+
+def add_constant(gm: torch.fx.GraphModule, base: str, value: torch.Tensor,
+                 before: torch.fx.Node) -> torch.fx.Node:
+    """Register `value` as a new buffer on `gm` and return a `get_attr` node for it."""
+    name, i = base.replace(".", "_"), 0
+    while hasattr(gm, name if i == 0 else f"{name}_{i}"):
+        i += 1
+    name = name if i == 0 else f"{name}_{i}"
+    gm.register_buffer(name, value)
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(name)
+    node.meta["val"] = value.detach().to("meta")
+    return node
+
+
+def get_constant(gm: torch.fx.GraphModule, node: Any) -> torch.Tensor | None:
+    """The tensor behind a `get_attr` node, or None when `node` is not a constant."""
+    if not isinstance(node, torch.fx.Node) or node.op != "get_attr":
+        return None
+    obj: Any = gm
+    for p in node.target.split("."):
+        obj = getattr(obj, p, None)
+        if obj is None:
+            return None
+    return obj if isinstance(obj, torch.Tensor) else None
+
+
+def module_path(node: torch.fx.Node) -> str:
+    """The dotted name of the user's module a node came from (from export's nn_module_stack)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return node.name
+    path = list(stack.values())[-1][0]
+    return path.replace("L['self'].", "").replace("L__self__.", "") or node.name
+

@@ -1,0 +1,77 @@
+"""cleanup: inference no-ops ⇒ nothing.
+
+Removes what export leaves for training or checking only: `dropout(x, p, train=False)`,
+`_assert_tensor_metadata`, `to(x, dtype)` when x already has that dtype, `alias`, `clone`, and
+`contiguous`-style copies of values nothing mutates. Numerics: exact (nothing is computed differently).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from optim.pass_base import Exact, PassContext, register_pass
+
+aten = torch.ops.aten
+
+_ASSERTS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default}
+_IDENTITY = {aten.alias.default, aten.clone.default, aten.lift_fresh_copy.default}
+_CASTS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default}
+
+
+@dataclass(frozen=True)
+class CleanupConfig:
+    """No options: every rule is exact."""
+
+
+def _input_dtype(node: torch.fx.Node):
+    val = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+    return getattr(val, "dtype", None)
+
+
+def _mutated(node: torch.fx.Node) -> bool:
+    """Whether any user of `node` writes into it (then a copy of it is not a no-op)."""
+    for u in node.users:
+        schema = getattr(u.target, "_schema", None)
+        if schema is not None and schema.is_mutable:
+            return True
+    return False
+
+
+def _is_noop_cast(n: torch.fx.Node) -> bool:
+    if n.target not in _CASTS:
+        return False
+    kwargs = dict(n.kwargs)
+    if n.target is aten.to.dtype and len(n.args) > 1:
+        kwargs["dtype"] = n.args[1]
+    allowed = {"dtype", "layout", "device", "copy", "non_blocking", "memory_format"}
+    if set(kwargs) - allowed or kwargs.get("device") not in (None, torch.device("cpu")):
+        return False
+    return kwargs.get("dtype", _input_dtype(n)) == _input_dtype(n)
+
+
+@register_pass("cleanup", config=CleanupConfig, numerics=Exact(atol=0.0))
+def cleanup(gm: torch.fx.GraphModule, cfg: CleanupConfig, ctx: PassContext) -> None:
+    """Drop inference no-ops (eval dropout, metadata asserts, same-dtype casts, copies)."""
+    for n in list(gm.graph.nodes):
+        if n.op != "call_function":
+            continue
+        if n.target in _ASSERTS and not n.users:
+            gm.graph.erase_node(n)
+            ctx.record("assert_removed")
+        elif n.target is aten.dropout.default and (n.args[2] if len(n.args) > 2 else
+                                                   n.kwargs.get("train")) is False:
+            n.replace_all_uses_with(n.args[0])
+            gm.graph.erase_node(n)
+            ctx.record("dropout_removed")
+        elif (n.target in _IDENTITY and len(n.args) == 1 and not n.kwargs.get("memory_format")
+              and not _mutated(n) and not _mutated(n.args[0])):
+            n.replace_all_uses_with(n.args[0])
+            gm.graph.erase_node(n)
+            ctx.record("copy_removed")
+        elif _is_noop_cast(n) and not _mutated(n) and not _mutated(n.args[0]):
+            n.replace_all_uses_with(n.args[0])
+            gm.graph.erase_node(n)
+            ctx.record("cast_removed")
