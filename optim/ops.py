@@ -27,3 +27,43 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float
 @attention.register_fake
 def _(q, k, v, mask, scale, causal):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+# ---- optim::linear_int8: int8 weights, dynamic per-token int8 activations ----
+#
+# y = s_x[m] · w_scale[n] · Σ_k q_x[m, k] · w_q[n, k] + bias[n]
+#   q_x = round(x / s_x), s_x = max|x[m, :]| / 127 (one scale per token), w_q int8 per-channel.
+# The torch kernel runs the integer GEMM in oneDNN (u8 activations with zero point 128, s8
+# weights, int32 accumulation); prepacked weights are cached per weight tensor.
+
+_PACKED: dict[tuple, Tensor] = {}
+
+
+def _packed(w_q: Tensor) -> Tensor:
+    key = (w_q.data_ptr(), tuple(w_q.shape), w_q._version)
+    packed = _PACKED.get(key)
+    if packed is None:
+        if len(_PACKED) > 4096:
+            _PACKED.clear()
+        packed = _PACKED[key] = torch.ops.onednn.qlinear_prepack(w_q, None)
+    return packed
+
+
+@torch.library.custom_op("optim::linear_int8", mutates_args=())
+def linear_int8(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k).float()
+    s = x2.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127.0
+    q = torch.round(x2 / s).add_(128.0).clamp_(1, 255).to(torch.uint8)
+    zp = torch.zeros(w_q.shape[0], dtype=torch.int64)
+    acc = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, _packed(w_q), w_scale, zp, None,
+                                             1.0, 0, torch.float32, "none", [], "")
+    y = acc.mul_(s)
+    if bias is not None:
+        y.add_(bias)
+    return y.reshape(*lead, w_q.shape[0]).to(x.dtype)
+
+
+@linear_int8.register_fake
+def _(x, w_q, w_scale, bias):
+    return x.new_empty((*x.shape[:-1], w_q.shape[0]))

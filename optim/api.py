@@ -1,0 +1,280 @@
+"""`optimize()`: capture → passes → backend, with fidelity and latency in a report.
+
+Example:
+    >>> import optim
+    >>> fast = optim.optimize(model, target="cpu", example_inputs=(input_ids,))
+    >>> fast(input_ids)          # callable like the original
+    >>> print(fast.report["speedup"])
+    >>> fast.save("out/"); again = optim.load("out/")
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from optim import numerics
+from optim.errors import ConfigError, NumericsError, OptimError
+from optim.ir import capture, op_histogram
+from optim.measure import measure
+from optim.pass_base import Exact, PassContext
+from optim.pipeline import Pipeline
+from optim.registry import BACKENDS, load_plugins
+from optim.report import Report
+from optim.targets import get_target
+
+__all__ = ["optimize", "OptimizedModel", "load"]
+
+Batch = tuple[tuple, dict]
+
+
+class OptimizedModel:
+    """The result of `optimize()`: callable like the original model, with `.report`."""
+
+    def __init__(self, artifact: Any, report: Report, graph: torch.fx.GraphModule | None = None):
+        self.artifact = artifact
+        self.report = report
+        self.graph = graph
+
+    def __call__(self, *args, **kwargs):
+        with torch.inference_mode():
+            return self.artifact(*args, **kwargs)
+
+    @property
+    def backend(self) -> str:
+        return self.report["backend"]["name"]
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the compiled artifact and report to `directory` (no pickle)."""
+        from optim.saving import save
+
+        return save(self, Path(directory))
+
+    def __repr__(self) -> str:
+        return (f"OptimizedModel({self.report['model']['name']}, target={self.report['target']['name']}"
+                f", backend={self.backend}, passes={[p['name'] for p in self.report['passes']]})")
+
+
+def load(directory: str | Path) -> OptimizedModel:
+    """Load a model written by `OptimizedModel.save`."""
+    from optim.saving import load as _load
+
+    return _load(Path(directory))
+
+
+def _as_batch(example_inputs: Any, example_kwargs: dict | None) -> Batch:
+    if isinstance(example_inputs, dict):
+        return (), {**example_inputs, **(example_kwargs or {})}
+    if example_inputs is None:
+        if not example_kwargs:
+            raise ConfigError("optimize() needs example_inputs (a tuple of positional inputs or a "
+                              "dict of keyword inputs) to trace the model with")
+        return (), dict(example_kwargs)
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)):
+        raise ConfigError(f"example_inputs must be a tuple or dict, got {type(example_inputs).__name__}")
+    return tuple(example_inputs), dict(example_kwargs or {})
+
+
+def resolve_pipeline(pipeline: Any, target_default: str, overrides: dict) -> Pipeline:
+    from optim.config import shipped_pipeline_passes, load_pipeline_file
+
+    if pipeline is None:
+        pipeline = target_default
+    if isinstance(pipeline, Pipeline):
+        if overrides:
+            raise ConfigError("pass options cannot be combined with a built Pipeline object")
+        return pipeline
+    if isinstance(pipeline, (str, Path)):
+        text = str(pipeline)
+        if text.endswith((".yaml", ".yml")) or Path(text).is_file():
+            spec = load_pipeline_file(Path(text))
+            return Pipeline.build(spec["passes"], overrides, where=text)
+        shipped = shipped_pipeline_passes(text)
+        if shipped is not None:
+            return Pipeline.build(shipped, overrides, where=f"pipeline {text!r}")
+        return Pipeline.build(text, overrides, where="pipeline text")
+    return Pipeline.build(pipeline, overrides)
+
+
+def optimize(model: torch.nn.Module, target: str = "cpu", example_inputs: Any = None,
+             pipeline: Any = None, *, example_kwargs: dict | None = None,
+             backend: str | None = None, eval_data: list[Batch] | None = None,
+             calibration: list[Batch] | None = None,
+             task_fidelity: Callable[[Callable, Callable], dict] | None = None,
+             fidelity_budget: dict | None = None, measure_latency: bool = True,
+             name: str | None = None, progress: Callable[[str], None] | None = None,
+             **pass_options: dict) -> OptimizedModel:
+    """Optimize `model` for `target` and return a callable `OptimizedModel` with a report.
+
+    Args:
+        model: the user's module; it is never modified.
+        target: a registered target name (`optim targets` lists them).
+        example_inputs: positional inputs (tuple) or keyword inputs (dict) to trace with.
+        pipeline: None (the target's default), a shipped pipeline name, a YAML path, one-line
+            text (`cleanup,fuse_attention`), or a list of pass names / {name: options}.
+        backend: "torch" or "onnxruntime"; default from the target.
+        eval_data: batches `(args, kwargs)` to measure fidelity on (default: the example).
+        calibration: batches for passes that calibrate (default: eval_data).
+        task_fidelity: `fn(original, optimized) -> dict` for a task metric (e.g. embeddings).
+        fidelity_budget: e.g. {"cosine_min": 0.97}; violating it raises NumericsError.
+        measure_latency: time original and optimized here, interleaved, in one run.
+        **pass_options: per-pass option overrides, e.g. `quantize={"skip": ["classifier"]}`.
+    """
+    load_plugins()
+    say = progress or (lambda msg: None)
+    tgt = get_target(target)
+    backend_name = backend or tgt.default_backend
+    lower = BACKENDS.get(backend_name)
+    pipe = resolve_pipeline(pipeline, tgt.default_pipeline, pass_options)
+    args, kwargs = _as_batch(example_inputs, example_kwargs)
+    evals = list(eval_data) if eval_data else [(args, kwargs)]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            say("running the original model")
+            refs = [model(*a, **k) for a, k in evals]
+            flops = _count_flops(model, args, kwargs)
+        say("capturing the graph with torch.export")
+        cap = capture(model, args, kwargs)
+    finally:
+        model.train(was_training)
+    gm = cap.gm
+    before_hist = op_histogram(gm)
+    weight_bytes = _weight_bytes(gm)
+    ctx = PassContext(target=tgt, example_inputs=(args, kwargs),
+                      calibration=list(calibration) if calibration else evals)
+
+    def check(step, result):
+        out = gm(*evals[0][0], **evals[0][1])
+        fid = numerics.compare(refs[0], out)
+        result.details.setdefault("fidelity", fid)
+        if isinstance(step.spec.numerics, Exact):
+            scale = max(1.0, max((t.abs().max().item() for t in numerics.tensor_leaves(refs[0])),
+                                 default=1.0))
+            if fid["max_abs_error"] > step.spec.numerics.atol * scale:
+                raise NumericsError(f"exact pass broke its contract: max abs error "
+                                    f"{fid['max_abs_error']:.3g} > {step.spec.numerics.atol:g}")
+
+    say(f"running passes: {', '.join(pipe.names) or '(none)'}")
+    with torch.no_grad():
+        results = pipe.run(gm, ctx, after_each=check)
+    say(f"lowering to {backend_name}")
+    t0 = time.perf_counter()
+    artifact = lower(gm, args, kwargs)
+    lower_s = time.perf_counter() - t0
+
+    with torch.inference_mode():
+        outs = [artifact(*a, **k) for a, k in evals]
+    fid = _aggregate([numerics.compare(r, o) for r, o in zip(refs, outs)])
+    fidelity = {"outputs": fid, "batches": len(evals)}
+    original_fn = lambda *a, **k: model(*a, **k)  # noqa: E731
+    if task_fidelity is not None:
+        say("measuring task fidelity")
+        with torch.inference_mode():
+            fidelity["task"] = task_fidelity(original_fn, artifact)
+    warnings = _check_budget(fidelity, fidelity_budget)
+
+    latency, speedup = [], {}
+    if measure_latency:
+        say("measuring latency (original vs optimized, interleaved)")
+        m = measure({"original": lambda: model(*args, **kwargs),
+                     "optimized": lambda: artifact(*args, **kwargs)})
+        latency = [{"label": "original", "backend": "torch eager", **m["original"]},
+                   {"label": "optimized", "backend": backend_name, **m["optimized"]}]
+        speedup = {"optimized_vs_original": m["original"]["median_ms"] / m["optimized"]["median_ms"],
+                   "basis": "ratio of medians measured in the same interleaved run"}
+
+    report = Report({
+        "schema": "optim.report/1",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "optim_version": _version(),
+        "model": {"name": name or type(model).__name__, "class": type(model).__qualname__,
+                  "parameters": sum(p.numel() for p in model.parameters()), "flops": flops,
+                  "weight_bytes": weight_bytes, "weight_bytes_after": _weight_bytes(gm),
+                  "inputs": _describe_inputs(args, kwargs), "capture_seconds": round(cap.seconds, 3)},
+        "target": {"name": tgt.name, "kind": tgt.kind, "description": tgt.description},
+        "backend": {"name": backend_name, "lower_seconds": round(lower_s, 3),
+                    **getattr(artifact, "info", lambda: {})()},
+        "pipeline": pipe.to_list(),
+        "passes": [{**r.to_dict(), "numerics": s.spec.numerics.describe(),
+                    "fidelity": r.details.pop("fidelity", None)}
+                   for r, s in zip(results, pipe.steps)],
+        "graph": {"before": before_hist, "after": op_histogram(gm)},
+        "fidelity": fidelity,
+        "latency": latency,
+        "speedup": speedup,
+        "warnings": warnings,
+    }).validate()
+    if warnings and fidelity_budget and fidelity_budget.get("enforce", True):
+        raise NumericsError("fidelity budget not met: " + "; ".join(warnings))
+    return OptimizedModel(artifact, report, gm)
+
+
+def _aggregate(items: list[dict]) -> dict:
+    return {"max_abs_error": max(i["max_abs_error"] for i in items),
+            "cosine_mean": sum(i["cosine_mean"] for i in items) / len(items),
+            "cosine_min": min(i["cosine_min"] for i in items),
+            "sqnr_db": min(i["sqnr_db"] for i in items)}
+
+
+def _check_budget(fidelity: dict, budget: dict | None) -> list[str]:
+    """Budget keys name measured metrics: `cosine_min: 0.97` is a floor, `*_error` a ceiling."""
+    if not budget:
+        return []
+    flat = {**fidelity["outputs"], **{f"task.{k}": v for k, v in fidelity.get("task", {}).items()}}
+    out = []
+    for key, limit in budget.items():
+        if key == "enforce":
+            continue
+        if key not in flat:
+            raise ConfigError(f"fidelity budget key {key!r} names no measured metric; "
+                              f"valid: {', '.join(sorted(flat))}")
+        value = flat[key]
+        ceiling = key.endswith("error")
+        if (value > limit) if ceiling else (value < limit):
+            out.append(f"{key} = {value:.4g} is {'above' if ceiling else 'below'} the budget {limit}")
+    return out
+
+
+def _count_flops(model, args, kwargs) -> float:
+    try:
+        with FlopCounterMode(display=False) as fc:
+            model(*args, **kwargs)
+        return float(fc.get_total_flops())
+    except Exception:  # counting is best-effort; the report says 0 then
+        return 0.0
+
+
+def _weight_bytes(gm: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(gm.parameters()) + list(gm.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _describe_inputs(args: tuple, kwargs: dict) -> list[dict]:
+    items = [(f"arg{i}", a) for i, a in enumerate(args)] + list(kwargs.items())
+    return [{"name": n, "shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
+            if isinstance(v, torch.Tensor) else {"name": n, "value": repr(v)[:40]} for n, v in items]
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("optim")
+    except Exception:
+        return "0+unknown"
+
+

@@ -1,0 +1,112 @@
+"""Pipeline files (YAML, schema `optim.pipeline/1`) and the pipelines shipped with optim.
+
+Errors name the file, line and key: `pipelines/x.yaml:7: passes[1]: unknown pass 'quantise'`.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from optim.errors import ConfigError, UnknownNameError
+
+
+def _schema() -> dict:
+    return json.loads(resources.files("optim").joinpath("schemas/pipeline.schema.json").read_text())
+
+
+def shipped_pipelines() -> dict[str, Path]:
+    folder = resources.files("optim").joinpath("pipelines")
+    return {p.name.rsplit(".", 1)[0]: Path(str(p)) for p in folder.iterdir()
+            if p.name.endswith(".yaml")}
+
+
+def shipped_pipeline_passes(name: str) -> list | None:
+    path = shipped_pipelines().get(name)
+    return None if path is None else load_pipeline_file(path)["passes"]
+
+
+def load_pipeline_file(path: Path) -> dict[str, Any]:
+    """Parse and validate a pipeline file; every error names file, line and key."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such pipeline file (shipped pipelines: "
+                          f"{', '.join(sorted(shipped_pipelines()))})") from None
+    try:
+        root = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{line}: malformed YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a pipeline file is a mapping with at least "
+                          f"'version: 1' and 'passes: [...]'")
+    validator = jsonschema.Draft202012Validator(_schema())
+    errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
+    if errors:
+        e = min(errors, key=lambda e: len(e.absolute_path))
+        keypath = list(e.absolute_path)
+        raise ConfigError(f"{path}:{_line(root, keypath)}: {_fmt(keypath)}: {_message(e)}")
+    # names and options are checked against the registry so errors point at the line too
+    from optim.pass_base import config_from_dict
+    from optim.registry import PASSES, load_plugins
+
+    load_plugins()
+    for i, entry in enumerate(data["passes"]):
+        name, options = (entry, None) if isinstance(entry, str) else next(iter(entry.items()))
+        where = f"{path}:{_line(root, ['passes', i])}: passes[{i}]"
+        try:
+            spec = PASSES.get(name)
+        except UnknownNameError as err:
+            raise ConfigError(f"{where}: {err}") from None
+        config_from_dict(spec.config, options, f"{where} ({name})")
+    for key in ("target",):
+        if key in data:
+            from optim.targets import TARGETS
+
+            try:
+                TARGETS.get(data[key])
+            except UnknownNameError as err:
+                raise ConfigError(f"{path}:{_line(root, [key])}: {key}: {err}") from None
+    return data
+
+
+def _message(e: jsonschema.ValidationError) -> str:
+    if e.validator == "additionalProperties":
+        allowed = sorted(e.schema.get("properties", {}))
+        return f"{e.message}; allowed keys: {', '.join(allowed)}"
+    if e.validator == "required":
+        return e.message
+    return e.message
+
+
+def _fmt(keypath: list) -> str:
+    out = ""
+    for k in keypath:
+        out += f"[{k}]" if isinstance(k, int) else (f".{k}" if out else str(k))
+    return out or "(top level)"
+
+
+def _line(node: Any, keypath: list) -> int:
+    """1-based line of the YAML node at `keypath` (the deepest one that exists)."""
+    line = node.start_mark.line + 1 if node is not None else 1
+    for k in keypath:
+        if isinstance(node, yaml.MappingNode):
+            nxt = next(((kn, vn) for kn, vn in node.value if kn.value == k), None)
+            if nxt is None:
+                break
+            line, node = nxt[0].start_mark.line + 1, nxt[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(k, int) and k < len(node.value):
+            node = node.value[k]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line

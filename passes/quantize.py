@@ -1,0 +1,145 @@
+"""quantize: linear(x, W, b) / addmm(b, x, Wᵀ) with constant W  ⇒  optim::linear_int8(x, W_q, s_w, b).
+
+Weights become int8 with one symmetric scale per output channel; activations are quantized
+per token (one symmetric scale per row) at run time, and the GEMM runs on real int8 kernels
+(oneDNN in the torch backend, MatMulInteger in ONNX Runtime). Embeddings are not linears and stay
+float; output heads (names matching `skip`) stay float. With calibration data, every layer's
+SQNR (int8 output vs fp32 output on the calibration activations) is measured, and layers below
+`min_sqnr_db` stay float, with the reason. Numerics: lossy, reported as per-layer SQNR.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+import optim.ops  # noqa: F401  (registers torch.ops.optim)
+from optim.ir import add_constant, flatten_inputs, get_constant, module_path
+from optim.numerics import sqnr_db
+from optim.pass_base import Lossy, PassContext, register_pass
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Options for quantize (int8 weights per channel, dynamic per-token int8 activations)."""
+
+    skip: tuple[str, ...] = ("lm_head", "classifier", "pooler", "score", "proj_out", "head")
+    min_sqnr_db: float = 0.0  # layers whose calibrated SQNR is below this stay float (0 = keep all)
+    min_features: int = 16  # linears with fewer input features stay float (nothing to gain)
+    calibration_batches: int = 4
+
+    def validate(self) -> None:
+        if self.min_features < 1:
+            raise ValueError("min_features must be >= 1")
+        for pattern in self.skip:
+            re.compile(pattern)
+
+
+def _linear_parts(gm, n: torch.fx.Node):
+    """(x, W [N, K] tensor, bias node) for a linear-like node with a constant weight, else a reason."""
+    if n.target is aten.linear.default:
+        x, w = n.args[0], n.args[1]
+        b = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+        weight = get_constant(gm, w)
+        return (x, weight, b) if weight is not None else "weight is not a constant"
+    if n.target is aten.addmm.default:  # GPT-2 Conv1D: addmm(bias, x, W[K, N])
+        if n.kwargs.get("beta", 1) != 1 or n.kwargs.get("alpha", 1) != 1:
+            return "addmm with alpha/beta"
+        b, x, w = n.args[:3]
+        weight = get_constant(gm, w)
+        return (x, weight.t(), b) if weight is not None else "weight is not a constant"
+    return None
+
+
+def _matches_skip(path: str, patterns: tuple[str, ...]) -> str | None:
+    for p in patterns:
+        if re.search(rf"(^|\.){p}(\.|$)", path) or re.fullmatch(p, path):
+            return p
+    return None
+
+
+@register_pass("quantize", config=QuantizeConfig, numerics=Lossy("sqnr_db", 15.0),
+               requires=("cleanup",), expects=("linear_quantized",))
+def quantize(gm: torch.fx.GraphModule, cfg: QuantizeConfig, ctx: PassContext) -> None:
+    """int8 per-channel weights with dynamic per-token int8 activations on real int8 kernels."""
+    candidates = []
+    for n in list(gm.graph.nodes):
+        if n.op != "call_function":
+            continue
+        parts = _linear_parts(gm, n)
+        if parts is None:
+            continue
+        where = module_path(n)
+        if isinstance(parts, str):
+            ctx.skip(where, parts)
+            continue
+        x, weight, bias = parts
+        hit = _matches_skip(where, cfg.skip)
+        if hit:
+            ctx.skip(where, f"output head / excluded layer (matches skip pattern {hit!r})")
+        elif weight.shape[1] < cfg.min_features:
+            ctx.skip(where, f"{weight.shape[1]} input features < min_features {cfg.min_features}")
+        else:
+            candidates.append((n, where, x, weight, bias))
+    inputs = _calibration_inputs(gm, [c[0] for c in candidates], ctx, cfg.calibration_batches)
+    layers = []
+    for n, where, x, weight, bias in candidates:
+        w = weight.detach().float()
+        w_scale = (w.abs().amax(1) / 127.0).clamp(min=1e-12)
+        w_q = torch.round(w / w_scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+        b = get_constant(gm, bias) if isinstance(bias, torch.fx.Node) else None
+        sq = _layer_sqnr(inputs.get(n), w, w_q, w_scale, b)
+        layer = {"layer": where, "shape": list(w.shape), "sqnr_db": None if sq is None else round(sq, 2)}
+        if sq is not None and sq < cfg.min_sqnr_db:
+            ctx.skip(where, f"calibrated SQNR {sq:.1f} dB < min_sqnr_db {cfg.min_sqnr_db:g}")
+            layer["kept_float"] = True
+            layers.append(layer)
+            continue
+        wq_node = add_constant(gm, f"{where}.weight_int8", w_q, n)
+        ws_node = add_constant(gm, f"{where}.weight_scale", w_scale.float(), n)
+        with gm.graph.inserting_before(n):
+            q = gm.graph.call_function(torch.ops.optim.linear_int8.default,
+                                       (x, wq_node, ws_node, bias))
+        q.meta = {**n.meta}
+        n.replace_all_uses_with(q)
+        gm.graph.erase_node(n)
+        ctx.record("linear_quantized")
+        layers.append(layer)
+    ctx.details["layers"] = layers
+    sq = [l["sqnr_db"] for l in layers if l["sqnr_db"] is not None and not l.get("kept_float")]
+    if sq:
+        ctx.details["sqnr_db_min"], ctx.details["sqnr_db_mean"] = min(sq), sum(sq) / len(sq)
+
+
+def _calibration_inputs(gm, nodes, ctx: PassContext, max_batches: int) -> dict:
+    """The activation each candidate linear sees on the calibration batches (concatenated rows)."""
+    if not nodes or not ctx.calibration:
+        return {}
+    seen: dict = {n: [] for n in nodes}
+    pairs = [(n.args[0] if n.target is aten.linear.default else n.args[1], n) for n in nodes]
+
+    class Tap(torch.fx.Interpreter):
+        def run_node(self, node):
+            out = super().run_node(node)
+            for src, lin in pairs:
+                if src is node:
+                    seen[lin].append(out.detach().reshape(-1, out.shape[-1]))
+            return out
+
+    with torch.no_grad():
+        for args, kwargs in ctx.calibration[:max_batches]:
+            Tap(gm).run(*flatten_inputs(gm, args, kwargs))
+    return {n: torch.cat(v) for n, v in seen.items() if v}
+
+
+def _layer_sqnr(x, w, w_q, w_scale, b) -> float | None:
+    if x is None:
+        return None
+    ref = torch.nn.functional.linear(x.float(), w, b)
+    got = torch.ops.optim.linear_int8(x.float(), w_q, w_scale, b)
+    return sqnr_db(ref, got)
