@@ -2,18 +2,48 @@
 
 - optim::attention  ⇒  ONNX `Attention` (opset 23, one fused node): q, k, v stay [B, H, L, D];
   a mask that does not already span [Lq, Lk] is expanded first (ORT's kernel checks the shape).
-- optim::linear_int8  ⇒  per-token quantization (Abs, ReduceMax, Div, QuantizeLinear to uint8
-  with zero point 128), `MatMulInteger` (u8 × s8 → int32), then Cast · s_w · s_x + bias.
-  The two scale multiplies are separate on purpose: ORT's MatMulIntegerToFloat fusion folds a
-  [M, 1] per-row scale as if it were per-tensor and returns wrong numbers (seen with ORT 1.31).
+- optim::linear_int8  ⇒  per-token quantization (Abs, ReduceMax, QuantizeLinear along the token
+  axis to uint8, zero point 128), `com.microsoft.MatMulIntegerToFloat` (u8 × s8 GEMM, int32
+  accumulation, × per-channel weight scale; a-scale 1), then × the per-token scale, + bias.
+  The per-token scale is applied after the op on purpose: handing MatMulIntegerToFloat an [M, 1]
+  a-scale (which ORT's own MatMulInteger→Cast→Mul fusion does) returns wrong numbers (ORT 1.31),
+  and MatMulIntegerToFloat with prepacked weights is faster than MatMulInteger + Cast.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import torch
 from onnxscript import opset23 as op
+from onnxscript.values import Op, Opset
+
+
+
+def _contrib_schema(name: str, inputs: list[tuple[str, str, bool]], outputs: list[tuple[str, str]],
+                    types: dict[str, list[str]]) -> Op:
+    """Declare one of ORT's com.microsoft ops to onnx.defs (it ships no schema for them)."""
+    from onnx.defs import OpSchema
+
+    opt = OpSchema.FormalParameterOption
+    if not onnx.defs.has(name, "com.microsoft"):
+        onnx.defs.register_schema(OpSchema(
+            name, "com.microsoft", 1,
+            inputs=[OpSchema.FormalParameter(n, t, param_option=opt.Optional if o else opt.Single)
+                    for n, t, o in inputs],
+            outputs=[OpSchema.FormalParameter(n, t) for n, t in outputs],
+            type_constraints=[(k, v, "") for k, v in types.items()]))
+    return Op(Opset("com.microsoft", 1), name, onnx.defs.get_schema(name, 1, "com.microsoft"))
+
+
+_MatMulIntegerToFloat = _contrib_schema(
+    "MatMulIntegerToFloat",
+    [("A", "T1", False), ("B", "T2", False), ("a_scale", "T3", False), ("b_scale", "T3", False),
+     ("a_zero_point", "T1", True), ("b_zero_point", "T2", True), ("bias", "T3", True)],
+    [("Y", "T3")],
+    {"T1": ["tensor(int8)", "tensor(uint8)"], "T2": ["tensor(int8)", "tensor(uint8)"],
+     "T3": ["tensor(float)"]})
 
 OPSET = 23
 
@@ -28,14 +58,20 @@ def attention(q, k, v, mask, scale: float, causal: bool):
 
 
 def linear_int8(x, w_q, w_scale, bias):
-    amax = op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1)
+    k = op.Shape(x, start=-1)
+    x2 = op.Reshape(x, op.Concat(op.Constant(value_ints=[-1]), k, axis=0))  # [M, K]
+    amax = op.ReduceMax(op.Abs(x2), op.Constant(value_ints=[1]), keepdims=0)  # [M]
     s_x = op.Max(op.Div(amax, op.Constant(value_float=127.0)), op.Constant(value_float=1e-8))
-    q = op.QuantizeLinear(op.Div(x, s_x), op.Constant(value_float=1.0),
-                          op.Constant(value=ir.tensor(np.array(128, dtype=np.uint8))))
-    acc = op.MatMulInteger(q, op.Transpose(w_q, perm=[1, 0]),
-                           op.Constant(value=ir.tensor(np.array(128, dtype=np.uint8))))
-    y = op.Mul(op.Mul(op.Cast(acc, to=ir.DataType.FLOAT), w_scale), s_x)
-    return y if bias is None else op.Add(y, bias)
+    zp = op.ConstantOfShape(op.Shape(s_x), value=ir.tensor(np.array([128], dtype=np.uint8)))
+    q = op.QuantizeLinear(x2, s_x, zp, axis=0)  # one scale per token (row)
+    one = op.Constant(value_float=1.0)
+    zp0 = op.Constant(value=ir.tensor(np.array(128, dtype=np.uint8)))
+    acc = _MatMulIntegerToFloat(q, op.Transpose(w_q, perm=[1, 0]), one, w_scale, zp0)
+    y = op.Mul(acc, op.Unsqueeze(s_x, op.Constant(value_ints=[1])))
+    if bias is not None:
+        y = op.Add(y, bias)
+    out_shape = op.Concat(op.Shape(x, start=0, end=-1), op.Shape(w_q, start=0, end=1), axis=0)
+    return op.Reshape(y, out_shape)
 
 
 def translation_table() -> dict:
