@@ -37,10 +37,12 @@ Batch = tuple[tuple, dict]
 class OptimizedModel:
     """The result of `optimize()`: callable like the original model, with `.report`."""
 
-    def __init__(self, artifact: Any, report: Report, graph: torch.fx.GraphModule | None = None):
+    def __init__(self, artifact: Any, report: Report, graph: torch.fx.GraphModule | None = None,
+                 example: Batch | None = None):
         self.artifact = artifact
         self.report = report
         self.graph = graph
+        self.example = example  # the (args, kwargs) it was traced with
 
     def __call__(self, *args, **kwargs):
         with torch.inference_mode():
@@ -216,7 +218,7 @@ def optimize(model: torch.nn.Module, target: str = "cpu", example_inputs: Any = 
     }).validate()
     if warnings and fidelity_budget and fidelity_budget.get("enforce", True):
         raise NumericsError("fidelity budget not met: " + "; ".join(warnings))
-    return OptimizedModel(artifact, report, gm)
+    return OptimizedModel(artifact, report, gm, (args, kwargs))
 
 
 def _aggregate(items: list[dict]) -> dict:

@@ -172,6 +172,22 @@ def add_constant(gm: torch.fx.GraphModule, base: str, value: torch.Tensor,
     return node
 
 
+def prune_unused_constants(gm: torch.fx.GraphModule) -> int:
+    """Delete parameters and buffers no `get_attr` node reads any more; returns how many."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    dropped = 0
+    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if name not in used:
+            *path, leaf = name.split(".")
+            mod = gm
+            for p in path:
+                mod = getattr(mod, p)
+            mod._parameters.pop(leaf, None)
+            mod._buffers.pop(leaf, None)
+            dropped += 1
+    return dropped
+
+
 def get_constant(gm: torch.fx.GraphModule, node: Any) -> torch.Tensor | None:
     """The tensor behind a `get_attr` node, or None when `node` is not a constant."""
     if not isinstance(node, torch.fx.Node) or node.op != "get_attr":

@@ -19,6 +19,7 @@ from typing import Any
 import torch.fx
 
 from optim.errors import ConfigError
+from optim.ir import prune_unused_constants
 from optim.registry import PASSES
 
 
@@ -120,6 +121,7 @@ class PassSpec:
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.recompile()
+        prune_unused_constants(gm)
         counts = dict(ctx._counts)
         return PassResult(self.name, changed=sum(counts.values()) > 0, counts=counts,
                           skipped=list(ctx._skips), seconds=time.perf_counter() - t0,

@@ -1,0 +1,99 @@
+"""`optim run PIPELINE.yaml`: build the model the file names, optimize per target, write reports."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+from rich.console import Console
+
+from optim import render, zoo
+from optim.api import optimize
+from optim.config import load_pipeline_file
+from optim.errors import ConfigError
+
+
+def build_model(spec: dict, inputs: dict) -> zoo.ZooModel:
+    batch, seq = inputs.get("batch", 2), inputs.get("seq", 16)
+    options = spec.get("options", {}) or {}
+    if "zoo" in spec:
+        return zoo.load(spec["zoo"], batch=batch, seq=seq, **options)
+    if "hf_dir" in spec:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoModel, AutoTokenizer
+
+        from optim.data import sentences
+
+        path = spec["hf_dir"]
+        if not Path(path, "config.json").is_file():
+            raise ConfigError(f"model.hf_dir {path!r} has no config.json (a Hugging Face model "
+                              f"directory is needed)")
+        model = AutoModel.from_pretrained(path, local_files_only=True, **options).eval()
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        enc = tok(sentences(batch), padding="max_length", truncation=True, max_length=seq,
+                  return_tensors="pt")
+        kwargs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        return zoo.ZooModel(Path(path).name, "encoder", model, (), kwargs, 0, path, tok)
+    module_name, _, attr = spec["python"].partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"model.python {spec['python']!r}: {e}") from None
+    made = factory(**options)
+    if isinstance(made, zoo.ZooModel):
+        return made
+    if isinstance(made, tuple) and len(made) == 3:
+        model, args, kwargs = made
+        return zoo.ZooModel(attr, "custom", model, tuple(args), dict(kwargs), 0, spec["python"])
+    raise ConfigError(f"model.python {spec['python']!r} must return a ZooModel or "
+                      f"(model, example_args, example_kwargs)")
+
+
+def run_pipeline_file(path: Path, out: Path | None = None, save: Path | None = None,
+                      console: Console | None = None) -> list[dict]:
+    console = console or Console()
+    spec = load_pipeline_file(Path(path))
+    if "model" not in spec:
+        raise ConfigError(f"{path}: 'optim run' needs a model: section (zoo, hf_dir or python)")
+    inputs = spec.get("inputs", {}) or {}
+    z = build_model(spec["model"], inputs)
+    eval_data, task = None, None
+    if inputs.get("data") == "sentences":
+        if z.tokenizer is None:
+            raise ConfigError(f"{path}: inputs.data 'sentences' needs a text model with a tokenizer")
+        from optim.data import sentences
+        from optim.tasks import sentence_batches, sentence_embedding_fidelity
+
+        batch = z.example_kwargs["input_ids"].shape
+        batches = sentence_batches(z.tokenizer, sentences(inputs.get("count", 64)), *batch)
+        eval_data, task = batches[:4], sentence_embedding_fidelity(batches)
+    targets = spec.get("targets") or [spec.get("target", "cpu")]
+    reports = []
+    for target in targets:
+        with console.status(f"optimizing {z.name} for {target}") as status:
+            om = optimize(z.model, target=target, example_inputs=z.example_args,
+                          example_kwargs=z.example_kwargs, pipeline=spec["passes"],
+                          backend=spec.get("backend"), eval_data=eval_data,
+                          task_fidelity=task, fidelity_budget=spec.get("fidelity_budget"),
+                          measure_latency=spec.get("measure_latency", True), name=z.name,
+                          progress=lambda m: status.update(f"{z.name} → {target}: {m}"))
+        render.print_report(om.report.data, console)
+        outputs = dict(spec.get("report") or {})
+        if out is not None:
+            stem = f"{spec.get('name', Path(path).stem)}-{target}"
+            outputs = {"json": str(out / f"{stem}.json"), "html": str(out / f"{stem}.html"),
+                       "markdown": str(out / f"{stem}.md")}
+        for kind, dest in outputs.items():
+            dest = Path(dest.replace("{target}", target))
+            if kind == "json":
+                om.report.save(dest)
+            else:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_text(render.to_html(om.report.data) if kind == "html"
+                                else render.to_markdown(om.report.data))
+            console.print(f"wrote {dest}")
+        if save is not None:
+            om.save(Path(save) / target if len(targets) > 1 else Path(save))
+        reports.append(om.report.data)
+    return reports

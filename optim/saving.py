@@ -1,0 +1,91 @@
+"""Save and load optimized models without pickle.
+
+A saved directory holds `manifest.json` (format, backend, input/output pytree specs as JSON),
+`report.json`, and the artifact: `model.onnx` (onnxruntime backend: one self-contained ONNX
+file) or `program.pt2` (torch backend: torch's export archive, graph as JSON and weights as raw
+bytes; its sample-inputs record is emptied before saving).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+import torch
+from torch.utils._pytree import treespec_dumps, treespec_loads
+
+from optim.errors import OptimError
+from optim.report import Report
+
+FORMAT = "optim.saved/1"
+
+
+def save(om, directory: Path) -> Path:
+    from backends.onnxruntime import OrtArtifact
+    from backends.pytorch import TorchArtifact
+
+    directory = Path(directory)
+    if directory.exists() and any(directory.iterdir()) and not (directory / "manifest.json").exists():
+        raise OptimError(f"{directory} exists and is not an optim save; choose an empty directory")
+    info = getattr(om.graph._graph._codegen, "pytree_info", None) if om.graph is not None else None
+    manifest = {"format": FORMAT, "backend": om.backend,
+                "in_spec": treespec_dumps(info.in_spec) if info else None,
+                "out_spec": treespec_dumps(info.out_spec) if info else None}
+    # write into a temporary sibling, then swap in, so a failure leaves nothing half-written
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".optim-save-", dir=directory.parent))
+    try:
+        art = om.artifact
+        if isinstance(art, OrtArtifact):
+            onnx.save_model(art.model, tmp / "model.onnx")
+            manifest["artifact"] = "model.onnx"
+        elif isinstance(art, TorchArtifact):
+            args, kwargs = om.example
+            ep = torch.export.export(art.gm, args, kwargs, strict=False)
+            ep.example_inputs = None
+            torch.export.save(ep, tmp / "program.pt2")
+            manifest["artifact"] = "program.pt2"
+        else:
+            raise OptimError(f"cannot save an artifact of type {type(art).__name__}")
+        om.report.save(tmp / "report.json")
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        if directory.exists():
+            shutil.rmtree(directory)
+        tmp.rename(directory)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def load(directory: Path):
+    from optim.api import OptimizedModel
+
+    directory = Path(directory)
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text())
+    except FileNotFoundError:
+        raise OptimError(f"{directory} has no manifest.json; it was not written by "
+                         f"OptimizedModel.save") from None
+    if manifest.get("format") != FORMAT:
+        raise OptimError(f"{directory}: unknown save format {manifest.get('format')!r} "
+                         f"(this optim reads {FORMAT!r})")
+    report = Report.load(directory / "report.json")
+    in_spec = treespec_loads(manifest["in_spec"]) if manifest.get("in_spec") else None
+    out_spec = treespec_loads(manifest["out_spec"]) if manifest.get("out_spec") else None
+    if manifest["backend"] == "onnxruntime":
+        from backends.onnxruntime import OrtArtifact
+
+        art = OrtArtifact(onnx.load(directory / manifest["artifact"]), out_spec=out_spec,
+                          in_spec=in_spec)
+        return OptimizedModel(art, report)
+    if manifest["backend"] == "torch":
+        import optim.ops  # noqa: F401  (the archive refers to torch.ops.optim)
+        from backends.pytorch import TorchArtifact
+
+        gm = torch.export.load(directory / manifest["artifact"]).module()
+        return OptimizedModel(TorchArtifact(gm), report, gm)
+    raise OptimError(f"{directory}: unknown backend {manifest['backend']!r}")
