@@ -1,6 +1,7 @@
 """quantize: linear(x, W, b) / addmm(b, x, Wᵀ) with constant W  ⇒  optim::linear_int8(x, W_q, s_w, b).
 
-Weights become int8 with one symmetric scale per output channel; activations are quantized
+Weights become int8 (7-bit range by default, see `weight_bits`) with one symmetric scale per
+output channel; activations are quantized
 per token (one symmetric scale per row) at run time, and the GEMM runs on real int8 kernels
 (oneDNN in the torch backend, MatMulInteger in ONNX Runtime). Embeddings are not linears and stay
 float; output heads (names matching `skip`) stay float. With calibration data, every layer's
@@ -32,8 +33,13 @@ class QuantizeConfig:
     min_sqnr_db: float = 0.0  # layers whose calibrated SQNR is below this stay float (0 = keep all)
     min_features: int = 16  # linears with fewer input features stay float (nothing to gain)
     calibration_batches: int = 4
+    # 7-bit weights (±63) by default: x86 without VNNI multiplies u8×s8 pairs with vpmaddubsw,
+    # whose int16 sums saturate for 8-bit weights (ORT calls this reduce_range); 8 for VNNI/AMX.
+    weight_bits: int = 7
 
     def validate(self) -> None:
+        if self.weight_bits not in (7, 8):
+            raise ValueError("weight_bits must be 7 or 8")
         if self.min_features < 1:
             raise ValueError("min_features must be >= 1")
         for pattern in self.skip:
@@ -90,8 +96,9 @@ def quantize(gm: torch.fx.GraphModule, cfg: QuantizeConfig, ctx: PassContext) ->
     layers = []
     for n, where, x, weight, bias in candidates:
         w = weight.detach().float()
-        w_scale = (w.abs().amax(1) / 127.0).clamp(min=1e-12)
-        w_q = torch.round(w / w_scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+        qmax = 2 ** (cfg.weight_bits - 1) - 1
+        w_scale = (w.abs().amax(1) / qmax).clamp(min=1e-12)
+        w_q = torch.round(w / w_scale[:, None]).clamp(-qmax, qmax).to(torch.int8).contiguous()
         b = get_constant(gm, bias) if isinstance(bias, torch.fx.Node) else None
         sq = _layer_sqnr(inputs.get(n), w, w_q, w_scale, b)
         layer = {"layer": where, "shape": list(w.shape), "sqnr_db": None if sq is None else round(sq, 2)}

@@ -1,0 +1,26 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+from optim import zoo  # noqa: E402
+from optim.registry import load_plugins  # noqa: E402
+
+load_plugins()
+
+SMALL = ["bert", "gpt2", "llama", "vit", "dit"]
+
+
+@pytest.fixture(scope="session")
+def zoo_model():
+    cache = {}
+
+    def get(name: str) -> zoo.ZooModel:
+        if name not in cache:
+            cache[name] = zoo.load(name)
+        return cache[name]
+
+    return get
