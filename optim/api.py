@@ -20,7 +20,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from optim import numerics
-from optim.errors import ConfigError, NumericsError, OptimError
+from optim.errors import CaptureError, ConfigError, NumericsError
 from optim.ir import capture, op_histogram
 from optim.measure import measure
 from optim.pass_base import Exact, PassContext
@@ -131,6 +131,8 @@ def optimize(model: torch.nn.Module, target: str = "cpu", example_inputs: Any = 
         **pass_options: per-pass option overrides, e.g. `quantize={"skip": ["classifier"]}`.
     """
     load_plugins()
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"optimize() takes a torch.nn.Module, got {type(model).__name__}")
     say = progress or (lambda msg: None)
     tgt = get_target(target)
     backend_name = backend or tgt.default_backend

@@ -1,0 +1,119 @@
+import copy
+
+import pytest
+import torch
+
+import optim
+from optim.errors import CaptureError, NumericsError, PassError, UnknownNameError
+from optim.pass_base import Exact, register_pass
+from optim.registry import PASSES
+
+
+def _state(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def test_user_model_is_never_mutated(zoo_model):
+    z = zoo_model("bert")
+    z.model.train()
+    before = _state(z.model)
+    om = optim.optimize(z.model, "cpu", z.example_args, example_kwargs=z.example_kwargs,
+                        pipeline="cpu_default", backend="torch", measure_latency=False)
+    assert z.model.training  # mode restored
+    z.model.eval()
+    after = _state(z.model)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert "optim.linear_int8" in om.report["graph"]["after"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_save_load_round_trip(backend, zoo_model, tmp_path):
+    z = zoo_model("llama")
+    om = optim.optimize(z.model, "cpu", z.example_args, example_kwargs=z.example_kwargs,
+                        backend=backend, measure_latency=False)
+    om.save(tmp_path / "m")
+    files = sorted(p.name for p in (tmp_path / "m").iterdir())
+    assert "report.json" in files and "manifest.json" in files
+    assert not any(f.endswith((".pkl", ".pt", ".bin")) for f in files)
+    again = optim.load(tmp_path / "m")
+    a = om(*z.example_args, **z.example_kwargs).logits
+    b = again(*z.example_args, **z.example_kwargs).logits
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert again.report["pipeline"] == om.report["pipeline"]
+
+
+def test_untraceable_model_names_the_module():
+    class Gate(torch.nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow
+                return x * 2
+            return x
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+            self.gate = Gate()
+
+        def forward(self, x):
+            return self.gate(self.lin(x))
+
+    net = Net()
+    with pytest.raises(CaptureError) as err:
+        optim.optimize(net, "cpu", (torch.randn(2, 4),), measure_latency=False)
+    msg = str(err.value)
+    assert "gate" in msg and "hint" in msg and "not changed" in msg
+
+
+def test_bad_names_and_inputs():
+    m = torch.nn.Linear(4, 4)
+    with pytest.raises(UnknownNameError, match="Did you mean 'cpu'"):
+        optim.optimize(m, "cpux", (torch.randn(2, 4),))
+    with pytest.raises(UnknownNameError, match="backend"):
+        optim.optimize(m, "cpu", (torch.randn(2, 4),), backend="tensorrt")
+    with pytest.raises(optim.ConfigError, match="example_inputs"):
+        optim.optimize(m, "cpu")
+    with pytest.raises(CaptureError, match="torch.nn.Module"):
+        optim.optimize(lambda x: x, "cpu", (torch.randn(2),))
+
+
+def test_pass_failing_mid_pipeline_names_history(zoo_model):
+    @register_pass("_explode_for_test", config=type("Cfg", (), {"__dataclass_fields__": {}}),
+                   numerics=Exact())
+    def _explode(gm, cfg, ctx):
+        """Raises, to test error reporting."""
+        raise RuntimeError("boom")
+
+    try:
+        z = zoo_model("bert")
+        before = _state(z.model)
+        with pytest.raises(PassError) as err:
+            optim.optimize(z.model, "cpu", z.example_args, example_kwargs=z.example_kwargs,
+                           pipeline=["cleanup", "fuse_attention", "_explode_for_test"],
+                           backend="torch", measure_latency=False)
+        assert "'_explode_for_test' failed" in str(err.value) and "boom" in str(err.value)
+        assert err.value.before == ["cleanup", "fuse_attention"]
+        assert all(torch.equal(v, z.model.state_dict()[k]) for k, v in before.items())
+    finally:
+        PASSES._items.pop("_explode_for_test", None)
+
+
+def test_fidelity_budget_enforced(zoo_model):
+    z = zoo_model("vit")
+    with pytest.raises(NumericsError, match="cosine_min"):
+        optim.optimize(z.model, "cpu", z.example_args, pipeline="cpu_default", backend="torch",
+                       measure_latency=False, fidelity_budget={"cosine_min": 0.999999})
+    with pytest.raises(optim.ConfigError, match="names no measured metric"):
+        optim.optimize(z.model, "cpu", z.example_args, pipeline="cpu_fp32", backend="torch",
+                       measure_latency=False, fidelity_budget={"cosine": 0.9})
+
+
+def test_latency_is_measured_and_labelled(zoo_model):
+    z = zoo_model("gpt2")
+    om = optim.optimize(copy.deepcopy(z.model), "cpu", z.example_args,
+                        example_kwargs=z.example_kwargs, pipeline="cpu_fp32", backend="torch")
+    rows = om.report["latency"]
+    assert [r["label"] for r in rows] == ["original", "optimized"]
+    assert all(r["status"] == "measured" and r["runs"] >= 5 and r["median_ms"] > 0 for r in rows)
+    ratio = rows[0]["median_ms"] / rows[1]["median_ms"]
+    assert om.report["speedup"]["optimized_vs_original"] == pytest.approx(ratio)

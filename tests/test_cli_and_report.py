@@ -1,0 +1,89 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from optim import render
+from optim.cli import app
+from optim.errors import OptimError
+from optim.report import Report
+
+runner = CliRunner()
+
+PIPELINE = """version: 1
+name: tiny
+model:
+  zoo: bert
+inputs: {batch: 2, seq: 16}
+target: cpu
+backend: torch
+passes:
+  - cleanup
+  - fuse_attention
+  - quantize
+measure_latency: false
+"""
+
+
+@pytest.fixture(scope="module")
+def report_path(tmp_path_factory):
+    d = tmp_path_factory.mktemp("run")
+    (d / "tiny.yaml").write_text(PIPELINE)
+    result = runner.invoke(app, ["run", str(d / "tiny.yaml"), "--out", str(d / "out"),
+                                 "--save", str(d / "saved")])
+    assert result.exit_code == 0, result.output
+    assert (d / "saved" / "program.pt2").exists()
+    return d / "out" / "tiny-cpu.json"
+
+
+def test_run_writes_valid_reports(report_path):
+    data = Report.load(report_path).data
+    assert data["schema"] == "optim.report/1"
+    assert [p["name"] for p in data["passes"]] == ["cleanup", "fuse_attention", "quantize"]
+    assert data["passes"][1]["counts"] == {"attention_fused": 2}
+    assert report_path.with_suffix(".html").read_text().startswith("<!doctype html>")
+    assert "| pipeline |" in report_path.with_suffix(".md").read_text()
+
+
+def test_show_and_compare(report_path, tmp_path):
+    assert "attention_fused=2" in runner.invoke(app, ["show", str(report_path)]).output
+    md = runner.invoke(app, ["show", str(report_path), "--format", "markdown"]).output
+    assert md.startswith("# optim report")
+    other = json.loads(report_path.read_text())
+    other["target"]["name"] = "cpu-copy"
+    (tmp_path / "b.json").write_text(json.dumps(other))
+    out = runner.invoke(app, ["compare", str(report_path), str(tmp_path / "b.json")],
+                        env={"COLUMNS": "200"}).output
+    assert "cpu-copy" in out and "SQNR" in out
+
+
+def test_passes_and_targets_list():
+    out = runner.invoke(app, ["passes"], env={"COLUMNS": "200"}).output
+    for name in ("cleanup", "fuse_attention", "quantize"):
+        assert name in out
+    assert "cpu" in runner.invoke(app, ["targets"]).output
+
+
+def test_cli_errors_are_clear(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\npasses: [cleanup, fuse_atention]\n")
+    result = runner.invoke(app, ["run", str(bad)], env={"COLUMNS": "300"})
+    assert result.exit_code == 2 and "Did you mean 'fuse_attention'" in result.output
+    (tmp_path / "x.json").write_text('{"schema": "other/1"}')
+    result = runner.invoke(app, ["show", str(tmp_path / "x.json")], env={"COLUMNS": "300"})
+    assert result.exit_code == 2 and "not an optim report" in result.output
+
+
+def test_report_schema_rejects_unlabelled_latency(report_path):
+    data = json.loads(report_path.read_text())
+    data["latency"] = [{"label": "optimized", "status": "estimated", "median_ms": 1.0}]
+    with pytest.raises(OptimError, match="'by' is a required property"):
+        Report(data).validate()
+    data["latency"] = [{"label": "optimized", "status": "measured", "median_ms": 1.0}]
+    with pytest.raises(OptimError, match="required property"):
+        Report(data).validate()
+
+
+def test_renderers_read_only_json(report_path):
+    data = json.loads(report_path.read_text())
+    assert "quantize" in render.to_html(data) and "quantize" in render.to_markdown(data)

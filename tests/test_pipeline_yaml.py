@@ -1,0 +1,64 @@
+import pytest
+
+from optim.config import load_pipeline_file, shipped_pipelines
+from optim.errors import ConfigError, UnknownNameError
+from optim.pipeline import Pipeline, parse_text
+
+
+def test_shipped_pipelines_validate():
+    assert {"cpu_default", "cpu_fp32", "minilm_cpu"} <= set(shipped_pipelines())
+    for path in shipped_pipelines().values():
+        assert load_pipeline_file(path)["passes"]
+
+
+def test_text_form_parses_options():
+    assert parse_text("cleanup,fuse_attention{min_seq_len=128},quantize{skip=[a, b]}") == [
+        "cleanup", {"fuse_attention": {"min_seq_len": 128}}, {"quantize": {"skip": ["a", "b"]}}]
+    p = Pipeline.build("cleanup,quantize{min_sqnr_db=20}")
+    assert p.steps[1].config.min_sqnr_db == 20.0
+
+
+def test_unknown_pass_did_you_mean():
+    with pytest.raises(UnknownNameError, match="Did you mean 'quantize'"):
+        Pipeline.build(["cleanup", "quantise"])
+
+
+def test_requires_checked_before_running():
+    with pytest.raises(ConfigError, match="requires \\['cleanup'\\]"):
+        Pipeline.build(["fuse_attention"])
+
+
+def test_bad_option_type_and_name():
+    with pytest.raises(ConfigError, match="must be an integer"):
+        Pipeline.build([{"cleanup": {}}, {"fuse_attention": {"min_seq_len": "long"}}])
+    with pytest.raises(ConfigError, match="Did you mean 'min_seq_len'"):
+        Pipeline.build(["cleanup", {"fuse_attention": {"min_seq_length": 3}}])
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "p.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_yaml_error_names_file_line_and_key(tmp_path):
+    p = _write(tmp_path, "version: 1\npasses:\n  - cleanup\n  - quantise\n")
+    with pytest.raises(ConfigError, match=r"p.yaml:4: passes\[1\].*Did you mean 'quantize'"):
+        load_pipeline_file(p)
+    p = _write(tmp_path, "version: 1\npasses: [cleanup]\nbackend_name: torch\n")
+    with pytest.raises(ConfigError, match=r"p.yaml:1: .*backend_name.*allowed keys"):
+        load_pipeline_file(p)
+    p = _write(tmp_path, "version: 1\npasses:\n  - cleanup\n  - quantize: {min_sqnr: 3}\n")
+    with pytest.raises(ConfigError, match=r"p.yaml:4: passes\[1\] \(quantize\).*min_sqnr"):
+        load_pipeline_file(p)
+    p = _write(tmp_path, "version: 1\ntarget: cpuu\npasses: [cleanup]\n")
+    with pytest.raises(ConfigError, match=r"p.yaml:2: target: unknown target 'cpuu'"):
+        load_pipeline_file(p)
+
+
+def test_malformed_yaml(tmp_path):
+    p = _write(tmp_path, "version: 1\npasses: [cleanup\n")
+    with pytest.raises(ConfigError, match="malformed YAML"):
+        load_pipeline_file(p)
+    with pytest.raises(ConfigError, match="no such pipeline file"):
+        load_pipeline_file(tmp_path / "missing.yaml")
