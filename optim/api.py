@@ -159,7 +159,7 @@ def optimize(model: torch.nn.Module, target: str = "cpu", example_inputs: Any = 
 
     def check(step, result):
         out = gm(*evals[0][0], **evals[0][1])
-        fid = numerics.compare(refs[0], out)
+        fid = numerics.compare(refs[0], out, _token_mask(evals[0][1]))
         result.details.setdefault("fidelity", fid)
         if isinstance(step.spec.numerics, Exact):
             scale = max(1.0, max((t.abs().max().item() for t in numerics.tensor_leaves(refs[0])),
@@ -178,8 +178,10 @@ def optimize(model: torch.nn.Module, target: str = "cpu", example_inputs: Any = 
 
     with torch.inference_mode():
         outs = [artifact(*a, **k) for a, k in evals]
-    fid = _aggregate([numerics.compare(r, o) for r, o in zip(refs, outs)])
-    fidelity = {"outputs": fid, "batches": len(evals)}
+    fid = _aggregate([numerics.compare(r, o, _token_mask(k)) for r, o, (_, k) in
+                      zip(refs, outs, evals)])
+    fidelity = {"outputs": fid, "batches": len(evals),
+                "padding": "excluded" if _token_mask(evals[0][1]) is not None else "none"}
     original_fn = lambda *a, **k: model(*a, **k)  # noqa: E731
     if task_fidelity is not None:
         say("measuring task fidelity")
@@ -221,6 +223,11 @@ def optimize(model: torch.nn.Module, target: str = "cpu", example_inputs: Any = 
     if warnings and fidelity_budget and fidelity_budget.get("enforce", True):
         raise NumericsError("fidelity budget not met: " + "; ".join(warnings))
     return OptimizedModel(artifact, report, gm, (args, kwargs))
+
+
+def _token_mask(kwargs: dict) -> torch.Tensor | None:
+    mask = kwargs.get("attention_mask")
+    return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
 
 def _aggregate(items: list[dict]) -> dict:

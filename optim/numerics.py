@@ -23,9 +23,17 @@ def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
     return 10 * math.log10(max(signal, 1e-300) / noise)
 
 
-def compare(ref_out: Any, test_out: Any) -> dict[str, float]:
-    """Max abs error, mean cosine over rows of the last axis, and SQNR, over all float outputs."""
+def compare(ref_out: Any, test_out: Any, token_mask: torch.Tensor | None = None) -> dict[str, float]:
+    """Max abs error, mean cosine over rows of the last axis, and SQNR, over all float outputs.
+
+    `token_mask` ([B, L], 1 = real token) drops padded positions from outputs shaped [B, L, ...]:
+    what a model computes there is never read, so it would only add noise.
+    """
     refs, tests = tensor_leaves(ref_out), tensor_leaves(test_out)
+    if token_mask is not None:
+        keep = token_mask.bool()
+        refs = [r[keep] if r.shape[:2] == keep.shape else r for r in refs]
+        tests = [t[keep] if t.shape[:2] == keep.shape else t for t in tests]
     if len(refs) != len(tests):
         raise ValueError(f"output structure changed: {len(refs)} tensors vs {len(tests)}")
     max_abs, cos, sq = 0.0, [], []

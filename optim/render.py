@@ -35,7 +35,8 @@ def summary_rows(d: dict) -> list[tuple[str, str]]:
     if "optimized_vs_original" in d.get("speedup", {}):
         rows.append(("speedup", f"{d['speedup']['optimized_vs_original']:.2f}x "
                                 f"({d['speedup']['basis']})"))
-    rows.append(("raw outputs (all positions, incl. padding)", f"cosine mean {_fmt(fid['cosine_mean'], 6)}, "
+    pad = " (padding excluded)" if d["fidelity"].get("padding") == "excluded" else ""
+    rows.append((f"output fidelity{pad}", f"cosine mean {_fmt(fid['cosine_mean'], 6)}, "
                                     f"min {_fmt(fid['cosine_min'], 6)}, SQNR {_fmt(fid['sqnr_db'], 3)} dB, "
                                     f"max abs err {_fmt(fid['max_abs_error'], 3)}"))
     for k, v in d["fidelity"].get("task", {}).items():

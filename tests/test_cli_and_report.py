@@ -87,3 +87,24 @@ def test_report_schema_rejects_unlabelled_latency(report_path):
 def test_renderers_read_only_json(report_path):
     data = json.loads(report_path.read_text())
     assert "quantize" in render.to_html(data) and "quantize" in render.to_markdown(data)
+
+
+def test_model_sources_python_and_hf_dir(tmp_path):
+    from optim.runner import run_pipeline_file
+    from optim.zoo import minilm_path
+
+    p = tmp_path / "py.yaml"
+    p.write_text("version: 1\nmodel: {python: 'tests.factories:small_gpt2', options: {layers: 1}}\n"
+                 "backend: torch\nmeasure_latency: false\npasses: [cleanup, fuse_attention]\n")
+    (report,) = run_pipeline_file(p)
+    assert report["passes"][1]["counts"] == {"attention_fused": 1}
+    p.write_text(f"version: 1\nmodel: {{hf_dir: '{minilm_path()}'}}\ninputs: {{batch: 2, seq: 16}}\n"
+                 "backend: torch\nmeasure_latency: false\npasses: [cleanup, fuse_attention]\n")
+    (report,) = run_pipeline_file(p)
+    assert report["passes"][1]["counts"] == {"attention_fused": 6}
+    p.write_text("version: 1\nmodel: {python: 'tests.factories:not_a_model'}\npasses: [cleanup]\n")
+    with pytest.raises(OptimError, match="must return a ZooModel"):
+        run_pipeline_file(p)
+    p.write_text(f"version: 1\nmodel: {{hf_dir: '{tmp_path}'}}\npasses: [cleanup]\n")
+    with pytest.raises(OptimError, match="no config.json"):
+        run_pipeline_file(p)
