@@ -7,7 +7,7 @@ proven to exist.
 
 from __future__ import annotations
 
-import io
+import logging
 import os
 import tempfile
 import warnings
@@ -23,13 +23,16 @@ from torch.utils import _pytree as pytree
 
 from backends.onnx_lowering import OPSET, translation_table
 from optim.errors import BackendError
-from optim.ir import flatten_inputs
 from optim.registry import BACKENDS
 
 
 def export_onnx(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> onnx.ModelProto:
     """The graph as one self-contained ONNX model (weights inline)."""
+    quiet = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript")]
+    levels = [lg.level for lg in quiet]
     try:
+        for lg in quiet:  # the exporter logs optional-dependency and constant-folding chatter
+            lg.setLevel(logging.ERROR)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(gm, args, kwargs=kwargs, dynamo=True, opset_version=OPSET,
@@ -37,6 +40,9 @@ def export_onnx(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> onnx.Mod
                                         optimize=True, verbose=False, report=False)
     except Exception as e:
         raise BackendError(f"ONNX export failed: {type(e).__name__}: {str(e)[:500]}") from e
+    finally:
+        for lg, level in zip(quiet, levels):
+            lg.setLevel(level)
     return program.model_proto
 
 
@@ -81,17 +87,10 @@ class OrtArtifact:
         return {"runtime": f"onnxruntime {ort.__version__}", "threads": self.threads,
                 "opset": OPSET, "ops": self.final_ops}
 
-    def onnx_bytes(self) -> bytes:
-        buf = io.BytesIO()
-        onnx.save_model(self.model, buf)
-        return buf.getvalue()
-
 
 def lower(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> OrtArtifact:
     model = export_onnx(gm, args, kwargs)
     info = getattr(gm._graph._codegen, "pytree_info", None)
-    flat = flatten_inputs(gm, args, kwargs)
-    del flat
     return OrtArtifact(model, out_spec=info.out_spec if info else None,
                        in_spec=info.in_spec if info else None)
 
