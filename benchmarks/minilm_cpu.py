@@ -91,10 +91,11 @@ def main() -> None:
         t.add_column(c)
     rows = []
     for name in cands:
-        l, f = lat[name], fid[name]
-        rows.append({"runtime": name, **l, "x_eager": l["median_ms"] / base, **f})
-        t.add_row(name, f"{l['median_ms']:.1f}", f"{l['p10_ms']:.0f}-{l['p90_ms']:.0f}",
-                  f"{l['median_ms'] / base:.2f}", f"{f['cosine_mean']:.4f}",
+        timing, f = lat[name], fid[name]
+        rows.append({"runtime": name, **timing, "x_eager": timing["median_ms"] / base, **f})
+        t.add_row(name, f"{timing['median_ms']:.1f}",
+                  f"{timing['p10_ms']:.0f}-{timing['p90_ms']:.0f}",
+                  f"{timing['median_ms'] / base:.2f}", f"{f['cosine_mean']:.4f}",
                   f"{f['cosine_min']:.4f}", f"{100 * f['neighbour_agreement']:.1f}%")
     console.print(t)
     console.print(f"machine: {machine()}; onnxruntime {ort.__version__}")

@@ -118,7 +118,7 @@ def quantize(gm: torch.fx.GraphModule, cfg: QuantizeConfig, ctx: PassContext) ->
         ctx.record("linear_quantized")
         layers.append(layer)
     ctx.details["layers"] = layers
-    sq = [l["sqnr_db"] for l in layers if l["sqnr_db"] is not None and not l.get("kept_float")]
+    sq = [x["sqnr_db"] for x in layers if x["sqnr_db"] is not None and not x.get("kept_float")]
     if sq:
         ctx.details["sqnr_db_min"], ctx.details["sqnr_db_mean"] = min(sq), sum(sq) / len(sq)
 

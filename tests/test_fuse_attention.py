@@ -39,8 +39,8 @@ class _Block(torch.nn.Module):
         self.proj = torch.nn.Linear(16, 48)
 
     def forward(self, x):
-        b, l, _ = x.shape
-        q, k, v = self.proj(x).view(b, l, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        b, n, _ = x.shape
+        q, k, v = self.proj(x).view(b, n, 3, 2, 8).permute(2, 0, 3, 1, 4)
         s = q @ k.transpose(-2, -1)
         if self.mode == "explicit":
             return torch.softmax(s * 0.35, dim=-1) @ v
@@ -50,7 +50,7 @@ class _Block(torch.nn.Module):
         if self.mode == "wrong_axis":
             return torch.softmax(s, dim=-2) @ v
         if self.mode == "mask_before_scale":
-            return torch.softmax((s + x.new_zeros(l, l)) * 0.35, dim=-1) @ v
+            return torch.softmax((s + x.new_zeros(n, n)) * 0.35, dim=-1) @ v
         if self.mode == "classifier_softmax":
             return torch.softmax(self.proj(x), dim=-1)
         raise ValueError(self.mode)

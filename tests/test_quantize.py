@@ -34,7 +34,7 @@ def test_quantize_gpt2_skips_lm_head_with_reason(zoo_model):
     assert r["counts"] == {"linear_quantized": 8}  # 4 per block (c_attn, c_proj, c_fc, c_proj)
     assert any(s["where"] == "lm_head" and "skip pattern" in s["reason"] for s in r["skipped"])
     layers = r["details"]["layers"]
-    assert len(layers) == 8 and all(l["sqnr_db"] > 20 for l in layers)
+    assert len(layers) == 8 and all(x["sqnr_db"] > 20 for x in layers)
     assert om.report["graph"]["after"]["optim.linear_int8"] == 8
     assert om.report["model"]["weight_bytes_after"] < om.report["model"]["weight_bytes"]
 
@@ -49,8 +49,8 @@ def test_min_sqnr_keeps_layers_float(zoo_model):
                         pipeline=["cleanup", "quantize"], quantize={"min_sqnr_db": 31.0},
                         backend="torch", measure_latency=False)
     r = om.report.pass_result("quantize")
-    kept = [l for l in r["details"]["layers"] if l.get("kept_float")]
-    assert all(l["sqnr_db"] < 31.0 for l in kept)
+    kept = [x for x in r["details"]["layers"] if x.get("kept_float")]
+    assert all(x["sqnr_db"] < 31.0 for x in kept)
     assert r["counts"].get("linear_quantized", 0) + len(kept) == 12
 
 
