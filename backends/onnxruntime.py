@@ -54,6 +54,9 @@ class OrtArtifact:
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.threads
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # idle worker threads must not spin: on a 2-core machine a spinning ORT pool steals the
+        # cores from whatever runs next (the eager model, in interleaved measurements)
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         with tempfile.TemporaryDirectory() as tmp:
             so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
             so.log_severity_level = 3
