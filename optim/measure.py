@@ -16,17 +16,21 @@ import torch
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
+    """CPU name with family/model (an 'AMD EPYC' may be Zen 1 or Zen 3), ISA level, threads."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version()}
+    cpu = fields.get("model name", platform.processor() or platform.machine())
+    if "cpu family" in fields:
+        cpu += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
+    return {"cpu": cpu, "isa": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version()}
 
 
 def measure(candidates: dict[str, Callable[[], object]], *, warmup: int = 2, min_runs: int = 5,
