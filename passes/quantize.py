@@ -6,7 +6,9 @@ per token (one symmetric scale per row) at run time, and the GEMM runs on real i
 (oneDNN in the torch backend, MatMulInteger in ONNX Runtime). Embeddings are not linears and stay
 float; output heads (names matching `skip`) stay float. With calibration data, every layer's
 SQNR (int8 output vs fp32 output on the calibration activations) is measured, and layers below
-`min_sqnr_db` stay float, with the reason. Numerics: lossy, reported as per-layer SQNR.
+`min_sqnr_db` stay float, with the reason. Activation outliers are migrated into the weights
+first (SmoothQuant, `smooth_alpha`): x / s feeds the int8 GEMM and W · s is quantized, which is
+exact in real arithmetic. Numerics: lossy, reported as per-layer SQNR.
 """
 
 from __future__ import annotations
@@ -36,8 +38,14 @@ class QuantizeConfig:
     # 7-bit weights (±63) by default: x86 without VNNI multiplies u8×s8 pairs with vpmaddubsw,
     # whose int16 sums saturate for 8-bit weights (ORT calls this reduce_range); 8 for VNNI/AMX.
     weight_bits: int = 7
+    # SmoothQuant migration strength: per input channel j, x_j /= s_j and W[:, j] *= s_j with
+    # s_j = max|x_j|^α / max|W[:, j]|^(1-α) from calibration data (0 = off; 0.5 is
+    # SmoothQuant's default). One s per input tensor, shared by the linears reading it (q, k, v).
+    smooth_alpha: float = 0.5
 
     def validate(self) -> None:
+        if not 0.0 <= self.smooth_alpha <= 1.0:
+            raise ValueError("smooth_alpha must be in [0, 1]")
         if self.weight_bits not in (7, 8):
             raise ValueError("weight_bits must be 7 or 8")
         if self.min_features < 1:
@@ -93,14 +101,28 @@ def quantize(gm: torch.fx.GraphModule, cfg: QuantizeConfig, ctx: PassContext) ->
         else:
             candidates.append((n, where, x, weight, bias))
     inputs = _calibration_inputs(gm, [c[0] for c in candidates], ctx, cfg.calibration_batches)
+    smooth = _smoothing_factors(candidates, inputs, cfg.smooth_alpha)
+    smoothed_inputs: dict = {}
     layers = []
     for n, where, x, weight, bias in candidates:
-        w = weight.detach().float()
+        w_ref = w = weight.detach().float()
+        calib = inputs.get(n)
+        if x in smooth:
+            s_j = smooth[x]
+            if x not in smoothed_inputs:  # one x / s per input tensor, before its first reader
+                inv = add_constant(gm, f"{where}.smooth_inv", (1.0 / s_j).float(), n)
+                with gm.graph.inserting_before(n):
+                    smoothed_inputs[x] = gm.graph.call_function(aten.mul.Tensor, (x, inv))
+                smoothed_inputs[x].meta = {**x.meta}
+                ctx.record("input_smoothed")
+            w = w * s_j[None, :]
+            x = smoothed_inputs[x]
+            calib = None if calib is None else calib / s_j
         qmax = 2 ** (cfg.weight_bits - 1) - 1
         w_scale = (w.abs().amax(1) / qmax).clamp(min=1e-12)
         w_q = torch.round(w / w_scale[:, None]).clamp(-qmax, qmax).to(torch.int8).contiguous()
         b = get_constant(gm, bias) if isinstance(bias, torch.fx.Node) else None
-        sq = _layer_sqnr(inputs.get(n), w, w_q, w_scale, b)
+        sq = _layer_sqnr(inputs.get(n), w_ref, calib, w_q, w_scale, b)
         layer = {"layer": where, "shape": list(w.shape), "sqnr_db": None if sq is None else round(sq, 2)}
         if sq is not None and sq < cfg.min_sqnr_db:
             ctx.skip(where, f"calibrated SQNR {sq:.1f} dB < min_sqnr_db {cfg.min_sqnr_db:g}")
@@ -144,9 +166,28 @@ def _calibration_inputs(gm, nodes, ctx: PassContext, max_batches: int) -> dict:
     return {n: torch.cat(v) for n, v in seen.items() if v}
 
 
-def _layer_sqnr(x, w, w_q, w_scale, b) -> float | None:
+def _layer_sqnr(x, w, x_in, w_q, w_scale, b) -> float | None:
+    """SQNR of the int8 layer (fed `x_in`, the possibly smoothed input) vs fp32 on `x`."""
     if x is None:
         return None
     ref = torch.nn.functional.linear(x.float(), w, b)
-    got = torch.ops.optim.linear_int8(x.float(), w_q, w_scale, b)
+    got = torch.ops.optim.linear_int8(x_in.float(), w_q, w_scale, b)
     return sqnr_db(ref, got)
+
+
+def _smoothing_factors(candidates, inputs: dict, alpha: float) -> dict:
+    """{input node: s [K]} for inputs all of whose candidate readers have calibration data."""
+    if alpha <= 0:
+        return {}
+    groups: dict = {}
+    for n, _, x, weight, _ in candidates:
+        groups.setdefault(x, []).append((n, weight))
+    out = {}
+    for x, readers in groups.items():
+        if any(inputs.get(n) is None for n, _ in readers):
+            continue
+        act = inputs[readers[0][0]].abs().amax(0).float()
+        wmax = torch.stack([w.detach().float().abs().amax(0) for _, w in readers]).amax(0)
+        s = act.clamp(min=1e-5).pow(alpha) / wmax.clamp(min=1e-5).pow(1 - alpha)
+        out[x] = s.clamp(min=1e-5)
+    return out

@@ -31,7 +31,8 @@ def test_quantize_gpt2_skips_lm_head_with_reason(zoo_model):
     om = optim.optimize(z.model, "cpu", z.example_args, example_kwargs=z.example_kwargs,
                         pipeline=["cleanup", "quantize"], backend="torch", measure_latency=False)
     r = om.report.pass_result("quantize")
-    assert r["counts"] == {"linear_quantized": 8}  # 4 per block (c_attn, c_proj, c_fc, c_proj)
+    # 4 per block (c_attn, c_proj, c_fc, c_proj), each reading its own input tensor
+    assert r["counts"] == {"linear_quantized": 8, "input_smoothed": 8}
     assert any(s["where"] == "lm_head" and "skip pattern" in s["reason"] for s in r["skipped"])
     layers = r["details"]["layers"]
     assert len(layers) == 8 and all(x["sqnr_db"] > 20 for x in layers)
@@ -68,3 +69,33 @@ def test_ort_int8_matches_torch_int8(name, zoo_model):
                 om.report.pass_result("quantize")["counts"]["linear_quantized"]
     a, b = (optim.numerics.tensor_leaves(outs[k])[0] for k in ("torch", "onnxruntime"))
     assert sqnr_db(a, b) > 35  # both run int8 GEMMs; rounding differs only at .5 ties
+
+
+class _OutlierMLP(torch.nn.Module):
+    """LayerNorm whose output has one outlier channel (as in BERT), then two linears reading it."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(64)
+        with torch.no_grad():
+            self.norm.weight[7] = 40.0
+        self.a, self.b = torch.nn.Linear(64, 64), torch.nn.Linear(64, 32)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return self.a(h), self.b(h)
+
+
+def test_smoothing_recovers_outlier_channels():
+    torch.manual_seed(0)
+    m, x = _OutlierMLP().eval(), torch.randn(4, 32, 64)
+    results = {}
+    for alpha in (0.0, 0.5):
+        om = optim.optimize(m, "cpu", (x,), pipeline=["cleanup", "quantize"], backend="torch",
+                            quantize={"smooth_alpha": alpha}, measure_latency=False)
+        results[alpha] = om.report.pass_result("quantize")
+        ref, got = m(x), om(x)
+        assert sqnr_db(ref[0], got[0]) > 15
+    assert results[0.5]["counts"] == {"linear_quantized": 2, "input_smoothed": 1}  # shared input
+    assert "input_smoothed" not in results[0.0]["counts"]
+    assert results[0.5]["details"]["sqnr_db_min"] > results[0.0]["details"]["sqnr_db_min"] + 3
