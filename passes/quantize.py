@@ -1,9 +1,9 @@
 """quantize: linear(x, W, b) / addmm(b, x, Wᵀ) with constant W  ⇒  optim::linear_int8(x, W_q, s_w, b).
 
 Weights become int8 (7-bit range by default, see `weight_bits`) with one symmetric scale per
-output channel; activations are quantized
-per token (one symmetric scale per row) at run time, and the GEMM runs on real int8 kernels
-(oneDNN in the torch backend, MatMulInteger in ONNX Runtime). Embeddings are not linears and stay
+output channel; activations are quantized per token (one symmetric scale per row) at run time,
+and the GEMM runs on real int8 kernels (oneDNN in the torch backend, MatMulIntegerToFloat in
+ONNX Runtime). Embeddings are not linears and stay
 float; output heads (names matching `skip`) stay float. With calibration data, every layer's
 SQNR (int8 output vs fp32 output on the calibration activations) is measured, and layers below
 `min_sqnr_db` stay float, with the reason. Activation outliers are migrated into the weights
