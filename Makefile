@@ -24,7 +24,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not gpu" tests
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/minilm_cpu.py
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/minilm_cpu.py
+	$(BIN)/python -m pytest -q benchmarks/test_int8_kernels.py --benchmark-group-by=param:shape
 
 clean:
 	rm -rf $(VENV) reports .pytest_cache
