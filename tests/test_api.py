@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -77,9 +78,13 @@ def test_bad_names_and_inputs():
         optim.optimize(lambda x: x, "cpu", (torch.randn(2),))
 
 
+@dataclasses.dataclass(frozen=True)
+class _NoOptions:
+    """No options."""
+
+
 def test_pass_failing_mid_pipeline_names_history(zoo_model):
-    @register_pass("_explode_for_test", config=type("Cfg", (), {"__dataclass_fields__": {}}),
-                   numerics=Exact())
+    @register_pass("_explode_for_test", config=_NoOptions, numerics=Exact())
     def _explode(gm, cfg, ctx):
         """Raises, to test error reporting."""
         raise RuntimeError("boom")
