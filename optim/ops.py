@@ -11,6 +11,8 @@ ONNX nodes (`backends/onnx_lowering.py`).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -36,16 +38,18 @@ def _(q, k, v, mask, scale, causal):
 # The torch kernel runs the integer GEMM in oneDNN (u8 activations with zero point 128, s8
 # weights, int32 accumulation); prepacked weights are cached per weight tensor.
 
-_PACKED: dict[tuple, Tensor] = {}
+_PACKED: dict[int, tuple] = {}  # id(w_q) -> (weakref to w_q, version, packed weight)
 
 
 def _packed(w_q: Tensor) -> Tensor:
-    key = (w_q.data_ptr(), tuple(w_q.shape), w_q._version)
-    packed = _PACKED.get(key)
-    if packed is None:
-        if len(_PACKED) > 4096:
-            _PACKED.clear()
-        packed = _PACKED[key] = torch.ops.onednn.qlinear_prepack(w_q, None)
+    # keyed on the tensor object itself (weakref-checked): a data_ptr key can be reused by a new
+    # weight after the old one is freed, which would silently run with stale packed weights
+    entry = _PACKED.get(id(w_q))
+    if entry is not None and entry[0]() is w_q and entry[1] == w_q._version:
+        return entry[2]
+    packed = torch.ops.onednn.qlinear_prepack(w_q, None)
+    _PACKED[id(w_q)] = (weakref.ref(w_q, lambda _, k=id(w_q): _PACKED.pop(k, None)),
+                        w_q._version, packed)
     return packed
 
 
