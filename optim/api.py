@@ -38,11 +38,26 @@ class OptimizedModel:
     """The result of `optimize()`: callable like the original model, with `.report`."""
 
     def __init__(self, artifact: Any, report: Report, graph: torch.fx.GraphModule | None = None,
-                 example: Batch | None = None):
+                 example: Batch | None = None, stages: dict | None = None):
         self.artifact = artifact
         self.report = report
         self.graph = graph
         self.example = example  # the (args, kwargs) it was traced with
+        self.stages = stages or {}  # kernels after capture and after each pass (cost model)
+
+    def estimate(self, target: str, **options) -> dict:
+        """The cost model's view of this model on `target` (any name `optim targets` lists):
+        estimated latency after each pass, bound, bytes by class, memory fit, energy."""
+        from hardware.estimate import report_section
+
+        if not self.stages:
+            raise ConfigError("this model has no graph stages to estimate (loaded from disk?); "
+                              "run optimize() again to estimate it")
+        return report_section(self.stages, target, memory_bytes=self._memory_bytes(), **options)
+
+    def _memory_bytes(self) -> float:
+        m = self.report["model"]
+        return float(m.get("weight_bytes_after", m["weight_bytes"]))
 
     def __call__(self, *args, **kwargs):
         with torch.inference_mode():
@@ -111,8 +126,9 @@ def optimize(model: torch.nn.Module, target: str = "cpu", example_inputs: Any = 
              backend: str | None = None, eval_data: list[Batch] | None = None,
              calibration: list[Batch] | None = None,
              task_fidelity: Callable[[Callable, Callable], dict] | None = None,
-             fidelity_budget: dict | None = None, measure_latency: bool = True,
-             name: str | None = None, progress: Callable[[str], None] | None = None,
+             fidelity_budget: dict | None = None, measure_latency: bool | None = None,
+             estimate_targets: list[str] | None = None, name: str | None = None,
+             progress: Callable[[str], None] | None = None,
              **pass_options: dict) -> OptimizedModel:
     """Optimize `model` for `target` and return a callable `OptimizedModel` with a report.
 
@@ -127,9 +143,18 @@ def optimize(model: torch.nn.Module, target: str = "cpu", example_inputs: Any = 
         calibration: batches for passes that calibrate (default: eval_data).
         task_fidelity: `fn(original, optimized) -> dict` for a task metric (e.g. embeddings).
         fidelity_budget: e.g. {"cosine_min": 0.97}; violating it raises NumericsError.
-        measure_latency: time original and optimized here, interleaved, in one run.
+        measure_latency: time original and optimized here, interleaved, in one run (default:
+            only when the target is this machine's `cpu`).
+        estimate_targets: more targets to estimate in the same report (the cost model runs on
+            the post-pass graph; `target` itself is always estimated).
         **pass_options: per-pass option overrides, e.g. `quantize={"skip": ["classifier"]}`.
     """
+    # hardware/ imports optim's errors, so its modules load here, not at optim's import
+    from hardware.capability import pass_advice
+    from hardware.estimate import DEFAULT_PRECISION, report_section
+    from hardware.opcost import graph_kernels
+    from hardware.spec import load_spec
+
     load_plugins()
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"optimize() takes a torch.nn.Module, got {type(model).__name__}")
@@ -153,6 +178,7 @@ def optimize(model: torch.nn.Module, target: str = "cpu", example_inputs: Any = 
         model.train(was_training)
     gm = cap.gm
     before_hist = op_histogram(gm)
+    stages = {"captured": graph_kernels(gm)}
     weight_bytes = _weight_bytes(gm)
     ctx = PassContext(target=tgt, example_inputs=(args, kwargs),
                       calibration=list(calibration) if calibration else evals)
@@ -167,6 +193,7 @@ def optimize(model: torch.nn.Module, target: str = "cpu", example_inputs: Any = 
             if fid["max_abs_error"] > step.spec.numerics.atol * scale:
                 raise NumericsError(f"exact pass broke its contract: max abs error "
                                     f"{fid['max_abs_error']:.3g} > {step.spec.numerics.atol:g}")
+        stages[step.name] = graph_kernels(gm)
 
     say(f"running passes: {', '.join(pipe.names) or '(none)'}")
     with torch.no_grad():
@@ -190,6 +217,8 @@ def optimize(model: torch.nn.Module, target: str = "cpu", example_inputs: Any = 
     warnings = _check_budget(fidelity, fidelity_budget)
 
     latency, speedup = [], {}
+    if measure_latency is None:
+        measure_latency = tgt.runs_here
     if measure_latency:
         say("measuring latency (original vs optimized, interleaved)")
         m = measure({"original": lambda: model(*args, **kwargs),
@@ -199,6 +228,21 @@ def optimize(model: torch.nn.Module, target: str = "cpu", example_inputs: Any = 
         speedup = {"optimized_vs_original": m["original"]["median_ms"] / m["optimized"]["median_ms"],
                    "basis": "ratio of medians measured in the same interleaved run"}
 
+    say(f"estimating on {', '.join([target, *(estimate_targets or [])])}")
+    memory_bytes = float(_weight_bytes(gm))
+    estimates = [report_section(stages, t, memory_bytes=memory_bytes)
+                 for t in dict.fromkeys([target, *(estimate_targets or [])])]
+    main_est = estimates[0]
+    latency += [{"label": f"original @ {target}", "status": "estimated", "target": target,
+                 "median_ms": main_est["stages"][0]["estimated_ms"], "by": main_est["by"]},
+                {"label": f"optimized @ {target}", "status": "estimated", "target": target,
+                 "median_ms": main_est["estimated_ms"], "bound_kind": main_est["bound"],
+                 "by": main_est["by"]},
+                {"label": f"optimized @ {target} (roofline bound)", "status": "bound",
+                 "target": target,
+                 "median_ms": main_est["bound_ms"],
+                 "by": "datasheet peaks and bandwidth at 100%, no overhead: a lower bound"}]
+
     report = Report({
         "schema": "optim.report/1",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -207,7 +251,8 @@ def optimize(model: torch.nn.Module, target: str = "cpu", example_inputs: Any = 
                   "parameters": sum(p.numel() for p in model.parameters()), "flops": flops,
                   "weight_bytes": weight_bytes, "weight_bytes_after": _weight_bytes(gm),
                   "inputs": _describe_inputs(args, kwargs), "capture_seconds": round(cap.seconds, 3)},
-        "target": {"name": tgt.name, "kind": tgt.kind, "description": tgt.description},
+        "target": {"name": tgt.name, "kind": tgt.kind, "description": tgt.description,
+                   "runs_here": tgt.runs_here, "provenance": tgt.provenance},
         "backend": {"name": backend_name, "lower_seconds": round(lower_s, 3),
                     **getattr(artifact, "info", lambda: {})()},
         "pipeline": pipe.to_list(),
@@ -218,11 +263,14 @@ def optimize(model: torch.nn.Module, target: str = "cpu", example_inputs: Any = 
         "fidelity": fidelity,
         "latency": latency,
         "speedup": speedup,
+        "estimates": estimates,
+        "advice": pass_advice(load_spec(target), pipe.names,
+                              DEFAULT_PRECISION[load_spec(target).kind]),
         "warnings": warnings,
     }).validate()
     if warnings and fidelity_budget and fidelity_budget.get("enforce", True):
         raise NumericsError("fidelity budget not met: " + "; ".join(warnings))
-    return OptimizedModel(artifact, report, gm, (args, kwargs))
+    return OptimizedModel(artifact, report, gm, (args, kwargs), stages)
 
 
 def _token_mask(kwargs: dict) -> torch.Tensor | None:

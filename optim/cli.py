@@ -49,18 +49,36 @@ def passes() -> None:
 
 
 @app.command()
-def targets() -> None:
-    """List known targets."""
+def targets(name: str = typer.Argument(None, help="show every number of one target with its "
+                                                  "source")) -> None:
+    """List hardware targets (one spec file each in hardware/specs/) with their provenance."""
     from rich.table import Table
 
-    from optim.targets import TARGETS
+    from hardware.spec import load_spec, target_names
 
-    t = Table("target", "kind", "runs here", "default backend", "default pipeline", "description")
-    for name in TARGETS.names():
-        x = TARGETS.get(name)
-        t.add_row(name, x.kind, "yes" if x.runs_here else "estimated", x.default_backend,
-                  x.default_pipeline, x.description)
-    console.print(t)
+    try:
+        if name:
+            spec = load_spec(name)
+            t = Table("field", "value", "unit", "provenance", "source",
+                      title=f"{spec.name}: {spec.description}")
+            for key, q in spec.quantities().items():
+                t.add_row(key, f"{q.value:.4g}", q.unit, q.provenance,
+                          q.source + (f" ({q.note})" if q.note else ""))
+            console.print(t)
+            return
+        t = Table("target", "kind", "runs here", "best peak", "memory BW", "capacity",
+                  "provenance", "description")
+        for n in target_names():
+            spec = load_spec(n)
+            dtype = max(spec.peak, key=lambda d: spec.peak[d].value)
+            t.add_row(n, spec.kind, "measured" if n == "cpu" else "estimated",
+                      f"{spec.peak[dtype].value / 1e12:.3g} T ({dtype})",
+                      f"{spec.mem_bandwidth.value / 1e9:.0f} GB/s",
+                      f"{spec.mem_capacity.value / 1e9:.0f} GB", spec.provenance(),
+                      spec.description)
+        console.print(t)
+    except OptimError as e:
+        _fail(e)
 
 
 @app.command()
@@ -85,16 +103,92 @@ def show(report: Path = typer.Argument(..., help="report JSON written by optim")
 
 
 @app.command()
-def compare(reports: list[Path] = typer.Argument(..., help="two or more report JSON files")) -> None:
-    """Compare reports side by side."""
+def compare(reports: list[Path] = typer.Argument(None, help="report JSON files to compare"),
+            model: str = typer.Option(None, help="a zoo model to compare across --targets"),
+            targets: str = typer.Option("cpu,a100,h100", help="comma-separated target names"),
+            pipeline: str = typer.Option("cleanup,fuse_attention,quantize",
+                                         help="pipeline name, YAML path or pass list"),
+            batch: int = typer.Option(1), seq: int = typer.Option(128),
+            html: Path = typer.Option(None, help="write an HTML report with plots here"),
+            json_out: Path = typer.Option(None, "--json", help="write the report JSON here")
+            ) -> None:
+    """Compare saved reports side by side, or one --model across many --targets."""
     from optim import render
     from optim.report import Report
 
     try:
+        if model:
+            from optim import zoo
+            from optim.compare import compare_targets
+
+            z = zoo.load(model, batch=batch, seq=seq)
+            names = [t.strip() for t in targets.split(",") if t.strip()]
+            with console.status(f"{model}: optimizing and estimating on {', '.join(names)}") as st:
+                om = compare_targets(z.model, z.example_args, names, pipeline,
+                                     example_kwargs=z.example_kwargs, name=model,
+                                     progress=lambda m: st.update(f"{model}: {m}"))
+            console.print(render.compare_targets_table(om.report.data))
+            for advice in om.report.data.get("advice", []):
+                console.print(f"[yellow]advice:[/] {advice}")
+            if json_out:
+                om.report.save(json_out)
+                console.print(f"wrote {json_out}")
+            if html:
+                html.parent.mkdir(parents=True, exist_ok=True)
+                html.write_text(render.to_html(om.report.data, rooflines=_rooflines(om, names)))
+                console.print(f"wrote {html}")
+            return
+        if not reports or len(reports) < 2:
+            _fail(OptimError("give two or more report JSON files, or --model NAME --targets "
+                             "a,b,c to compare one model across targets"))
         loaded = [(p.stem, Report.load(p).data) for p in reports]
     except OptimError as e:
         _fail(e)
     console.print(render.compare_table(loaded))
+
+
+def _rooflines(om, names: list[str]) -> dict[str, bytes]:
+    from hardware.estimate import estimate
+    from hardware.plots import kernel_points, roofline_png
+    from hardware.spec import load_spec
+
+    out = {}
+    for n in names:
+        est = estimate(om.graph, n)
+        out[n] = roofline_png(load_spec(n), kernel_points(est), f"{om.report['model']['name']} "
+                                                                f"on {n} (estimated)")
+    return out
+
+
+@app.command()
+def llm(model: str = typer.Argument("llama2-7b", help="llama2-7b | llama2-13b | llama2-70b"),
+        targets: str = typer.Option("a100,h100", help="comma-separated target names"),
+        batch: int = typer.Option(1), prompt: int = typer.Option(512, help="prompt tokens"),
+        context: int = typer.Option(None, help="KV-cache length for decode (default: prompt)"),
+        weights: str = typer.Option("fp16", help="fp16 | bf16 | fp8 | int8 | int4"),
+        kv: str = typer.Option("fp16", help="KV-cache dtype"),
+        tp: int = typer.Option(1, help="tensor-parallel devices"),
+        pp: int = typer.Option(1, help="pipeline-parallel stages")) -> None:
+    """Estimate LLM prefill (time to first token) and decode (tokens/s) on targets, no weights."""
+    from rich.table import Table
+
+    from hardware.llm import estimate_llm
+
+    t = Table("target", "devices", "TTFT ms", "decode ms/token", "tokens/s", "bound (decode)",
+              "memory/device GB", "fits", title=f"{model}: batch {batch}, prompt {prompt}, "
+              f"context {context or prompt}, weights {weights}, kv {kv} (estimated)")
+    try:
+        for name in [x.strip() for x in targets.split(",") if x.strip()]:
+            with console.status(f"{model} on {name}"):
+                r = estimate_llm(model, name, batch=batch, prompt_len=prompt,
+                                 context_len=context, weights=weights, kv=kv, tp=tp, pp=pp)
+            t.add_row(name, f"tp{tp} x pp{pp}", f"{r['prefill']['ttft_s'] * 1e3:.1f}",
+                      f"{r['decode']['seconds'] * 1e3:.2f}", f"{r['decode']['tokens_per_s']:.1f}",
+                      r["decode"]["bound"], f"{r['memory']['per_device_bytes'] / 1e9:.1f}",
+                      "yes" if r["memory"]["fits"] else "[red]no[/]")
+    except OptimError as e:
+        _fail(e)
+    console.print(t)
 
 
 @app.command()

@@ -68,14 +68,15 @@ def load_pipeline_file(path: Path) -> dict[str, Any]:
         except UnknownNameError as err:
             raise ConfigError(f"{where}: {err}") from None
         config_from_dict(spec.config, options, f"{where} ({name})")
-    for key in ("target",):
-        if key in data:
-            from optim.targets import TARGETS
+    from optim.targets import target_names
 
-            try:
-                TARGETS.get(data[key])
-            except UnknownNameError as err:
-                raise ConfigError(f"{path}:{_line(root, [key])}: {key}: {err}") from None
+    for key in ("target", "targets"):
+        names = data.get(key) if isinstance(data.get(key), list) else [data.get(key)]
+        for i, name in enumerate(n for n in names if n is not None):
+            if name not in target_names():
+                err = UnknownNameError("target", str(name), target_names())
+                where = [key, i] if key == "targets" else [key]
+                raise ConfigError(f"{path}:{_line(root, where)}: {key}: {err}") from None
     return data
 
 

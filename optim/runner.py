@@ -76,7 +76,7 @@ def run_pipeline_file(path: Path, out: Path | None = None, save: Path | None = N
                           example_kwargs=z.example_kwargs, pipeline=spec["passes"],
                           backend=spec.get("backend"), eval_data=eval_data,
                           task_fidelity=task, fidelity_budget=spec.get("fidelity_budget"),
-                          measure_latency=spec.get("measure_latency", True), name=z.name,
+                          measure_latency=spec.get("measure_latency"), name=z.name,
                           progress=lambda m: status.update(f"{z.name} → {target}: {m}"))
         render.print_report(om.report.data, console)
         outputs = dict(spec.get("report") or {})

@@ -1,27 +1,38 @@
-"""Named targets. `cpu` is this machine and the only target that runs today; others are estimated
-once the hardware cost model lands (hardware/)."""
+"""Named targets, one per spec file in `hardware/specs/`. `cpu` is this machine: it runs and is
+measured; every other target is estimated by the cost model (hardware/) from its sourced spec."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from optim.registry import Registry
+from optim.errors import UnknownNameError
 
 
 @dataclass(frozen=True)
 class Target:
     name: str
-    kind: str  # "cpu" | "gpu" | "fpga"
+    kind: str  # "cpu" | "gpu" | "tpu" | "fpga" | "soc"
     runs_here: bool
-    default_backend: str
+    default_backend: str  # what the optimized model runs on here (fidelity, measurement)
     default_pipeline: str
     description: str
+    provenance: str
 
 
-TARGETS: Registry = Registry("target")
-TARGETS.add("cpu", Target("cpu", "cpu", True, "onnxruntime", "cpu_default",
-                          "this machine's CPU, measured"))
+def target_names() -> list[str]:
+    from hardware.spec import target_names as names
+
+    return names()
 
 
 def get_target(name: str) -> Target:
-    return TARGETS.get(name)
+    """The target `name`; the spec (and for `cpu`, this machine's probe) loads on first use."""
+    from hardware.spec import load_spec
+
+    if not isinstance(name, str) or name not in target_names():
+        raise UnknownNameError("target", str(name), target_names())
+    spec = load_spec(name)
+    here = name == "cpu"
+    return Target(name, spec.kind, here, "onnxruntime" if here else "torch",
+                  "cpu_default" if here else "estimate_default", spec.description,
+                  spec.provenance())

@@ -1,0 +1,163 @@
+"""Validate the cost model against ONNX Runtime latency measured on this machine's `cpu` target.
+
+6 zoo families x 2 sequence lengths x 2 batch sizes x 3 pipelines (unfused fp32, fused fp32,
+fused int8) = 72 configurations. Phase 1 (`--measure`) optimizes and times each one with ONNX
+Runtime and stores the post-pass kernels with the median latency in cost_model_cpu.json. Phase 2
+(always) fits a calibration on half the model families and reports the error on the other half
+(unseen models), prints the table and writes the markdown for RESULTS.md.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/cost_model_cpu.py --measure   # ~15 min, 2 cores
+    python benchmarks/cost_model_cpu.py                                     # refit from JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+HERE = Path(__file__).parent
+DATA = HERE / "cost_model_cpu.json"
+PIPELINES = {"fp32": "cleanup", "fused": "cleanup,fuse_attention",
+             "int8": "cleanup,fuse_attention,quantize"}
+# medium configs: big enough that GEMMs matter, small enough to run 72 of them in minutes
+FAMILIES = {
+    "minilm": ({}, (32, 128)),
+    "bert": ({"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+              "intermediate_size": 1024, "vocab_size": 8000}, (32, 128)),
+    "gpt2": ({"n_embd": 256, "n_layer": 4, "n_head": 4, "vocab_size": 8000}, (32, 128)),
+    "llama": ({"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8,
+               "num_key_value_heads": 2, "intermediate_size": 704, "vocab_size": 8000},
+              (32, 128)),
+    "vit": ({"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+             "intermediate_size": 1024, "patch_size": 8}, (64, 128)),  # image size -> 64/256 tokens
+    "dit": ({"num_layers": 4, "num_attention_heads": 4, "attention_head_dim": 64,
+             "patch_size": 2}, (16, 32)),  # latent size -> 64/256 tokens
+}
+BATCHES = (1, 4)
+FIT_FAMILIES = ("bert", "llama", "dit")  # held out: minilm, gpt2, vit (unseen models)
+
+
+def _load(family: str, size: int, batch: int):
+    from optim import zoo
+
+    overrides, _ = FAMILIES[family]
+    if family == "vit":
+        return zoo.load("vit", batch=batch, image_size=size, **overrides)
+    if family == "dit":
+        return zoo.load("dit", batch=batch, sample_size=size, **overrides)
+    return zoo.load(family, batch=batch, seq=size, **overrides)
+
+
+def measure_all(out: Path) -> None:
+    import optim
+    from hardware.opcost import graph_kernels
+    from optim.measure import measure
+
+    rows = json.loads(out.read_text())["rows"] if out.exists() else []
+    done = {(r["family"], r["size"], r["batch"], r["pipeline"]) for r in rows}
+    configs = [(f, s, b, p) for f, (_, sizes) in FAMILIES.items() for s in sizes
+               for b in BATCHES for p in PIPELINES]
+    for i, (fam, size, batch, pipe) in enumerate(configs):
+        if (fam, size, batch, pipe) in done:
+            continue
+        t0 = time.perf_counter()
+        z = _load(fam, size, batch)
+        opt = optim.optimize(z.model, "cpu", z.example_args, PIPELINES[pipe],
+                             example_kwargs=z.example_kwargs, backend="onnxruntime",
+                             measure_latency=False, name=fam)
+        m = measure({"ort": lambda: opt.artifact(*z.example_args, **z.example_kwargs)},
+                    min_runs=10, budget_s=3.0)["ort"]
+        kernels = [k.to_dict() for k in graph_kernels(opt.graph)]
+        rows.append({"family": fam, "size": size, "batch": batch, "pipeline": pipe,
+                     "median_ms": m["median_ms"], "p10_ms": m["p10_ms"], "p90_ms": m["p90_ms"],
+                     "runs": m["runs"], "machine": m["machine"], "kernels": kernels})
+        out.write_text(json.dumps({"rows": rows}, indent=1))
+        print(f"[{i + 1}/{len(configs)}] {fam} size={size} batch={batch} {pipe}: "
+              f"{m['median_ms']:.2f} ms ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+def evaluate(data: dict) -> str:
+    from hardware.calibrate import fit, score, spearman
+    from hardware.costmodel import default_calibration, estimate_kernels
+    from hardware.opcost import Kernel
+    from hardware.spec import load_spec
+
+    spec = load_spec("cpu")
+    rows = data["rows"]
+    graphs = [[Kernel.from_dict(k) for k in r["kernels"]] for r in rows]
+    meas = [r["median_ms"] / 1e3 for r in rows]
+    train = [i for i, r in enumerate(rows) if r["family"] in FIT_FAMILIES]
+    test = [i for i, r in enumerate(rows) if r["family"] not in FIT_FAMILIES]
+    cal = fit(spec, [graphs[i] for i in train], [meas[i] for i in train],
+              source=f"fit on {len(train)} ORT configs ({', '.join(FIT_FAMILIES)})")
+    pred = [estimate_kernels(g, spec, cal).seconds for g in graphs]
+    raw = [estimate_kernels(g, spec, default_calibration(spec)).seconds for g in graphs]
+    s_test = score([pred[i] for i in test], [meas[i] for i in test])
+    s_train = score([pred[i] for i in train], [meas[i] for i in train])
+    s_raw = score([raw[i] for i in test], [meas[i] for i in test])
+    # rank agreement across the 3 pipeline variants of each held-out (model, shape)
+    groups: dict = {}
+    for i in test:
+        r = rows[i]
+        groups.setdefault((r["family"], r["size"], r["batch"]), []).append(i)
+    per_group = [spearman([pred[i] for i in g], [meas[i] for i in g]) for g in groups.values()]
+    per_group = [x for x in per_group if x == x]
+    c = Console(width=130)
+    t = Table(title="cost model vs ONNX Runtime on this CPU (held-out families marked *)")
+    for col in ("model", "size", "batch", "pipeline", "measured ms", "predicted ms", "error",
+                "bound"):
+        t.add_column(col, justify="right" if col not in ("model", "pipeline") else "left")
+    for i, r in enumerate(rows):
+        est = estimate_kernels(graphs[i], spec, cal)
+        t.add_row(r["family"] + ("*" if i in test else ""), str(r["size"]), str(r["batch"]),
+                  r["pipeline"], f"{meas[i] * 1e3:.2f}", f"{pred[i] * 1e3:.2f}",
+                  f"{(pred[i] - meas[i]) / meas[i]:+.0%}", est.bound)
+    c.print(t)
+    lines = [
+        f"Calibration fitted on {len(train)} configs ({', '.join(FIT_FAMILIES)}); "
+        f"held out: {len(test)} configs of unseen models "
+        f"({', '.join(sorted({rows[i]['family'] for i in test}))}).",
+        "",
+        "| set | n | MAPE | within ±10% | within ±25% | Spearman (all) | Spearman within (model, shape) |",
+        "|---|---|---|---|---|---|---|",
+        f"| held out | {s_test['n']} | {s_test['mape']:.1%} | {s_test['within_10']:.0%} | "
+        f"{s_test['within_25']:.0%} | {s_test['spearman']:.3f} | "
+        f"{np.mean(per_group):.3f} over {len(per_group)} groups |",
+        f"| fit set | {s_train['n']} | {s_train['mape']:.1%} | {s_train['within_10']:.0%} | "
+        f"{s_train['within_25']:.0%} | {s_train['spearman']:.3f} | |",
+        f"| held out, uncalibrated spec defaults | {s_raw['n']} | {s_raw['mape']:.1%} | "
+        f"{s_raw['within_10']:.0%} | {s_raw['within_25']:.0%} | {s_raw['spearman']:.3f} | |",
+        "",
+        "Fitted parameters: " + ", ".join(f"{k}={v:.3g}" for k, v in cal.fit["params"].items()),
+        f"Machine: {rows[0]['machine']}; cpu spec: fp32 {spec.peak['fp32'].value / 1e9:.0f} "
+        f"GFLOP/s, int8 {spec.peak['int8'].value / 1e9:.0f} GOP/s, copy "
+        f"{spec.mem_bandwidth.value / 1e9:.1f} GB/s (measured).",
+    ]
+    md = "\n".join(lines)
+    c.print(md)
+    return md
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--measure", action="store_true", help="run the configs (resumes)")
+    ap.add_argument("--data", type=Path, default=DATA)
+    a = ap.parse_args()
+    if a.measure:
+        measure_all(a.data)
+    if not a.data.exists():
+        print(f"no data at {a.data}; run with --measure first", file=sys.stderr)
+        return 2
+    evaluate(json.loads(a.data.read_text()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

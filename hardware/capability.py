@@ -1,0 +1,87 @@
+"""What a target can actually run fast: which peak a kernel gets, and what a pass can't buy there.
+
+The rule is never to credit a speedup the target cannot deliver:
+- a dtype earns its own peak only where the spec lists that peak (int4 on Hopper: none; int8 on
+  V100: DP4A, not tensor cores);
+- without it, the math runs at the best float peak the target has, the narrower weights still
+  cut bytes, and the dequantization is counted;
+- 2:4 sparse weights earn x2 only for dtypes the spec's `sparse_2_4` lists; elsewhere only bytes;
+- binary weights earn popcount math only with a `popcount` feature (or on an FPGA); elsewhere bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hardware.spec import HardwareSpec
+
+FLOAT_ORDER = ("fp16", "bf16", "tf32", "fp32")
+# storage bytes relative to dense for 2:4: 2 of 4 values + 2-bit indices (hardware.md note 4)
+SPARSE_24_BYTES = {"fp16": 0.5625, "bf16": 0.5625, "int8": 0.625, "fp8": 0.625, "fp32": 0.53125}
+
+
+@dataclass(frozen=True)
+class Placement:
+    peak_dtype: str  # which peak the math runs at
+    peak_flops: float
+    sparse_factor: float = 1.0  # x2 when a 2:4 path applies
+    note: str = ""  # why it is not the kernel's own dtype
+
+
+def best_float(spec: HardwareSpec, allow_reduced: bool) -> str:
+    order = FLOAT_ORDER if allow_reduced else ("fp32",)
+    for d in order:
+        if d in spec.peak:
+            return d
+    return next(iter(spec.peak))
+
+
+def place(spec: HardwareSpec, dtype: str, *, weight_format: str = "dense",
+          precision: str = "graph") -> Placement:
+    """The peak a kernel of `dtype` runs at on `spec`, with the reason when it is not its own.
+
+    precision: "graph" runs float math in the graph's dtype; "fp16"/"bf16"/"tf32" say the backend
+    runs float GEMMs in that type (the usual GPU deployment)."""
+    if dtype in ("fp32", "fp16", "bf16", "tf32") and precision != "graph":
+        dtype = precision
+    note = ""
+    if dtype in spec.peak:
+        peak_dtype = dtype
+    else:
+        peak_dtype = best_float(spec, allow_reduced=dtype != "fp32")
+        if dtype in ("int8", "int4", "fp8", "binary"):
+            note = (f"{spec.name} has no {dtype} peak; math runs at {peak_dtype} after "
+                    f"dequantization, only the weight bytes shrink")
+        elif dtype not in ("fp32",):
+            note = f"{spec.name} has no {dtype} peak; runs at {peak_dtype}"
+    factor = 1.0
+    if weight_format == "2:4":
+        if peak_dtype in spec.sparse_2_4:
+            factor = 2.0
+        else:
+            note = note or f"{spec.name} has no 2:4 sparse {peak_dtype} path; only bytes shrink"
+    if weight_format == "binary" and "popcount" not in spec.features and spec.kind != "fpga":
+        note = note or f"{spec.name} computes no binary (XNOR/popcount) math; only bytes shrink"
+    return Placement(peak_dtype, spec.peak[peak_dtype].value * factor, factor, note)
+
+
+def pass_advice(spec: HardwareSpec, passes: list[str], precision: str = "graph") -> list[str]:
+    """Say, before anyone deploys it, when a pass in the pipeline cannot speed up `spec`."""
+    out = []
+    if "quantize" in passes:
+        p = place(spec, "int8", precision=precision)
+        if p.note:
+            out.append(f"quantize (int8): {p.note}.")
+        elif spec.kind == "gpu" and "int8_tensor_cores" not in spec.features:
+            out.append(f"quantize (int8): {spec.name} has no int8 tensor cores; int8 runs on "
+                       f"DP4A at {spec.peak['int8'].value / 1e12:.0f} TOP/s.")
+        elif spec.kind == "cpu" and not {"vnni", "amx", "avx512_vnni"} & spec.features:
+            out.append(f"quantize (int8): {spec.name} has no VNNI/AMX; int8 GEMMs use AVX2 "
+                       "u8s8 madd at most ~2x fp32 and per-token quantization costs a pass "
+                       "over the activations (measured here: ~1x, see benchmarks/RESULTS.md).")
+    for name in passes:
+        if name in ("sparsify_2_4", "sparsify") and not spec.sparse_2_4:
+            out.append(f"{name}: {spec.name} has no 2:4 sparse math; only weight bytes shrink.")
+        if name == "binarize" and "popcount" not in spec.features and spec.kind != "fpga":
+            out.append(f"binarize: {spec.name} has no popcount path; only weight bytes shrink.")
+    return out

@@ -1,0 +1,110 @@
+"""Estimate a post-pass graph on a target and turn it into report data.
+
+    est = estimate(gm, "a100")                 # Estimate: seconds, bound, per-kernel rows
+    section = report_section(stage_kernels, "a100", peak_memory_bytes=...)
+
+Every figure says what it is: `estimated` (cost model with a named calibration), `bound` (pure
+datasheet roofline, a lower bound), or `measured` (only ever from optim.measure).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch.fx import GraphModule
+
+from hardware.calibrate import load as load_calibration
+from hardware.costmodel import Calibration, Estimate, default_calibration, estimate_kernels
+from hardware.cpu_probe import cache_dir, probe
+from hardware.opcost import Kernel, graph_kernels
+from hardware.spec import HardwareSpec, load_spec
+
+# what float math runs in when deployed on each kind, unless the caller says otherwise
+DEFAULT_PRECISION = {"gpu": "fp16", "tpu": "bf16", "fpga": "fp16", "soc": "fp16", "cpu": "graph"}
+
+
+def as_spec(target: str | HardwareSpec) -> HardwareSpec:
+    return target if isinstance(target, HardwareSpec) else load_spec(target)
+
+
+def calibration_path(spec: HardwareSpec, backend: str) -> Path:
+    key = probe()["cache_key"] if spec.name == "cpu" else "spec"
+    return cache_dir() / "calibration" / f"{spec.name}-{backend}-{key}.json"
+
+
+def calibration_for(spec: HardwareSpec, backend: str = "onnxruntime") -> Calibration:
+    """A fitted calibration for this target and backend when one was saved, else spec defaults."""
+    path = calibration_path(spec, backend)
+    if path.exists():
+        try:
+            return load_calibration(path)
+        except (ValueError, TypeError, KeyError):
+            pass  # an unreadable calibration falls back to defaults; the report names which
+    return default_calibration(spec)
+
+
+def estimate(graph: GraphModule | list[Kernel], target: str | HardwareSpec, *,
+             precision: str | None = None, calibration: Calibration | None = None,
+             backend: str = "onnxruntime") -> Estimate:
+    """Estimated latency of `graph` (an FX graph with meta["val"], or its kernels) on `target`."""
+    spec = as_spec(target)
+    kernels = graph if isinstance(graph, list) else graph_kernels(graph)
+    return estimate_kernels(kernels, spec, calibration or calibration_for(spec, backend),
+                            precision or DEFAULT_PRECISION[spec.kind])
+
+
+def by_label(est: Estimate) -> str:
+    cal = est.calibration
+    fitted = f"fitted ({cal.source})" if cal.fit else cal.source
+    return f"optim cost model (roofline x efficiency, {est.precision} float math), calibration: " \
+           f"{fitted}"
+
+
+def latency_rows(est: Estimate, label: str) -> list[dict]:
+    """Report latency rows: the estimate and the datasheet-roofline lower bound."""
+    return [{"label": label, "status": "estimated", "target": est.target,
+             "median_ms": est.seconds * 1e3, "bound_kind": est.bound, "by": by_label(est)},
+            {"label": f"{label} (roofline bound)", "status": "bound", "target": est.target,
+             "median_ms": est.roofline_s * 1e3,
+             "by": "datasheet peaks and bandwidth at 100%, no overhead: a lower bound"}]
+
+
+def report_section(stages: dict[str, list[Kernel]], target: str | HardwareSpec, *,
+                   memory_bytes: float = 0.0, precision: str | None = None,
+                   backend: str = "onnxruntime", top: int = 5) -> dict:
+    """The per-target block of a report: latency after each pipeline stage (what each pass
+    bought), the final estimate's bound, bytes by class, top kernels, memory fit and energy."""
+    spec = as_spec(target)
+    ests = {name: estimate(k, spec, precision=precision, backend=backend)
+            for name, k in stages.items()}
+    final = list(ests.values())[-1]
+    first = list(ests.values())[0]
+    cap = spec.mem_capacity.value
+    energy = final.seconds * spec.tdp.value if spec.tdp else None
+    prev = None
+    stage_rows = []
+    for name, e in ests.items():
+        stage_rows.append({"after": name, "estimated_ms": e.seconds * 1e3,
+                           "bound_ms": e.roofline_s * 1e3,
+                           "gain_vs_previous": (prev / e.seconds) if prev else None})
+        prev = e.seconds
+    return {
+        "target": spec.name, "kind": spec.kind, "description": spec.description,
+        "provenance": spec.provenance(), "status": "estimated", "by": by_label(final),
+        "precision": final.precision,
+        "estimated_ms": final.seconds * 1e3, "bound_ms": final.roofline_s * 1e3,
+        "speedup_vs_captured": first.seconds / final.seconds,
+        "throughput_per_s": 1.0 / final.seconds,
+        "bound": final.bound,
+        "time_by_bound_ms": {k: v * 1e3 for k, v in final.time_by("bound").items()},
+        "time_by_kind_ms": {k: v * 1e3 for k, v in final.time_by("kind").items()},
+        "bytes_by_class": final.bytes_by_class(),
+        "memory": {"needed_bytes": memory_bytes, "capacity_bytes": cap,
+                   "fits": memory_bytes <= cap if memory_bytes else None},
+        "energy_j": energy,
+        "energy_basis": "estimated latency x TDP (an upper bound on energy)" if energy else
+                        "no published power figure",
+        "stages": stage_rows,
+        "top_kernels": [e.to_dict() | {"module": e.kernel.module} for e in final.top(top)],
+        "notes": final.notes(),
+    }

@@ -1,0 +1,164 @@
+"""LLM inference phases on a target: prefill (time to first token) and decode (per-token latency,
+tokens/s) with a KV cache of a given length and batch, on one device or tp x pp devices.
+
+No weights are needed: the decoder is built from its config on the meta device and captured
+with torch.export (fake tensors carry only shapes and dtypes). Two layers are captured and the
+second layer's kernels stand for every later one (decoder layers are identical), so a 70B config
+costs seconds and a few hundred MB. Decode is the seq=1 graph with each attention reading the
+whole cache: the K/V of `context_len` tokens move as the `kv_cache` byte class.
+
+    from hardware.llm import estimate_llm
+    r = estimate_llm("llama2-7b", "a100", batch=1, prompt_len=512, context_len=1024)
+    r["decode"]["tokens_per_s"]
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from functools import lru_cache
+
+import torch
+
+from hardware.costmodel import estimate_kernels
+from hardware.estimate import as_spec, calibration_for
+from hardware.llm_shape import LLMShape, llm_shape
+from hardware.opcost import BYTES, Kernel, graph_kernels
+from hardware.parallel import allreduce_s, check_parallel, p2p_s, shard_tp
+from optim.errors import ConfigError
+
+WEIGHT_FORMATS = {"fp16": ("fp16", 2.0), "bf16": ("bf16", 2.0), "fp8": ("fp8", 1.0),
+                  "int8": ("int8", 1.0), "int4": ("int4", 0.5)}
+
+
+@lru_cache(maxsize=16)
+def _captured(shape: LLMShape, batch: int, seq: int) -> tuple[Kernel, ...]:
+    """Kernels of a 2-layer meta-device copy of the decoder, after cleanup + fuse_attention."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from optim.ir import capture
+    from optim.pass_base import PassContext
+    from optim.pipeline import Pipeline
+    from optim.registry import load_plugins
+
+    load_plugins()
+    cfg = LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.ffn,
+                      num_hidden_layers=2, num_attention_heads=shape.heads,
+                      num_key_value_heads=shape.kv_heads, vocab_size=shape.vocab,
+                      max_position_embeddings=max(4096, seq), use_cache=False,
+                      attn_implementation="sdpa")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg).to(torch.float16).eval()
+    ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
+    # only the last position's logits are needed to pick the next token
+    cap = capture(model, (ids,), {"logits_to_keep": 1})
+    Pipeline.build(["cleanup", "fuse_attention"]).run(cap.gm, PassContext(
+        target=None, example_inputs=((ids,), {"logits_to_keep": 1}), calibration=[]))
+    return tuple(graph_kernels(cap.gm))
+
+
+def _layer(k: Kernel) -> int | None:
+    parts = k.module.split(".")
+    if "layers" in parts:
+        i = parts.index("layers")
+        if i + 1 < len(parts) and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None
+
+
+def decoder_kernels(shape: LLMShape, *, batch: int, seq: int, context_len: int | None = None,
+                    weights: str = "fp16", kv: str = "fp16") -> list[Kernel]:
+    """All kernels of one forward of `shape` over `seq` new tokens per sequence; with
+    `context_len`, attention reads a KV cache of that many tokens (decode)."""
+    if weights not in WEIGHT_FORMATS:
+        raise ConfigError(f"weights={weights!r}; valid: {', '.join(WEIGHT_FORMATS)}")
+    if kv not in BYTES:
+        raise ConfigError(f"kv={kv!r}; valid: fp16, bf16, fp8, int8, int4")
+    base = list(_captured(shape, batch, seq))
+    template = [k for k in base if _layer(k) == 1]
+    if not template:
+        raise ConfigError("could not find decoder layer 1 in the captured graph")
+    kernels = [k for k in base if _layer(k) != 1]
+    for i in range(1, shape.layers):
+        kernels += [replace(k, module=k.module.replace("layers.1", f"layers.{i}", 1))
+                    for k in template]
+    return [_retype(_with_cache(k, context_len, kv), weights) for k in kernels]
+
+
+def _retype(k: Kernel, weights: str) -> Kernel:
+    """fp16 capture -> the deployed weight format: bytes shrink; int8 weights with int8
+    activations run int8 math (W8A8), int4 weights dequantize to fp16 math (W4A16)."""
+    dtype, nbytes = WEIGHT_FORMATS[weights]
+    if k.kind != "gemm" or not k.bytes.get("weights") or weights in ("fp16",):
+        return k
+    b = dict(k.bytes)
+    b["weights"] = b["weights"] / 2.0 * nbytes
+    math_dtype = {"int4": "fp16", "bf16": "bf16"}.get(weights, dtype)
+    return replace(k, bytes=b, dtype=math_dtype, weight_format=weights)
+
+
+def _with_cache(k: Kernel, context_len: int | None, kv: str) -> Kernel:
+    if k.kind != "attention" or context_len is None:
+        return k
+    b, h, lq, _, d = k.shape
+    kv_heads_bytes = k.bytes["activations"]  # q + out + k + v of the new tokens (fp16)
+    q_out = 2 * b * h * lq * d * 2.0
+    new_kv = max(kv_heads_bytes - q_out, 0.0)  # k, v of the new tokens, written to the cache
+    hkv_elems = new_kv / 2.0 / 2.0 / max(lq, 1)  # per token: b * hkv * d for each of k and v
+    cache = 2 * hkv_elems * context_len * BYTES[kv]
+    flops = 4.0 * b * h * lq * context_len * d + 5.0 * b * h * lq * context_len
+    return replace(k, flops=flops, shape=(b, h, lq, context_len, d),
+                   bytes={"weights": 0.0, "activations": q_out + new_kv, "kv_cache": cache})
+
+
+def _phase(kernels: list[Kernel], spec, cal, shape: LLMShape, tokens: int, tp: int, pp: int,
+           act_bytes: float) -> dict:
+    est = estimate_kernels(shard_tp(kernels, tp), spec, cal, "fp16")
+    # two all-reduces per layer of the layer's activations (tokens x hidden, fp16)
+    comm = 2 * shape.layers * allreduce_s(spec, tokens * shape.hidden * act_bytes, tp)
+    pp_hops = (pp - 1) * p2p_s(spec, tokens * shape.hidden * act_bytes) if pp > 1 else 0.0
+    latency = est.seconds + comm + pp_hops
+    stage = (est.seconds + comm) / pp  # steady state with pp micro-batches in flight
+    return {"seconds": latency, "compute_s": est.seconds, "tp_comm_s": comm,
+            "pp_transfer_s": pp_hops, "bound": est.bound, "roofline_s": est.roofline_s,
+            "pipelined_stage_s": stage, "bytes_by_class": est.bytes_by_class(),
+            "notes": est.notes()}
+
+
+def estimate_llm(model: str | LLMShape, target, *, batch: int = 1, prompt_len: int = 512,
+                 context_len: int | None = None, weights: str = "fp16", kv: str = "fp16",
+                 tp: int = 1, pp: int = 1, backend: str = "torch") -> dict:
+    """Prefill and decode estimates for a decoder LLM (a name like `llama2-7b`, an `LLMShape`,
+    or a transformers config) on `target`, over `tp` x `pp` devices."""
+    shape = model if isinstance(model, LLMShape) else (
+        llm_shape(model) if isinstance(model, str) else LLMShape.from_config(model))
+    spec = as_spec(target)
+    check_parallel(spec, tp, pp)
+    if batch < 1 or prompt_len < 1:
+        raise ConfigError(f"batch and prompt_len must be >= 1, got {batch}, {prompt_len}")
+    ctx = context_len or prompt_len
+    cal = calibration_for(spec, backend)
+    devices = tp * pp
+    prefill = _phase(decoder_kernels(shape, batch=batch, seq=prompt_len, weights=weights,
+                                     kv=kv), spec, cal, shape, batch * prompt_len, tp, pp, 2.0)
+    decode = _phase(decoder_kernels(shape, batch=batch, seq=1, context_len=ctx, weights=weights,
+                                    kv=kv), spec, cal, shape, batch, tp, pp, 2.0)
+    decode["tokens_per_s"] = batch / decode["seconds"]
+    decode["tokens_per_s_pipelined"] = batch / decode["pipelined_stage_s"]
+    weight_bytes = shape.parameters() * WEIGHT_FORMATS[weights][1]
+    kv_bytes = 2 * shape.layers * batch * ctx * shape.kv_heads * shape.head_dim * BYTES[kv]
+    per_device = (weight_bytes + kv_bytes) / devices
+    return {
+        "model": shape.name, "parameters": shape.parameters(), "target": spec.name,
+        "status": "estimated", "devices": {"tp": tp, "pp": pp},
+        "by": f"optim cost model, meta-device capture, calibration: {cal.source}",
+        "settings": {"batch": batch, "prompt_len": prompt_len, "context_len": ctx,
+                     "weights": weights, "kv": kv},
+        "prefill": {"ttft_s": prefill["seconds"], **prefill},
+        "decode": decode,
+        "memory": {"weights_bytes": weight_bytes, "kv_cache_bytes": kv_bytes,
+                   "per_device_bytes": per_device,
+                   "capacity_bytes": spec.mem_capacity.value,
+                   "fits": per_device <= spec.mem_capacity.value},
+    }
