@@ -1,9 +1,9 @@
 """Validate the cost model against ONNX Runtime latency measured on this machine's `cpu` target.
 
 6 zoo families x 2 sequence lengths x 2 batch sizes x 3 pipelines (unfused fp32, fused fp32,
-fused int8) = 72 configurations. Phase 1 (`--measure`) optimizes and times each one with ONNX
-Runtime and stores the post-pass kernels with the median latency in cost_model_cpu.json. Phase 2
-(always) fits a calibration on half the model families and reports the error on the other half
+fused int8) = 72 configurations. Phase 1 (`--measure`) optimizes each one, times the three
+pipelines of each model and shape interleaved with ONNX Runtime, and stores the post-pass kernels
+with the median latency in cost_model_cpu.json. Phase 2 (always) fits a calibration on half the model families and reports the error on the other half
 (unseen models), prints the table and writes the markdown for RESULTS.md.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/cost_model_cpu.py --measure   # ~15 min, 2 cores
@@ -56,31 +56,36 @@ def _load(family: str, size: int, batch: int):
 
 
 def measure_all(out: Path) -> None:
+    """Per (model, shape): optimize the three pipelines, then time the three ORT sessions
+    interleaved in one loop, so drift on a shared machine hits all variants alike."""
     import optim
     from hardware.opcost import graph_kernels
     from optim.measure import measure
 
     rows = json.loads(out.read_text())["rows"] if out.exists() else []
-    done = {(r["family"], r["size"], r["batch"], r["pipeline"]) for r in rows}
-    configs = [(f, s, b, p) for f, (_, sizes) in FAMILIES.items() for s in sizes
-               for b in BATCHES for p in PIPELINES]
-    for i, (fam, size, batch, pipe) in enumerate(configs):
-        if (fam, size, batch, pipe) in done:
+    done = {(r["family"], r["size"], r["batch"]) for r in rows}
+    groups = [(f, s, b) for f, (_, sizes) in FAMILIES.items() for s in sizes for b in BATCHES]
+    for i, (fam, size, batch) in enumerate(groups):
+        if (fam, size, batch) in done:
             continue
         t0 = time.perf_counter()
         z = _load(fam, size, batch)
-        opt = optim.optimize(z.model, "cpu", z.example_args, PIPELINES[pipe],
-                             example_kwargs=z.example_kwargs, backend="onnxruntime",
-                             measure_latency=False, name=fam)
-        m = measure({"ort": lambda: opt.artifact(*z.example_args, **z.example_kwargs)},
-                    min_runs=10, budget_s=3.0)["ort"]
-        kernels = [k.to_dict() for k in graph_kernels(opt.graph)]
-        rows.append({"family": fam, "size": size, "batch": batch, "pipeline": pipe,
-                     "median_ms": m["median_ms"], "p10_ms": m["p10_ms"], "p90_ms": m["p90_ms"],
-                     "runs": m["runs"], "machine": m["machine"], "kernels": kernels})
+        opts = {pipe: optim.optimize(z.model, "cpu", z.example_args, text,
+                                     example_kwargs=z.example_kwargs, backend="onnxruntime",
+                                     measure_latency=False, name=fam)
+                for pipe, text in PIPELINES.items()}
+        m = measure({pipe: (lambda o=o: o.artifact(*z.example_args, **z.example_kwargs))
+                     for pipe, o in opts.items()}, min_runs=15, budget_s=8.0)
+        for pipe, o in opts.items():
+            rows.append({"family": fam, "size": size, "batch": batch, "pipeline": pipe,
+                         "median_ms": m[pipe]["median_ms"], "p10_ms": m[pipe]["p10_ms"],
+                         "p90_ms": m[pipe]["p90_ms"], "runs": m[pipe]["runs"],
+                         "machine": m[pipe]["machine"],
+                         "kernels": [k.to_dict() for k in graph_kernels(o.graph)]})
         out.write_text(json.dumps({"rows": rows}, indent=1))
-        print(f"[{i + 1}/{len(configs)}] {fam} size={size} batch={batch} {pipe}: "
-              f"{m['median_ms']:.2f} ms ({time.perf_counter() - t0:.0f} s)", flush=True)
+        print(f"[{i + 1}/{len(groups)}] {fam} size={size} batch={batch}: " + ", ".join(
+            f"{p} {m[p]['median_ms']:.2f} ms" for p in PIPELINES)
+            + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
 
 
 def evaluate(data: dict) -> str:

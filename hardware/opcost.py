@@ -146,28 +146,15 @@ def _einsum(n: Node) -> Kernel:
 
 
 def _linear_int8(n: Node) -> Kernel:
-    """Integer GEMM plus its dynamic activation quantization (read fp32 x, write int8 x): the
-    dequantization cost is part of the kernel's traffic, never free."""
+    """Integer GEMM plus its dynamic per-token activation quantization and output rescale, as
+    lowered: |x| max (reads x), quantize (reads x, writes int8), int GEMM, scale and bias (read and
+    write y twice). Dequantization is never free: four launches and that traffic are counted."""
     x, w, out = _val(n.args[0]), _val(n.args[1]), _val(n)
     k, nout = x.shape[-1], w.shape[0]
     m = x.numel() // k
     b = _classed(list(n.args[1:4]), out)
-    b["activations"] += _nbytes(x) + m * k  # read fp32 activations + write/read int8 copy
-    return Kernel(n.name, "gemm", "int8", 2.0 * m * nout * k, b, (1, m, nout, k), launches=2,
-                  nodes=[n.name])
-
-
-def _attention(n: Node) -> Kernel:
-    """Fused attention: scores never leave on-chip memory; Q, K, V, mask and O move once."""
-    q, k, v, out = (_val(a) for a in (n.args[0], n.args[1], n.args[2], n))
-    bsz, heads, lq, d = q.shape
-    lk = k.shape[-2]
-    flops = 4.0 * bsz * heads * lq * lk * d + 5.0 * bsz * heads * lq * lk  # 2 GEMMs + softmax
-    mask = n.args[3] if len(n.args) > 3 else None
-    b = {"weights": 0.0, "activations": _nbytes(q) + _nbytes(out) + _nbytes(_val(mask)),
-         "kv_cache": 0.0}
-    b["activations"] += _nbytes(k) + _nbytes(v)
-    return Kernel(n.name, "attention", _dtype(q), flops, b, (bsz, heads, lq, lk, d),
+    b["activations"] += 2 * _nbytes(x) + m * k + 2 * _nbytes(out)
+    return Kernel(n.name, "gemm", "int8", 2.0 * m * nout * k, b, (1, m, nout, k), launches=4,
                   nodes=[n.name])
 
 

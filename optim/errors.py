@@ -15,7 +15,9 @@ class UnknownNameError(OptimError, KeyError):
 
     def __init__(self, kind: str, name: str, valid: Iterable[str]):
         self.kind, self.name, self.valid = kind, name, sorted(valid)
-        close = difflib.get_close_matches(name, self.valid, n=1)
+        lowered = {v.lower(): v for v in self.valid}
+        close = [lowered[c] for c in difflib.get_close_matches(str(name).lower(), lowered, n=1,
+                                                                cutoff=0.5)]
         hint = f" Did you mean {close[0]!r}?" if close else ""
         super().__init__(f"unknown {kind} {name!r}.{hint} Valid {kind}s: {', '.join(self.valid)}")
 
