@@ -158,6 +158,20 @@ def _linear_int8(n: Node) -> Kernel:
                   nodes=[n.name])
 
 
+def _attention(n: Node) -> Kernel:
+    """Fused attention: scores never leave on-chip memory; Q, K, V, mask and O move once."""
+    q, k, v, out = (_val(a) for a in (n.args[0], n.args[1], n.args[2], n))
+    bsz, heads, lq, d = q.shape
+    lk = k.shape[-2]
+    flops = 4.0 * bsz * heads * lq * lk * d + 5.0 * bsz * heads * lq * lk  # 2 GEMMs + softmax
+    mask = n.args[3] if len(n.args) > 3 else None
+    b = {"weights": 0.0, "activations": _nbytes(q) + _nbytes(out) + _nbytes(_val(mask)),
+         "kv_cache": 0.0}
+    b["activations"] += _nbytes(k) + _nbytes(v)
+    return Kernel(n.name, "attention", _dtype(q), flops, b, (bsz, heads, lq, lk, d),
+                  nodes=[n.name])
+
+
 def _sdpa(n: Node) -> list[Kernel]:
     """`aten.scaled_dot_product_attention` left in the graph is costed unfused (QK^T GEMM, softmax
     over the [Lq, Lk] scores in memory, PV GEMM): ONNX export and TVM decompose it; only
