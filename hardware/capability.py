@@ -6,7 +6,8 @@ The rule is never to credit a speedup the target cannot deliver:
 - without it, the math runs at the best float peak the target has, the narrower weights still
   cut bytes, and the dequantization is counted;
 - 2:4 sparse weights earn x2 only for dtypes the spec's `sparse_2_4` lists; elsewhere only bytes;
-- binary weights earn popcount math only with a `popcount` feature (or on an FPGA); elsewhere bytes.
+- binary weights earn popcount math only with a `popcount` feature (or on an FPGA); elsewhere bytes;
+- unstructured sparsity earns nothing above `UNSTRUCTURED_MAX_DENSITY`: the kernel runs dense.
 """
 
 from __future__ import annotations
@@ -18,6 +19,26 @@ from hardware.spec import HardwareSpec
 FLOAT_ORDER = ("fp16", "bf16", "tf32", "fp32")
 # storage bytes relative to dense for 2:4: 2 of 4 values + 2-bit indices (hardware.md note 4)
 SPARSE_24_BYTES = {"fp16": 0.5625, "bf16": 0.5625, "int8": 0.625, "fp8": 0.625, "fp32": 0.53125}
+
+
+# Sparse (CSR-style) kernels beat dense GEMMs only when most weights are zero; above this density
+# the weights stay dense. Assumed from the usual cuSPARSE/MKL crossover of 5-10% density.
+UNSTRUCTURED_MAX_DENSITY = 0.10
+# Sparse kernels reach a fraction of dense GEMM efficiency on the nonzeros (assumed).
+UNSTRUCTURED_EFFICIENCY = 0.25
+
+
+def sparse_scaling(weight_format: str, density: float, dtype: str) -> tuple[float, float, str]:
+    """(FLOP factor, weight-byte factor, note) for a kernel's weight format."""
+    if weight_format == "2:4":
+        return 1.0, SPARSE_24_BYTES.get(dtype, 0.5625), ""
+    if weight_format == "unstructured":
+        if density > UNSTRUCTURED_MAX_DENSITY:
+            return 1.0, 1.0, (f"unstructured density {density:.0%} is above "
+                              f"{UNSTRUCTURED_MAX_DENSITY:.0%}: runs as a dense GEMM, no gain")
+        value = {"fp32": 4, "fp16": 2, "bf16": 2}.get(dtype, 1)  # bytes per value; +4 B index
+        return density / UNSTRUCTURED_EFFICIENCY, density * (value + 4) / value, ""
+    return 1.0, 1.0, ""
 
 
 @dataclass(frozen=True)

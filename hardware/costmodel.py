@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
-from hardware.capability import place
+from hardware.capability import place, sparse_scaling
 from hardware.opcost import Kernel
 from hardware.spec import HardwareSpec
 
@@ -107,6 +107,11 @@ def kernel_time(k: Kernel, spec: HardwareSpec, cal: Calibration,
         eff *= _s(m, cal.d_half) * _s(n, cal.d_half) * _s(kk, cal.d_half)
         eff *= _wave(spec, batch, m, n, kk)
         peak, dtype, note = p.peak_flops, p.peak_dtype, p.note
+        flop_factor, byte_factor, sparse_note = sparse_scaling(k.weight_format, k.density, dtype)
+        if flop_factor != 1.0 or byte_factor != 1.0:
+            k = replace(k, flops=k.flops * flop_factor,
+                        bytes={**k.bytes, "weights": k.bytes.get("weights", 0.0) * byte_factor})
+        note = note or sparse_note
     else:  # pointwise/reduction/gather: vector units at the fp32 (non-tensor) peak
         dtype = "fp32" if "fp32" in spec.peak else next(iter(spec.peak))
         peak, eff, note = spec.peak[dtype].value, cal.gemm_eff.get("*", 0.5), ""

@@ -43,7 +43,8 @@ class Kernel:
     shape: tuple = ()  # gemm: (batch, M, N, K); attention: (B, H, Lq, Lk, D)
     launches: int = 1
     nodes: list[str] = field(default_factory=list)
-    weight_format: str = "dense"  # dense | 2:4 | binary ... (what a capability must support)
+    weight_format: str = "dense"  # dense | 2:4 | unstructured | binary | int4 ...
+    density: float = 1.0  # nonzero fraction of the weights (sparsity passes set it)
     module: str = ""  # the user's module it came from (e.g. model.layers.3.mlp.down_proj)
 
     @property

@@ -184,3 +184,23 @@ def test_unknown_target_and_bad_spec_errors(tmp_path):
     bad.write_text("schema: optim.target/1\nname: x\nkind: gpu\n")
     with pytest.raises(ConfigError, match="bad.yaml"):
         load_spec(bad)
+
+
+def test_sparsity_is_credited_only_where_the_target_has_it():
+    from hardware.opcost import Kernel
+
+    dense = Kernel("fc", "gemm", "fp16", 2.0 * 4096 * 4096 * 4096,
+                   {"weights": 4096 * 4096 * 2.0, "activations": 2 * 4096 * 4096 * 2.0},
+                   (1, 4096, 4096, 4096))
+    two_four = dataclasses.replace(dense, weight_format="2:4", density=0.5)
+    a100, t4 = load_spec("a100"), load_spec("t4")
+    speedup = {s.name: estimate_kernels([dense], s).seconds / estimate_kernels([two_four], s)
+               .seconds for s in (a100, t4)}
+    assert speedup["a100"] > 1.5  # compute-bound GEMM on sparse tensor cores
+    assert speedup["t4"] == pytest.approx(1.0, abs=0.05)  # no sparse math: only bytes
+    half = dataclasses.replace(dense, weight_format="unstructured", density=0.5)
+    assert estimate_kernels([half], a100).seconds == pytest.approx(
+        estimate_kernels([dense], a100).seconds)
+    assert "above" in estimate_kernels([half], a100).notes()[0]
+    very = dataclasses.replace(dense, weight_format="unstructured", density=0.02)
+    assert estimate_kernels([very], a100).seconds < estimate_kernels([dense], a100).seconds
