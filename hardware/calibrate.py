@@ -1,9 +1,9 @@
 """Fit a target's `Calibration` to measured latencies, and score predictions against measurements.
 
 The fit is least squares on log(predicted / measured) over whole-model latencies (each graph's
-kernels from `opcost`), so a 1 ms and a 100 ms model weigh the same. Six parameters: large-GEMM
+kernels from `opcost`), so a 1 ms and a 100 ms model weigh the same. Eight parameters: large-GEMM
 efficiency for float and int8, the GEMM fall-off `d_half`, bandwidth efficiency, its fall-off
-`b_half`, and the per-launch cost. Fitted calibrations are saved as JSON beside the cpu probe
+`b_half`, the per-launch cost, fused attention relative to a GEMM, and the unfused share. Fitted calibrations are saved as JSON beside the cpu probe
 cache, keyed by target and backend, and used by `estimate` when present.
 """
 
@@ -19,13 +19,15 @@ from hardware.costmodel import Calibration, default_calibration, estimate_kernel
 from hardware.opcost import Kernel
 from hardware.spec import HardwareSpec
 
-_PARAMS = ("gemm_float", "gemm_int8", "d_half", "mem_eff", "b_half", "launch_s")
+_PARAMS = ("gemm_float", "gemm_int8", "d_half", "mem_eff", "b_half", "launch_s", "attn_eff",
+           "unfused")
 
 
 def _with(cal: Calibration, x: np.ndarray) -> Calibration:
-    g_f, g_i, d_half, mem, b_half, launch = np.exp(x)
+    g_f, g_i, d_half, mem, b_half, launch, attn, unfused = np.exp(x)
     return replace(cal, gemm_eff={"*": float(g_f), "int8": float(g_i)}, d_half=float(d_half),
-                   mem_eff=float(mem), b_half=float(b_half), launch_s=float(launch))
+                   mem_eff=float(mem), b_half=float(b_half), launch_s=float(launch),
+                   attn_eff=float(attn), unfused=float(unfused))
 
 
 def fit(spec: HardwareSpec, graphs: list[list[Kernel]], measured_s: list[float],
@@ -35,7 +37,7 @@ def fit(spec: HardwareSpec, graphs: list[list[Kernel]], measured_s: list[float],
 
     base = default_calibration(spec)
     x0 = np.log([base.gemm_eff.get("*", 0.5), base.gemm_eff.get("int8", 0.5), max(base.d_half, 1),
-                 base.mem_eff, max(base.b_half, 1e3), base.launch_s])
+                 base.mem_eff, max(base.b_half, 1e3), base.launch_s, 1.0, 0.1])
     y = np.log(measured_s)
 
     def resid(x):
@@ -43,8 +45,8 @@ def fit(spec: HardwareSpec, graphs: list[list[Kernel]], measured_s: list[float],
         return np.log([estimate_kernels(g, spec, cal).seconds for g in graphs]) - y
 
     # bounds keep every parameter physical: efficiencies in (0, 1.2], positive fall-offs
-    lo = np.log([1e-3, 1e-3, 0.5, 1e-2, 1e2, 1e-7])
-    hi = np.log([1.2, 1.2, 4096, 1.5, 1e9, 1e-3])
+    lo = np.log([1e-3, 1e-3, 0.5, 1e-2, 1e2, 1e-7, 0.05, 1e-3])
+    hi = np.log([1.2, 1.2, 4096, 1.5, 1e9, 1e-3, 5.0, 1.0])
     res = least_squares(resid, np.clip(x0, lo + 1e-9, hi - 1e-9), bounds=(lo, hi))
     cal = _with(base, res.x)
     train = score([estimate_kernels(g, spec, cal).seconds for g in graphs], measured_s)

@@ -6,7 +6,9 @@ Per kernel::
     eta_c = gemm_eff * s(M) * s(N) * s(K) * wave(M, N)    s(d) = d / (d + d_half)
     eta_m = mem_eff * B / (B + b_half)
 
-`gemm_eff`, `mem_eff` and `t_launch` start from the spec (sourced large-GEMM and bandwidth
+A fused run of pointwise ops costs one launch per reduction; `unfused` (0 for fusing compilers,
+fitted for ONNX Runtime's CPU executor, which fuses only known patterns) adds a share of a launch
+for each further op. `gemm_eff`, `mem_eff` and `t_launch` start from the spec (sourced large-GEMM and bandwidth
 fractions); `d_half` and `b_half` (how fast small shapes and small transfers fall off) start as
 stated defaults. A `Calibration` fitted on measurements replaces them (`hardware.calibrate`), and
 says so: every estimate names the calibration it used. `wave` is tile quantization over the
@@ -31,6 +33,7 @@ class Calibration:
     b_half: float  # bytes at which a transfer reaches half of that
     launch_s: float  # fixed cost per launch
     attn_eff: float = 1.0  # fused attention relative to a GEMM of the same shape
+    unfused: float = 0.0  # share of a fused run's extra ops the backend still launches alone
     source: str = "spec defaults"
     fit: dict = field(default_factory=dict)  # how it was fitted: configs, error on held-out
 
@@ -118,7 +121,7 @@ def kernel_time(k: Kernel, spec: HardwareSpec, cal: Calibration,
     compute = k.flops / (peak * max(eff, 1e-6)) if k.flops else 0.0
     b = k.total_bytes
     memory = b / (spec.mem_bandwidth.value * cal.mem_eff * _s(b, cal.b_half)) if b else 0.0
-    overhead = k.launches * cal.launch_s
+    overhead = (k.launches + cal.unfused * max(0, len(k.nodes) - k.launches)) * cal.launch_s
     body = max(compute, memory)
     bound = "overhead" if overhead > body else ("compute" if compute >= memory else "memory")
     return KernelEstimate(k, body + overhead, compute, memory, overhead, bound, dtype,
@@ -169,7 +172,7 @@ def estimate_kernels(kernels: list[Kernel], spec: HardwareSpec, cal: Calibration
     cal = cal or default_calibration(spec)
     rows = [kernel_time(k, spec, cal, precision) for k in kernels]
     ideal = replace(cal, gemm_eff={"*": 1.0}, d_half=0.0, mem_eff=1.0, b_half=0.0,
-                    launch_s=0.0, attn_eff=1.0)
+                    launch_s=0.0, attn_eff=1.0, unfused=0.0)
     roof = sum(max(kernel_time(k, spec, ideal, precision).compute_s,
                    k.total_bytes / spec.mem_bandwidth.value) for k in kernels)
     return Estimate(spec.name, sum(r.seconds for r in rows), rows, cal, precision, roof)

@@ -126,6 +126,37 @@ def _phase(kernels: list[Kernel], spec, cal, shape: LLMShape, tokens: int, tp: i
             "notes": est.notes()}
 
 
+def _fpga(shape: LLMShape, spec, batch: int, prompt_len: int, ctx: int, weights: str,
+          kv: str) -> dict:
+    """FPGA targets use the instruction-level model (hardware/fpga.py), same result layout."""
+    from hardware import fpga
+
+    bits = {"weight_bits": WEIGHT_FORMATS[weights][1] * 8, "kv_bits": BYTES[kv] * 8,
+            "act_bits": 8}
+    pre = fpga.estimate_llm(spec, shape, phase="prefill", batch=batch, prompt_len=prompt_len,
+                            **bits)
+    dec = fpga.estimate_llm(spec, shape, phase="decode", batch=batch, prompt_len=prompt_len,
+                            context_len=ctx, **bits)
+    weight_bytes = shape.parameters() * WEIGHT_FORMATS[weights][1]
+    kv_bytes = 2 * shape.layers * batch * ctx * shape.kv_heads * shape.head_dim * BYTES[kv]
+    phase = lambda e: {"seconds": e.seconds, "bound": e.bound, "notes": [],  # noqa: E731
+                       "bytes_by_class": e.hbm_bytes, "instructions": e.instructions,
+                       "tp_comm_s": 0.0, "pp_transfer_s": 0.0, "compute_s": e.seconds}
+    return {
+        "model": shape.name, "parameters": shape.parameters(), "target": spec.name,
+        "status": "estimated", "devices": {"tp": 1, "pp": 1},
+        "by": "optim FPGA instruction-level model (hardware/fpga.py, FlightLLM-style), "
+              "unvalidated on this hardware",
+        "settings": {"batch": batch, "prompt_len": prompt_len, "context_len": ctx,
+                     "weights": weights, "kv": kv, "activations": "int8"},
+        "prefill": {"ttft_s": pre.seconds, **phase(pre)},
+        "decode": {**phase(dec), "tokens_per_s": dec.tokens_per_s},
+        "memory": {"weights_bytes": weight_bytes, "kv_cache_bytes": kv_bytes,
+                   "per_device_bytes": weight_bytes + kv_bytes,
+                   "capacity_bytes": spec.mem_capacity.value, "fits": dec.fits_memory},
+    }
+
+
 def estimate_llm(model: str | LLMShape, target, *, batch: int = 1, prompt_len: int = 512,
                  context_len: int | None = None, weights: str = "fp16", kv: str = "fp16",
                  tp: int = 1, pp: int = 1, backend: str = "torch") -> dict:
@@ -137,7 +168,11 @@ def estimate_llm(model: str | LLMShape, target, *, batch: int = 1, prompt_len: i
     check_parallel(spec, tp, pp)
     if batch < 1 or prompt_len < 1:
         raise ConfigError(f"batch and prompt_len must be >= 1, got {batch}, {prompt_len}")
+    if weights not in WEIGHT_FORMATS:
+        raise ConfigError(f"weights={weights!r}; valid: {', '.join(WEIGHT_FORMATS)}")
     ctx = context_len or prompt_len
+    if spec.kind == "fpga":
+        return _fpga(shape, spec, batch, prompt_len, ctx, weights, kv)
     cal = calibration_for(spec, backend)
     devices = tp * pp
     prefill = _phase(decoder_kernels(shape, batch=batch, seq=prompt_len, weights=weights,

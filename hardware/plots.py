@@ -1,4 +1,5 @@
-"""Plots for reports, as PNG bytes (matplotlib, Agg backend: no display needed).
+"""Plots for reports, as PNG bytes (matplotlib figures drawn on the Agg canvas: no display, and
+pyplot's global backend is left alone).
 
     png = roofline_png(load_spec("a100"), kernel_points(estimate(gm, "a100")), "bert on a100")
     png = stage_bars_png(report["estimates"])
@@ -16,9 +17,8 @@ import math
 from typing import Any
 
 import matplotlib
-
-matplotlib.use("Agg")
-from matplotlib.figure import Figure  # noqa: E402  (after choosing the backend)
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 KIND_STYLE = {  # kernel kind -> (marker, colour)
     "gemm": ("o", "tab:blue"),
@@ -32,6 +32,7 @@ INT_DTYPES = ("int8", "int4", "binary")
 
 def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
+    FigureCanvasAgg(fig)
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     return buf.getvalue()
 
@@ -166,6 +167,7 @@ def stage_bars_png(estimates: list[dict], show_bound: bool = True) -> bytes:
     ax.set_title("estimated latency after each pipeline stage, per target", fontsize=10)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.text(0.01, -0.03, "estimated by the optim cost model; nothing here is measured",
+    fig.text(0.01, -0.03, "bars: estimated by the optim cost model; black ticks: datasheet roofline "
+             "(a lower bound); nothing here is measured",
              fontsize=7, color="dimgray")
     return _png(fig)
