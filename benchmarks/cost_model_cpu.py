@@ -164,6 +164,12 @@ def evaluate(data: dict) -> str:
         f"GFLOP/s, int8 {spec.peak['int8'].value / 1e9:.0f} GOP/s, copy "
         f"{spec.mem_bandwidth.value / 1e9:.1f} GB/s (measured).",
     ]
+    from hardware.calibrate import save
+    from hardware.estimate import calibration_path
+
+    dest = calibration_path(spec, "onnxruntime")
+    save(cal, dest)
+    lines.append(f"Saved the calibration to {dest}; `cpu` estimates on this machine use it.")
     md = "\n".join(lines)
     c.print(md)
     return md

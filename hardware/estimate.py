@@ -91,6 +91,9 @@ def report_section(stages: dict[str, list[Kernel]], target: str | HardwareSpec, 
     return {
         "target": spec.name, "kind": spec.kind, "description": spec.description,
         "provenance": spec.provenance(), "status": "estimated", "by": by_label(final),
+        "validated": (f"calibrated on measurements here: {final.calibration.source}"
+                      if final.calibration.fit else
+                      "not validated: no such device here; spec fractions and assumed fall-off"),
         "precision": final.precision,
         "estimated_ms": final.seconds * 1e3, "bound_ms": final.roofline_s * 1e3,
         "speedup_vs_captured": first.seconds / final.seconds,

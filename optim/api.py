@@ -55,6 +55,21 @@ class OptimizedModel:
                               "run optimize() again to estimate it")
         return report_section(self.stages, target, memory_bytes=self._memory_bytes(), **options)
 
+    def rooflines(self) -> dict[str, bytes]:
+        """A roofline PNG per estimated target with every kernel of the optimized graph on it."""
+        from hardware.estimate import estimate
+        from hardware.plots import kernel_points, roofline_png
+        from hardware.spec import load_spec
+
+        if self.graph is None:
+            return {}
+        out = {}
+        for e in self.report.data.get("estimates", []):
+            t = e["target"]
+            out[t] = roofline_png(load_spec(t), kernel_points(estimate(self.graph, t)),
+                                  f"{self.report['model']['name']} on {t} (estimated)")
+        return out
+
     def _memory_bytes(self) -> float:
         m = self.report["model"]
         return float(m.get("weight_bytes_after", m["weight_bytes"]))

@@ -135,7 +135,7 @@ def compare(reports: list[Path] = typer.Argument(None, help="report JSON files t
                 console.print(f"wrote {json_out}")
             if html:
                 html.parent.mkdir(parents=True, exist_ok=True)
-                html.write_text(render.to_html(om.report.data, rooflines=_rooflines(om, names)))
+                html.write_text(render.to_html(om.report.data, rooflines=om.rooflines()))
                 console.print(f"wrote {html}")
             return
         if not reports or len(reports) < 2:
@@ -145,19 +145,6 @@ def compare(reports: list[Path] = typer.Argument(None, help="report JSON files t
     except OptimError as e:
         _fail(e)
     console.print(render.compare_table(loaded))
-
-
-def _rooflines(om, names: list[str]) -> dict[str, bytes]:
-    from hardware.estimate import estimate
-    from hardware.plots import kernel_points, roofline_png
-    from hardware.spec import load_spec
-
-    out = {}
-    for n in names:
-        est = estimate(om.graph, n)
-        out[n] = roofline_png(load_spec(n), kernel_points(est), f"{om.report['model']['name']} "
-                                                                f"on {n} (estimated)")
-    return out
 
 
 @app.command()

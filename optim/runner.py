@@ -90,8 +90,8 @@ def run_pipeline_file(path: Path, out: Path | None = None, save: Path | None = N
                 om.report.save(dest)
             else:
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                dest.write_text(render.to_html(om.report.data) if kind == "html"
-                                else render.to_markdown(om.report.data))
+                dest.write_text(render.to_html(om.report.data, rooflines=om.rooflines())
+                                if kind == "html" else render.to_markdown(om.report.data))
             console.print(f"wrote {dest}")
         if save is not None:
             om.save(Path(save) / target if len(targets) > 1 else Path(save))

@@ -204,3 +204,11 @@ def test_sparsity_is_credited_only_where_the_target_has_it():
     assert "above" in estimate_kernels([half], a100).notes()[0]
     very = dataclasses.replace(dense, weight_format="unstructured", density=0.02)
     assert estimate_kernels([very], a100).seconds < estimate_kernels([dense], a100).seconds
+
+
+def test_llm_estimates_on_fpga_targets_use_the_instruction_model():
+    r = estimate_llm("llama2-7b", "alveo-u280", prompt_len=128, context_len=512, weights="int4")
+    assert "instruction-level" in r["by"]
+    assert 30 < r["decode"]["tokens_per_s"] < 90  # FlightLLM measured 55 tok/s (sparser q/k)
+    with pytest.raises(ConfigError, match="interconnect"):
+        estimate_llm("llama2-7b", "alveo-u280", tp=2)
