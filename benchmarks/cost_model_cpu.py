@@ -1,7 +1,8 @@
 """Validate the cost model against ONNX Runtime latency measured on this machine's `cpu` target.
 
 6 zoo families x 2 sequence lengths x 2 batch sizes x 3 pipelines (unfused fp32, fused fp32,
-fused int8) = 72 configurations. Phase 1 (`--measure`) optimizes each one, times the three
+fused int8) = 72 configurations, plus 12 decode-like ones (a wide Llama on 1-4 tokens, where the
+weights stream from memory). Phase 1 (`--measure`) optimizes each one, times the three
 pipelines of each model and shape interleaved with ONNX Runtime, and stores the post-pass kernels
 with the median latency in cost_model_cpu.json. Phase 2 (always) fits a calibration on half the model families and reports the error on the other half
 (unseen models), prints the table and writes the markdown for RESULTS.md.
@@ -39,9 +40,13 @@ FAMILIES = {
              "intermediate_size": 1024, "patch_size": 8}, (64, 128)),  # image size -> 64/256 tokens
     "dit": ({"num_layers": 4, "num_attention_heads": 4, "attention_head_dim": 64,
              "patch_size": 2}, (16, 32)),  # latent size -> 64/256 tokens
+    # decode-like: 1-4 new tokens through wide layers, weight-streaming (memory-bound) GEMVs
+    "llama-wide": ({"hidden_size": 1536, "num_hidden_layers": 4, "num_attention_heads": 12,
+                    "num_key_value_heads": 4, "intermediate_size": 4096, "vocab_size": 8000},
+                   (1, 4)),
 }
 BATCHES = (1, 4)
-FIT_FAMILIES = ("bert", "llama", "dit")  # held out: minilm, gpt2, vit (unseen models)
+FIT_FAMILIES = ("bert", "llama", "dit")  # held out: minilm, gpt2, vit, llama-wide (unseen)
 
 
 def _load(family: str, size: int, batch: int):
@@ -52,7 +57,7 @@ def _load(family: str, size: int, batch: int):
         return zoo.load("vit", batch=batch, image_size=size, **overrides)
     if family == "dit":
         return zoo.load("dit", batch=batch, sample_size=size, **overrides)
-    return zoo.load(family, batch=batch, seq=size, **overrides)
+    return zoo.load(family.split("-")[0], batch=batch, seq=size, **overrides)
 
 
 def measure_all(out: Path) -> None:

@@ -25,6 +25,9 @@ from hardware.opcost import Kernel
 from hardware.spec import HardwareSpec
 
 
+GEMV_ROWS = 8
+
+
 @dataclass(frozen=True)
 class Calibration:
     gemm_eff: dict  # dtype -> fraction of peak for large GEMMs ("*" = any other dtype)
@@ -107,7 +110,10 @@ def kernel_time(k: Kernel, spec: HardwareSpec, cal: Calibration,
             b, h, m, n, kk = k.shape
             batch = b * h
             eff *= cal.attn_eff
-        eff *= _s(m, cal.d_half) * _s(n, cal.d_half) * _s(kk, cal.d_half)
+        # skinny GEMMs (a few rows: decode) run GEMV-style kernels that vectorize over N and K
+        # and stream the weights, so their efficiency does not fall with M
+        eff *= (_s(m, cal.d_half) if m > GEMV_ROWS else 1.0) * _s(n, cal.d_half) \
+            * _s(kk, cal.d_half)
         eff *= _wave(spec, batch, m, n, kk)
         peak, dtype, note = p.peak_flops, p.peak_dtype, p.note
         flop_factor, byte_factor, sparse_note = sparse_scaling(k.weight_format, k.density, dtype)
