@@ -118,3 +118,16 @@ def pass_advice(spec: HardwareSpec, passes: list[str], precision: str = "graph")
         if name == "binarize" and "popcount" not in spec.features and spec.kind != "fpga":
             out.append(f"binarize: {spec.name} has no popcount path; only weight bytes shrink.")
     return out
+
+
+def estimate_advice(section: dict) -> list[str]:
+    """From one target's estimate (hardware.estimate.report_section): the passes that make the
+    model slower there, and why (the bound of the final graph)."""
+    out = []
+    for st in section.get("stages", [])[1:]:
+        gain = st.get("gain_vs_previous")
+        if gain is not None and gain < 0.95:
+            out.append(f"{st['after']} makes this model slower on {section['target']}: estimated "
+                       f"{gain:.2f}x; the graph is {section['bound']}-bound there, so the extra "
+                       f"work the pass adds (e.g. quantize/dequantize launches) is not repaid.")
+    return out

@@ -177,8 +177,11 @@ def estimate_kernels(kernels: list[Kernel], spec: HardwareSpec, cal: Calibration
                      precision: str = "graph") -> Estimate:
     cal = cal or default_calibration(spec)
     rows = [kernel_time(k, spec, cal, precision) for k in kernels]
-    ideal = replace(cal, gemm_eff={"*": 1.0}, d_half=0.0, mem_eff=1.0, b_half=0.0,
-                    launch_s=0.0, attn_eff=1.0, unfused=0.0)
-    roof = sum(max(kernel_time(k, spec, ideal, precision).compute_s,
-                   k.total_bytes / spec.mem_bandwidth.value) for k in kernels)
+    # the bound: every peak at 100%, or above where a fit found the backend beats the spec's
+    # (measured) rate, so that it stays a lower bound on any estimate
+    ideal = replace(cal, gemm_eff={d: max(1.0, e) for d, e in cal.gemm_eff.items()},
+                    d_half=0.0, mem_eff=max(1.0, cal.mem_eff), b_half=0.0, launch_s=0.0,
+                    attn_eff=max(1.0, cal.attn_eff), unfused=0.0)
+    roof = sum(max((e := kernel_time(k, spec, ideal, precision)).compute_s, e.memory_s)
+               for k in kernels)
     return Estimate(spec.name, sum(r.seconds for r in rows), rows, cal, precision, roof)

@@ -165,7 +165,7 @@ def optimize(model: torch.nn.Module, target: str = "cpu", example_inputs: Any = 
         **pass_options: per-pass option overrides, e.g. `quantize={"skip": ["classifier"]}`.
     """
     # hardware/ imports optim's errors, so its modules load here, not at optim's import
-    from hardware.capability import pass_advice
+    from hardware.capability import estimate_advice, pass_advice
     from hardware.estimate import DEFAULT_PRECISION, report_section
     from hardware.opcost import graph_kernels
     from hardware.spec import load_spec
@@ -280,7 +280,8 @@ def optimize(model: torch.nn.Module, target: str = "cpu", example_inputs: Any = 
         "speedup": speedup,
         "estimates": estimates,
         "advice": pass_advice(load_spec(target), pipe.names,
-                              DEFAULT_PRECISION[load_spec(target).kind]),
+                              DEFAULT_PRECISION[load_spec(target).kind])
+        + [a for e in estimates for a in estimate_advice(e)],
         "warnings": warnings,
     }).validate()
     if warnings and fidelity_budget and fidelity_budget.get("enforce", True):

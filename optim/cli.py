@@ -127,7 +127,7 @@ def compare(reports: list[Path] = typer.Argument(None, help="report JSON files t
                 om = compare_targets(z.model, z.example_args, names, pipeline,
                                      example_kwargs=z.example_kwargs, name=model,
                                      progress=lambda m: st.update(f"{model}: {m}"))
-            console.print(render.compare_targets_table(om.report.data))
+            console.print(render.compare_targets_table(om.report.data, console.width))
             for advice in om.report.data.get("advice", []):
                 console.print(f"[yellow]advice:[/] {advice}")
             if json_out:

@@ -149,7 +149,7 @@ def target_rows(d: dict) -> list[tuple[str, ...]]:
     if m:
         sp = d.get("speedup", {}).get("optimized_vs_original")
         rows.append((
-            f"here: {m.get('machine', 'this machine')}", "host", "measured",
+            "here (cpu)", "host", "measured",
             _num(m["median_ms"]), "-", "-",
             _num(1e3 / m["median_ms"]) if m.get("median_ms") else "-", "-", "-",
             f"{_num(sp)}x vs original (measured, same run)" if sp else "-", "-"))
@@ -168,6 +168,10 @@ def target_notes(d: dict) -> list[str]:
         bases.setdefault(e.get("energy_basis", "not given"), []).append(e["target"])
     out.append("energy J: " + "; ".join(f"{', '.join(t)}: {b}" for b, t in bases.items()) +
                " ('<=' marks an upper bound).")
+    m = measured_row(d)
+    if m:
+        out.append(f"here (cpu): measured on {m.get('machine', 'this machine')}, "
+                   f"{m.get('runs', '?')} interleaved runs.")
     for e in ests:
         desc = ", ".join(x for x in (e.get("description"), e.get("provenance")) if x)
         desc = f" ({desc})" if desc else ""
@@ -176,16 +180,23 @@ def target_notes(d: dict) -> list[str]:
     return out
 
 
-def compare_targets_table(report: dict) -> Table:
-    """A rich table, one row per estimated target (plus the measured row, when there is one)."""
+COMPACT_COLUMNS = ("target", "status", "latency ms", "bound ms", "bound kind", "memory fit",
+                   "per-pass gains")
+
+
+def compare_targets_table(report: dict, width: int | None = None) -> Table:
+    """A rich table, one row per estimated target (plus the measured row, when there is one).
+    Below 150 columns of terminal it keeps the essential columns only."""
+    cols = TARGET_COLUMNS if (width or 200) >= 150 else COMPACT_COLUMNS
+    keep = [TARGET_COLUMNS.index(c) for c in cols]
     t = Table(title="targets (estimated unless marked measured)", title_justify="left",
               caption=STATUS_LEGEND, caption_justify="left")
-    for c in TARGET_COLUMNS:  # short cells stay whole; long ones wrap at spaces or fold
+    for c in cols:  # short cells stay whole; long ones wrap at spaces or fold
         t.add_column(c, style="bold" if c == "target" else None,
-                     no_wrap=c in ("kind", "status", "bound kind", "throughput/s"),
+                     no_wrap=c in ("kind", "status", "bound kind", "throughput/s", "target"),
                      overflow="fold", min_width=7 if c.endswith(" ms") else None)
     for row in target_rows(report):
-        t.add_row(*row)
+        t.add_row(*(row[i] for i in keep))
     return t
 
 
@@ -205,7 +216,7 @@ def compare_targets_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_rich(d: dict) -> Group:
+def to_rich(d: dict, width: int | None = None) -> Group:
     t = Table(title="optim report", show_header=False, title_justify="left")
     t.add_column(style="bold")
     t.add_column()
@@ -218,7 +229,7 @@ def to_rich(d: dict) -> Group:
         p.add_row(*row)
     parts: list[Any] = [t, p]
     if d.get("estimates"):
-        parts.append(compare_targets_table(d))
+        parts.append(compare_targets_table(d, width))
         parts += [Text(f"  - {n}", style="dim") for n in target_notes(d)[1:]]
     if d.get("advice"):
         parts.append(Text("advice", style="bold"))
@@ -227,7 +238,8 @@ def to_rich(d: dict) -> Group:
 
 
 def print_report(d: dict, console: Console | None = None) -> None:
-    (console or Console()).print(to_rich(d))
+    console = console or Console()
+    console.print(to_rich(d, console.width))
 
 
 def to_markdown(d: dict) -> str:

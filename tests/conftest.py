@@ -4,6 +4,9 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# a private cache: tests never see a calibration fitted on this machine by a benchmark run
+os.environ["OPTIM_CACHE_DIR"] = os.path.join(
+    os.environ.get("PYTEST_OPTIM_CACHE", "/tmp"), f"optim-test-cache-{os.getuid()}")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 from optim import zoo  # noqa: E402

@@ -170,9 +170,10 @@ def test_tables_name_targets_and_statuses(report):
 def test_measured_row_is_labelled(report):
     d = _with_measured(report)
     md = render.compare_targets_markdown(d)
-    row = next(line for line in md.splitlines() if "Test CPU" in line)
+    row = next(line for line in md.splitlines() if "here (cpu)" in line)
     assert "| host | measured | 1.9 |" in row and "1.32x" in row
-    assert "Test CPU" in _rich_text(render.compare_targets_table(d))
+    assert "measured on Test CPU" in md  # the machine is named in the notes
+    assert "here (cpu)" in _rich_text(render.compare_targets_table(d))
     assert "1.9 ms measured" in render.to_markdown(d)
 
 

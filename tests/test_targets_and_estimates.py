@@ -39,7 +39,11 @@ def test_estimated_target_report_labels_every_latency(bert_on_a100):
 
 
 def test_advice_says_when_a_pass_cannot_help(bert_on_a100):
-    assert bert_on_a100.report["advice"] == []  # a100 has int8 tensor cores
+    # a100 has int8 tensor cores: no capability advice; the estimate may still find int8 slower
+    # on this overhead-bound toy model, and then says why
+    advice = bert_on_a100.report["advice"]
+    assert not any(a.startswith("quantize (int8)") for a in advice)
+    assert all("slower on" in a and "-bound" in a for a in advice)
     z = zoo.load("bert", batch=2, seq=32)
     om = optim.optimize(z.model, "v100", z.example_args, "cleanup,fuse_attention,quantize",
                         example_kwargs=z.example_kwargs)
