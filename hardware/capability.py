@@ -108,6 +108,10 @@ def pass_advice(spec: HardwareSpec, passes: list[str], precision: str = "graph")
         elif spec.kind == "gpu" and "int8_tensor_cores" not in spec.features:
             out.append(f"quantize (int8): {spec.name} has no int8 tensor cores; int8 runs on "
                        f"DP4A at {spec.peak['int8'].value / 1e12:.0f} TOP/s.")
+        if spec.kind in ("gpu", "tpu") and not p.note:
+            out.append(f"quantize (int8): the {spec.name} estimate assumes a backend with int8 "
+                       "GEMM kernels (TensorRT, cuBLASLt); optim's torch and onnxruntime "
+                       "backends run optim::linear_int8 with CPU kernels only.")
         elif spec.kind == "cpu" and not {"vnni", "amx", "avx512_vnni"} & spec.features:
             out.append(f"quantize (int8): {spec.name} has no VNNI/AMX; int8 GEMMs use AVX2 "
                        "u8s8 madd at most ~2x fp32 and per-token quantization costs a pass "
