@@ -1,3 +1,3 @@
 """optim's backends. Importing this package registers each one in `optim.registry.BACKENDS`."""
 
-from backends import onnxruntime, pytorch  # noqa: F401
+from backends import onnxruntime, pytorch, tvm  # noqa: F401

@@ -2,8 +2,9 @@
 
 A saved directory holds `manifest.json` (format, backend, input/output pytree specs as JSON),
 `report.json`, and the artifact: `model.onnx` (onnxruntime backend: one self-contained ONNX
-file) or `program.pt2` (torch backend: torch's export archive, graph as JSON and weights as raw
-bytes; its sample-inputs record is emptied before saving).
+file), `program.pt2` (torch backend: torch's export archive, graph as JSON and weights as raw
+bytes; its sample-inputs record is emptied before saving) or `model.so` + `params.safetensors`
+(tvm backend: the compiled library and the weights in call order).
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def save(om, directory: Path) -> Path:
             ep.example_inputs = None
             torch.export.save(ep, tmp / "program.pt2")
             manifest["artifact"] = "program.pt2"
+        elif hasattr(art, "save_to"):  # tvm: compiled library + weights
+            manifest.update(art.save_to(tmp))
         else:
             raise OptimError(f"cannot save an artifact of type {type(art).__name__}")
         om.report.save(tmp / "report.json")
@@ -88,4 +91,9 @@ def load(directory: Path):
 
         gm = torch.export.load(directory / manifest["artifact"]).module()
         return OptimizedModel(TorchArtifact(gm), report, gm)
+    if manifest["backend"] == "tvm":
+        from backends.tvm import TvmArtifact
+
+        art = TvmArtifact.load_from(directory, manifest, in_spec, out_spec)
+        return OptimizedModel(art, report)
     raise OptimError(f"{directory}: unknown backend {manifest['backend']!r}")

@@ -1,0 +1,147 @@
+"""tvm backend: the rewritten graph → torch.export → Relax (optim's ops via `tvm_lowering`) →
+`tvm.compile` for this CPU (LLVM, the host's `-mcpu`), run in a Relax VirtualMachine.
+
+Weights stay Relax parameters (bound at run time, not folded into the code). The artifact's
+`info()` reports the TVM version, the target JSON, the schedule state and compile time.
+Schedules today: TVM's default legalization plus dlight's CPU GEMV/reduction rules ("untuned");
+tuned schedules are issue 4's next step.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import torch
+import torch.fx
+from torch.utils import _pytree as pytree
+
+from optim.errors import BackendError
+from optim.registry import BACKENDS
+
+
+def host_target() -> dict:
+    """This CPU as a TVM target dict (JSON form: target strings changed across TVM versions)."""
+    import tvm
+
+    return {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
+            "num-cores": len(os.sched_getaffinity(0))}
+
+
+class TvmArtifact:
+    def __init__(self, executable, params: list, target: dict, in_spec=None, out_spec=None,
+                 compile_s: float = 0.0, schedule: str = "untuned"):
+        import tvm
+        from tvm import relax
+
+        self.executable, self.target = executable, target
+        self.in_spec, self.out_spec = in_spec, out_spec
+        self.compile_s, self.schedule = compile_s, schedule
+        self.device = tvm.cpu()
+        self.vm = relax.VirtualMachine(executable, self.device)
+        self.params = [tvm.runtime.tensor(np.ascontiguousarray(p), self.device) for p in params]
+
+    def __call__(self, *args, **kwargs):
+        import tvm
+
+        if self.in_spec is not None:
+            from torch.fx._pytree import tree_flatten_spec
+
+            flat = list(tree_flatten_spec((args, kwargs), self.in_spec))
+        else:
+            flat = list(args) + list(kwargs.values())
+        inputs = [tvm.runtime.tensor(t.detach().cpu().contiguous().numpy(), self.device)
+                  for t in flat if isinstance(t, torch.Tensor)]
+        out = self.vm["main"](*inputs, *self.params)
+        leaves = [torch.from_numpy(o.numpy()) for o in _leaves(out)]
+        return pytree.tree_unflatten(leaves, self.out_spec) if self.out_spec else tuple(leaves)
+
+    def save_to(self, directory) -> dict:
+        """Write the compiled library and the weights (safetensors, in call order)."""
+        from safetensors.numpy import save_file
+
+        self.executable.export_library(str(directory / "model.so"))
+        save_file({f"p{i}": p.numpy() for i, p in enumerate(self.params)},
+                  str(directory / "params.safetensors"))
+        return {"artifact": "model.so", "params": "params.safetensors", "target": self.target,
+                "schedule": self.schedule, "compile_seconds": self.compile_s}
+
+    @classmethod
+    def load_from(cls, directory, manifest: dict, in_spec=None, out_spec=None) -> TvmArtifact:
+        import tvm
+        from safetensors.numpy import load_file
+
+        lib = tvm.runtime.load_module(str(directory / manifest["artifact"]))
+        weights = load_file(str(directory / manifest["params"]))
+        params = [weights[f"p{i}"] for i in range(len(weights))]
+        return cls(lib, params, manifest["target"], in_spec, out_spec,
+                   manifest.get("compile_seconds", 0.0), manifest.get("schedule", "untuned"))
+
+    def info(self) -> dict:
+        import tvm
+
+        return {"runtime": f"tvm {tvm.__version__}", "target": self.target,
+                "schedule": self.schedule, "compile_seconds": round(self.compile_s, 2),
+                "threads": self.target.get("num-cores")}
+
+
+def _leaves(out) -> list:
+    import tvm
+
+    if isinstance(out, (tvm.runtime.Tensor,)):
+        return [out]
+    return [x for o in out for x in _leaves(o)]
+
+
+def lower(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> TvmArtifact:
+    try:
+        import tvm
+        from tvm import relax
+        from tvm.relax.frontend.torch import from_exported_program
+        from tvm.s_tir import dlight as dl
+    except ImportError as e:
+        raise BackendError(f"the tvm backend needs apache-tvm ({e}); pip install the project's "
+                           f"dependencies") from e
+    from backends.tvm_lowering import CONVERT_MAP
+
+    t0 = time.perf_counter()
+    info = getattr(gm._graph._codegen, "pytree_info", None)
+    flat, in_spec = pytree.tree_flatten((args, kwargs))
+    tensors = tuple(t for t in flat if isinstance(t, torch.Tensor))
+    try:
+        # TVM's importer takes tensor inputs only: bind the rest (flags like use_cache=False)
+        ep = torch.export.export(_TensorsOnly(gm, flat, in_spec), tensors, strict=False)
+        mod = from_exported_program(ep, keep_params_as_input=True, custom_convert_map=CONVERT_MAP)
+    except Exception as e:
+        raise BackendError(f"lowering to Relax failed: {type(e).__name__}: {str(e)[:400]}") from e
+    mod, params = relax.frontend.detach_params(mod)
+    target = host_target()
+    tgt = tvm.target.Target(target)
+    with tgt:
+        mod = relax.get_pipeline("zero")(mod)
+        mod = dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())(mod)
+    try:
+        ex = tvm.compile(mod, target=tgt)
+    except Exception as e:
+        raise BackendError(f"TVM build failed: {type(e).__name__}: {str(e)[:400]}") from e
+    flat_params = [p.numpy() for p in params.get("main", [])]
+    return TvmArtifact(ex, flat_params, target, info.in_spec if info else None,
+                       info.out_spec if info else None, time.perf_counter() - t0)
+
+
+class _TensorsOnly(torch.nn.Module):
+    """`gm` called with its tensor inputs only; the non-tensor inputs are fixed."""
+
+    def __init__(self, gm: torch.fx.GraphModule, flat: list, spec):
+        super().__init__()
+        self.gm, self.flat, self.spec = gm, flat, spec
+
+    def forward(self, *tensors):
+        it = iter(tensors)
+        flat = [next(it) if isinstance(x, torch.Tensor) else x for x in self.flat]
+        args, kwargs = pytree.tree_unflatten(flat, self.spec)
+        return self.gm(*args, **kwargs)
+
+
+BACKENDS.add("tvm", lower)

@@ -1,0 +1,87 @@
+"""Relax lowerings of optim's custom ops, for TVM's `from_exported_program(custom_convert_map=)`.
+
+- `optim::attention(q, k, v, mask, scale, causal)` ⇒ softmax(q·kᵀ·scale + mask)·v in Relax ops
+  (grouped-query heads repeated, boolean masks turned additive, causal as a lower-triangular
+  mask).
+- `aten.cumsum` of a bool tensor ⇒ cast to the output integer type first (TVM would add bools).
+- `optim::linear_int8(x, w_q, w_scale, bias)` ⇒ per-token symmetric int8 quantization of x,
+  an int8 × int8 → int32 matmul, and the fp32 rescale plus bias. Same integers as the torch
+  kernel (its u8 activations are these int8 values + 128).
+"""
+
+from __future__ import annotations
+
+import torch
+from tvm import relax
+from tvm.relax import op as R
+
+
+def _arg(importer, node, i):
+    a = node.args[i] if i < len(node.args) else None
+    return importer.env[a] if hasattr(a, "op") else a
+
+
+def _meta(node, i):
+    """Shape and dtype of argument i, from the FX node's fake-tensor metadata."""
+    val = node.args[i].meta["val"]
+    return [int(d) for d in val.shape], val.dtype
+
+
+def convert_attention(node, importer) -> relax.Var:
+    bb = importer.block_builder
+    q, k, v, mask = (_arg(importer, node, i) for i in range(4))
+    scale, causal = node.args[4], node.args[5]
+    (qs, _), (ks, _) = _meta(node, 0), _meta(node, 1)
+    heads, kv_heads = qs[1], ks[1]
+    if kv_heads != heads:  # grouped-query attention: each kv head serves heads/kv_heads queries
+        k = bb.emit(R.repeat(k, heads // kv_heads, axis=1))
+        v = bb.emit(R.repeat(v, heads // kv_heads, axis=1))
+    scores = bb.emit(R.matmul(q, R.permute_dims(k, [0, 1, 3, 2])))
+    scores = bb.emit(R.multiply(scores, relax.const(float(scale), "float32")))
+    if mask is not None:
+        if _meta(node, 3)[1] == torch.bool:
+            neg = relax.const(float("-inf"), "float32")
+            mask = bb.emit(R.where(mask, relax.const(0.0, "float32"), neg))
+        scores = bb.emit(R.add(scores, mask))
+    if causal:
+        lq, lk = qs[2], ks[2]
+        ones = R.ones((lq, lk), "float32")
+        keep = bb.emit(R.tril(ones, lk - lq))
+        additive = bb.emit(R.multiply(R.subtract(relax.const(1.0, "float32"), keep),
+                                      relax.const(-1e30, "float32")))
+        scores = bb.emit(R.add(scores, additive))
+    probs = bb.emit(R.nn.softmax(scores, axis=-1))
+    return bb.emit(R.matmul(probs, v))
+
+
+def convert_linear_int8(node, importer) -> relax.Var:
+    bb = importer.block_builder
+    x, w_q, w_scale, bias = (_arg(importer, node, i) for i in range(4))
+    shape = _meta(node, 0)[0]
+    k, n = shape[-1], _meta(node, 1)[0][0]
+    x2 = bb.emit(R.reshape(x, (-1, k)))
+    amax = bb.emit(R.max(R.abs(x2), axis=-1, keepdims=True))
+    s = bb.emit(R.divide(R.maximum(amax, relax.const(1e-8, "float32")),
+                         relax.const(127.0, "float32")))
+    q = bb.emit(R.astype(R.clip(R.round(R.divide(x2, s)), -127, 127), "int8"))
+    acc = bb.emit(R.matmul(q, R.permute_dims(w_q, [1, 0]), out_dtype="int32"))
+    y = bb.emit(R.multiply(R.multiply(R.astype(acc, "float32"), s), w_scale))
+    if bias is not None:
+        y = bb.emit(R.add(y, bias))
+    return bb.emit(R.reshape(y, (*shape[:-1], n)))
+
+
+def convert_cumsum(node, importer) -> relax.Var:
+    """torch sums booleans as int64 (HF builds position ids this way); TVM's cumsum would add in
+    the input's bool type, which LLVM cannot codegen, so cast first."""
+    bb = importer.block_builder
+    x = _arg(importer, node, 0)
+    out = str(node.meta["val"].dtype).replace("torch.", "")
+    if _meta(node, 0)[1] == torch.bool:
+        x = bb.emit(R.astype(x, out))
+    return bb.emit(R.cumsum(x, axis=node.args[1], dtype=out))
+
+
+CONVERT_MAP = {"attention.default": convert_attention,
+               "linear_int8.default": convert_linear_int8,
+               "cumsum.default": convert_cumsum}
