@@ -94,19 +94,16 @@ def _leaves(out) -> list:
     return [x for o in out for x in _leaves(o)]
 
 
-def lower(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> TvmArtifact:
+def to_relax(gm: torch.fx.GraphModule, args: tuple, kwargs: dict):
+    """The graph as a Relax IRModule with its weights detached: (mod, params)."""
     try:
-        import tvm
         from tvm import relax
         from tvm.relax.frontend.torch import from_exported_program
-        from tvm.s_tir import dlight as dl
     except ImportError as e:
         raise BackendError(f"the tvm backend needs apache-tvm ({e}); pip install the project's "
                            f"dependencies") from e
     from backends.tvm_lowering import CONVERT_MAP
 
-    t0 = time.perf_counter()
-    info = getattr(gm._graph._codegen, "pytree_info", None)
     flat, in_spec = pytree.tree_flatten((args, kwargs))
     tensors = tuple(t for t in flat if isinstance(t, torch.Tensor))
     try:
@@ -115,7 +112,17 @@ def lower(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> TvmArtifact:
         mod = from_exported_program(ep, keep_params_as_input=True, custom_convert_map=CONVERT_MAP)
     except Exception as e:
         raise BackendError(f"lowering to Relax failed: {type(e).__name__}: {str(e)[:400]}") from e
-    mod, params = relax.frontend.detach_params(mod)
+    return relax.frontend.detach_params(mod)
+
+
+def lower(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> TvmArtifact:
+    import tvm
+    from tvm import relax
+    from tvm.s_tir import dlight as dl
+
+    t0 = time.perf_counter()
+    info = getattr(gm._graph._codegen, "pytree_info", None)
+    mod, params = to_relax(gm, args, kwargs)
     target = host_target()
     tgt = tvm.target.Target(target)
     with tgt:
@@ -128,6 +135,58 @@ def lower(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> TvmArtifact:
     flat_params = [p.numpy() for p in params.get("main", [])]
     return TvmArtifact(ex, flat_params, target, info.in_spec if info else None,
                        info.out_spec if info else None, time.perf_counter() - t0)
+
+
+def build_cuda(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, arch: str) -> dict:
+    """CUDA code for a GPU target: dlight's GPU rules (matmul, GEMV, reduction, general
+    fallback) schedule every kernel; nvcc compiles them for `arch` when it is installed. The
+    kernels cannot run here (no GPU); the result carries the generated source."""
+    import hashlib
+    import shutil
+
+    import tvm
+    from tvm import relax
+    from tvm.s_tir import dlight as dl
+
+    t0 = time.perf_counter()
+    mod, _ = to_relax(gm, args, kwargs)
+    target = {"kind": "cuda", "arch": arch, "max_threads_per_block": 1024,
+              "max_shared_memory_per_block": 49152, "thread_warp_size": 32}
+    tgt = tvm.target.Target(target, host=host_target())
+    with tgt:
+        mod = relax.get_pipeline("zero")(mod)
+        mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                      dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
+    nvcc = shutil.which("nvcc")
+    original = tvm.get_global_func("tvm_callback_cuda_compile", True)
+    try:
+        if not nvcc:  # no CUDA compiler: keep the generated source, skip the PTX step
+            tvm.register_global_func("tvm_callback_cuda_compile", lambda code, target: code,
+                                     override=True)
+        source = _cuda_source(tvm.compile(mod, target=tgt))
+    except Exception as e:
+        raise BackendError(f"CUDA build for {arch} failed: {type(e).__name__}: "
+                           f"{str(e)[:400]}") from e
+    finally:
+        if not nvcc and original is not None:
+            tvm.register_global_func("tvm_callback_cuda_compile", original, override=True)
+    return {"target": target, "compiled": bool(nvcc), "compiler": nvcc or "none (source only)",
+            "kernels": source.count("__global__"), "source_bytes": len(source),
+            "source_sha256": hashlib.sha256(source.encode()).hexdigest(), "source": source,
+            "ran": False, "compile_seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _cuda_source(ex) -> str:
+    from tvm import relax
+
+    lib = ex.mod if isinstance(ex, relax.VMExecutable) else ex
+    stack = [lib]
+    while stack:
+        m = stack.pop()
+        if "cuda" in str(m.kind):
+            return m.inspect_source()
+        stack += list(m.imports)
+    raise BackendError("the build produced no CUDA module")
 
 
 class _TensorsOnly(torch.nn.Module):

@@ -80,6 +80,7 @@ class HardwareSpec:
     features: frozenset[str] = frozenset()  # e.g. popcount, amx, int8_dot
     interconnect: Interconnect | None = None
     fpga: dict[str, Any] = field(default_factory=dict)
+    cuda_arch: str = ""  # e.g. sm_80: what CUDA code for this target is compiled for
     sources: dict[str, dict] = field(default_factory=dict)
     path: str = ""
 
@@ -224,4 +225,5 @@ def build_spec(raw: dict, path: str = "<dict>") -> HardwareSpec:
         sparse_2_4=tuple(sparse.get("dtypes", ())),
         sparse_2_4_source=sources[sparse["source"]]["ref"] if sparse else "",
         features=frozenset(raw.get("features", ())), interconnect=interconnect, fpga=fpga,
+        cuda_arch=raw.get("cuda_arch", ""),
         sources=sources, path=path)

@@ -44,6 +44,7 @@ class OptimizedModel:
         self.graph = graph
         self.example = example  # the (args, kwargs) it was traced with
         self.stages = stages or {}  # kernels after capture and after each pass (cost model)
+        self.cuda_source: str | None = None  # tvm backend on a GPU target: the generated CUDA
 
     def estimate(self, target: str, **options) -> dict:
         """The cost model's view of this model on `target` (any name `optim targets` lists):
@@ -217,6 +218,12 @@ def optimize(model: torch.nn.Module, target: str = "cpu", example_inputs: Any = 
     t0 = time.perf_counter()
     artifact = lower(gm, args, kwargs)
     lower_s = time.perf_counter() - t0
+    cuda = None
+    if backend_name == "tvm" and load_spec(target).cuda_arch:
+        from backends.tvm import build_cuda
+
+        say(f"generating CUDA code for {target} ({load_spec(target).cuda_arch})")
+        cuda = build_cuda(gm, args, kwargs, load_spec(target).cuda_arch)
 
     with torch.inference_mode():
         outs = [artifact(*a, **k) for a, k in evals]
@@ -269,7 +276,9 @@ def optimize(model: torch.nn.Module, target: str = "cpu", example_inputs: Any = 
         "target": {"name": tgt.name, "kind": tgt.kind, "description": tgt.description,
                    "runs_here": tgt.runs_here, "provenance": tgt.provenance},
         "backend": {"name": backend_name, "lower_seconds": round(lower_s, 3),
-                    **getattr(artifact, "info", lambda: {})()},
+                    **getattr(artifact, "info", lambda: {})(),
+                    **({"cuda": {k: v for k, v in cuda.items() if k != "source"}}
+                       if cuda else {})},
         "pipeline": pipe.to_list(),
         "passes": [{**r.to_dict(), "numerics": s.spec.numerics.describe(),
                     "fidelity": r.details.pop("fidelity", None)}
@@ -286,7 +295,9 @@ def optimize(model: torch.nn.Module, target: str = "cpu", example_inputs: Any = 
     }).validate()
     if warnings and fidelity_budget and fidelity_budget.get("enforce", True):
         raise NumericsError("fidelity budget not met: " + "; ".join(warnings))
-    return OptimizedModel(artifact, report, gm, (args, kwargs), stages)
+    om = OptimizedModel(artifact, report, gm, (args, kwargs), stages)
+    om.cuda_source = cuda["source"] if cuda else None
+    return om
 
 
 def _token_mask(kwargs: dict) -> torch.Tensor | None:

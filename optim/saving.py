@@ -53,6 +53,9 @@ def save(om, directory: Path) -> Path:
             manifest.update(art.save_to(tmp))
         else:
             raise OptimError(f"cannot save an artifact of type {type(art).__name__}")
+        if getattr(om, "cuda_source", None):  # generated for a GPU target, not runnable here
+            (tmp / "kernels.cu").write_text(om.cuda_source)
+            manifest["cuda_source"] = "kernels.cu"
         om.report.save(tmp / "report.json")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         if directory.exists():

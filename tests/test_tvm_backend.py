@@ -46,3 +46,17 @@ def test_tvm_artifact_save_load_round_trip(zoo_model, tmp_path):
     again = optim.load(tmp_path / "saved")
     torch.testing.assert_close(again(*z.example_args), om(*z.example_args))
     assert again.report["backend"]["name"] == "tvm"
+
+
+def test_gpu_target_gets_cuda_code_from_tvm(zoo_model, tmp_path):
+    import shutil
+
+    z = zoo_model("bert")
+    om = optim.optimize(copy.deepcopy(z.model), "a100", z.example_args, "cleanup,fuse_attention",
+                        example_kwargs=z.example_kwargs, backend="tvm")
+    cuda = om.report["backend"]["cuda"]
+    assert cuda["target"]["arch"] == "sm_80" and cuda["ran"] is False
+    assert cuda["kernels"] > 5 and "__global__" in om.cuda_source
+    assert cuda["compiled"] == (shutil.which("nvcc") is not None)
+    om.save(tmp_path / "a100")
+    assert (tmp_path / "a100" / "kernels.cu").read_text() == om.cuda_source
