@@ -1,0 +1,61 @@
+"""TVM custom kernels vs the fp32 matmul of the same shape, timed interleaved in one run.
+
+    python benchmarks/tvm_kernels.py
+
+Rows are transformer-sized linear layers (M tokens x K in -> N out). `binary` is the XNOR/
+popcount kernel on operands already packed (weights are packed once, offline); packing the
+activations is timed separately. `int8` is int8 x int8 -> int32 accumulation.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from backends.tvm_kernels import (_binary_kernel, _int8_kernel, binary_mismatches, int8_matmul,
+                                  pack_signs)
+
+SHAPES = [(1024, 384, 1536), (1024, 1536, 384), (128, 768, 3072), (1024, 768, 768)]
+
+
+def _timed(fns: dict, runs: int = 25) -> dict:
+    for f in fns.values():
+        f()
+    out = {k: [] for k in fns}
+    for _ in range(runs):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            out[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in out.items()}
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    t = Table(title=f"TVM kernels vs fp32 matmul (torch {torch.__version__}, "
+                    f"{torch.get_num_threads()} threads; medians of 25 interleaved runs)")
+    for c in ("M x K -> N", "fp32 torch ms", "binary ms", "binary speedup",
+              "pack activations ms", "int8 TVM ms", "int8 speedup"):
+        t.add_column(c)
+    for m, k, n in SHAPES:
+        x, w = torch.randn(m, k), torch.randn(n, k)
+        (xb, _), (wb, _) = pack_signs(x), pack_signs(w)
+        xq = torch.randint(-127, 128, (m, k), dtype=torch.int8)
+        wq = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+        _binary_kernel(m, n, xb.shape[1]), _int8_kernel(m, n, k)  # compile outside the timing
+        r = _timed({"fp32": lambda: x @ w.T, "binary": lambda: binary_mismatches(xb, wb),
+                    "pack": lambda: pack_signs(x), "int8": lambda: int8_matmul(xq, wq)})
+        t.add_row(f"{m} x {k} -> {n}", f"{r['fp32']:.2f}", f"{r['binary']:.2f}",
+                  f"{r['fp32'] / r['binary']:.1f}x", f"{r['pack']:.2f}", f"{r['int8']:.2f}",
+                  f"{r['fp32'] / r['int8']:.2f}x")
+    Console(width=140).print(t)
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    main()
