@@ -154,7 +154,8 @@ def optimize(model: torch.nn.Module, target: str = "cpu", example_inputs: Any = 
         example_inputs: positional inputs (tuple) or keyword inputs (dict) to trace with.
         pipeline: None (the target's default), a shipped pipeline name, a YAML path, one-line
             text (`cleanup,fuse_attention`), or a list of pass names / {name: options}.
-        backend: "torch" or "onnxruntime"; default from the target.
+        backend: "torch", "onnxruntime" or "tvm"; default from the target. "tvm" on a GPU
+            target also generates CUDA code for it (`.cuda_source`, `report["backend"]["cuda"]`).
         eval_data: batches `(args, kwargs)` to measure fidelity on (default: the example).
         calibration: batches for passes that calibrate (default: eval_data).
         task_fidelity: `fn(original, optimized) -> dict` for a task metric (e.g. embeddings).
