@@ -20,6 +20,10 @@ from torch.utils import _pytree as pytree
 from optim.errors import BackendError
 from optim.registry import BACKENDS
 
+# idle TVM worker threads must not spin: on a 2-core machine they would steal the cores from
+# whatever runs next (the same reason the ORT session disables spinning)
+os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+
 
 def host_target() -> dict:
     """This CPU as a TVM target dict (JSON form: target strings changed across TVM versions)."""

@@ -9,11 +9,17 @@ activations is timed separately. `int8` is int8 x int8 -> int32 accumulation.
 
 from __future__ import annotations
 
+import os
+
+# TVM's worker threads spin after each call by default; in an interleaved run they would steal
+# the cores from the fp32 matmul that runs next and flatter the ratio
+os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+
 import statistics
 import time
 
-import numpy as np
-import torch
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from rich.console import Console
 from rich.table import Table
 
