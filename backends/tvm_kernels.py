@@ -41,25 +41,33 @@ def pack_signs(x: torch.Tensor) -> tuple[np.ndarray, int]:
 def _target():
     import tvm
 
-    return tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
-                              "num-cores": len(os.sched_getaffinity(0)), "mattr": ["+popcnt"]})
+    from backends.tvm import host_target
+
+    return tvm.target.Target({**host_target(), "mattr": ["+popcnt"]})
+
+
+def _contraction(m: int, n: int, k: int, dtype: str, term):
+    """Schedule for `c[i, j] = sum_r term(a[i, r], b[j, r])` (int32) over a [m, k], b [n, k];
+    returns the schedule, its block and the (i, j, r) loops."""
+    from tvm import te
+    from tvm.s_tir import Schedule
+
+    a = te.placeholder((m, k), dtype, name="a")
+    b = te.placeholder((n, k), dtype, name="b")
+    r = te.reduce_axis((0, k), name="r")
+    c = te.compute((m, n), lambda i, j: te.sum(term(a[i, r], b[j, r]), axis=r), name="c")
+    sch = Schedule(te.create_prim_func([a, b, c]))
+    blk = sch.get_sblock("c")
+    return sch, blk, sch.get_loops(blk)
 
 
 @lru_cache(maxsize=64)
 def _binary_kernel(m: int, n: int, words: int):
     import tvm
     import tvm.tirx as tir
-    from tvm import te
-    from tvm.s_tir import Schedule
 
-    a = te.placeholder((m, words), "uint64", name="a")
-    b = te.placeholder((n, words), "uint64", name="b")
-    k = te.reduce_axis((0, words), name="k")
-    c = te.compute((m, n), lambda i, j: te.sum(
-        tir.popcount(a[i, k] ^ b[j, k]).astype("int32"), axis=k), name="c")
-    sch = Schedule(te.create_prim_func([a, b, c]))
-    blk = sch.get_sblock("c")
-    i, j, kk = sch.get_loops(blk)
+    sch, blk, (i, j, kk) = _contraction(
+        m, n, words, "uint64", lambda x, w: tir.popcount(x ^ w).astype("int32"))
     io, ii = sch.split(i, [None, 2])
     jo, ji = sch.split(j, [None, 4])
     sch.reorder(io, jo, kk, ii, ji)
@@ -113,17 +121,9 @@ def binary_matmul(a_bits: np.ndarray, w_bits: np.ndarray, k: int,
 @lru_cache(maxsize=64)
 def _int8_kernel(m: int, n: int, k: int):
     import tvm
-    from tvm import te
-    from tvm.s_tir import Schedule
 
-    a = te.placeholder((m, k), "int8", name="a")
-    b = te.placeholder((n, k), "int8", name="b")
-    r = te.reduce_axis((0, k), name="r")
-    c = te.compute((m, n), lambda i, j: te.sum(
-        a[i, r].astype("int32") * b[j, r].astype("int32"), axis=r), name="c")
-    sch = Schedule(te.create_prim_func([a, b, c]))
-    blk = sch.get_sblock("c")
-    i, j, rr = sch.get_loops(blk)
+    sch, blk, (i, j, rr) = _contraction(
+        m, n, k, "int8", lambda x, w: x.astype("int32") * w.astype("int32"))
     io, ii = sch.split(i, [None, 4])
     jo, ji = sch.split(j, [None, 16])
     ro, ri = sch.split(rr, [None, 4])

@@ -41,13 +41,6 @@ def sparse_scaling(weight_format: str, density: float, dtype: str) -> tuple[floa
     return 1.0, 1.0, ""
 
 
-class _Zero:
-    value = 0.0
-
-
-_ZERO = _Zero()
-
-
 @dataclass(frozen=True)
 class Placement:
     peak_dtype: str  # which peak the math runs at
@@ -74,7 +67,8 @@ def place(spec: HardwareSpec, dtype: str, *, weight_format: str = "dense",
         dtype = precision
     note = ""
     other16 = {"fp16": "bf16", "bf16": "fp16"}.get(dtype)
-    if other16 in spec.peak and spec.peak[other16].value > spec.peak.get(dtype, _ZERO).value:
+    own = spec.peak[dtype].value if dtype in spec.peak else 0.0
+    if other16 in spec.peak and spec.peak[other16].value > own:
         # 16-bit float math is deployed in whichever 16-bit type the target accelerates
         peak_dtype = other16
         note = f"{spec.name} runs 16-bit float math fastest as {other16}"

@@ -1,7 +1,7 @@
 """Estimate a post-pass graph on a target and turn it into report data.
 
     est = estimate(gm, "a100")                 # Estimate: seconds, bound, per-kernel rows
-    section = report_section(stage_kernels, "a100", peak_memory_bytes=...)
+    section = report_section(stage_kernels, "a100", memory_bytes=...)
 
 Every figure says what it is: `estimated` (cost model with a named calibration), `bound` (pure
 datasheet roofline, a lower bound), or `measured` (only ever from optim.measure).
@@ -58,15 +58,6 @@ def by_label(est: Estimate) -> str:
     fitted = f"fitted ({cal.source})" if cal.fit else cal.source
     return f"optim cost model (roofline x efficiency, {est.precision} float math), calibration: " \
            f"{fitted}"
-
-
-def latency_rows(est: Estimate, label: str) -> list[dict]:
-    """Report latency rows: the estimate and the datasheet-roofline lower bound."""
-    return [{"label": label, "status": "estimated", "target": est.target,
-             "median_ms": est.seconds * 1e3, "bound_kind": est.bound, "by": by_label(est)},
-            {"label": f"{label} (roofline bound)", "status": "bound", "target": est.target,
-             "median_ms": est.roofline_s * 1e3,
-             "by": "datasheet peaks and bandwidth at 100%, no overhead: a lower bound"}]
 
 
 def report_section(stages: dict[str, list[Kernel]], target: str | HardwareSpec, *,
