@@ -1,10 +1,12 @@
 """tvm backend: the rewritten graph → torch.export → Relax (optim's ops via `tvm_lowering`) →
 `tvm.compile` for this CPU (LLVM, the host's `-mcpu`), run in a Relax VirtualMachine.
 
-Weights stay Relax parameters (bound at run time, not folded into the code). The artifact's
-`info()` reports the TVM version, the target JSON, the schedule state and compile time.
-Schedules today: TVM's default legalization plus dlight's CPU GEMV/reduction rules ("untuned");
-tuned schedules are issue 4's next step.
+Weights stay Relax parameters (bound at run time, not folded into the code); work that depends
+on weights only (transposes) is lifted into `main_transform_params` and done once at load.
+Kernels are scheduled by our CPU rules (`tvm_schedules`: register-tiled matmuls with fused
+epilogues, vectorized parallel elementwise code) and dlight's GEMV and norm/softmax rules; the
+matmul tiles come from the tuning database (`tvm_tuning`) when it has them. The artifact's
+`info()` reports the TVM version, the target JSON, the tuning state and compile time.
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ from optim.registry import BACKENDS
 # idle TVM worker threads must not spin: on a 2-core machine they would steal the cores from
 # whatever runs next (the same reason the ORT session disables spinning)
 os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+# TVM's pool assumes 2-way hyper-threading and starts cores/2 workers unless told otherwise: on
+# this 2-core machine that is one thread, half the machine
+os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+
+
+LIFTED = "main_transform_params"  # Relax's name for the function LiftTransformParams makes
 
 
 def host_target() -> dict:
@@ -35,16 +43,23 @@ def host_target() -> dict:
 
 class TvmArtifact:
     def __init__(self, executable, params: list, target: dict, in_spec=None, out_spec=None,
-                 compile_s: float = 0.0, schedule: str = "untuned"):
+                 compile_s: float = 0.0, schedule: str = "untuned", tuning: dict | None = None):
         import tvm
         from tvm import relax
 
         self.executable, self.target = executable, target
         self.in_spec, self.out_spec = in_spec, out_spec
-        self.compile_s, self.schedule = compile_s, schedule
+        self.compile_s, self.schedule, self.tuning = compile_s, schedule, tuning or {}
         self.device = tvm.cpu()
         self.vm = relax.VirtualMachine(executable, self.device)
-        self.params = [tvm.runtime.tensor(np.ascontiguousarray(p), self.device) for p in params]
+        self.raw_params = [np.ascontiguousarray(p) for p in params]
+        self.params = [tvm.runtime.tensor(p, self.device) for p in self.raw_params]
+        try:
+            transform = self.vm[LIFTED]
+        except AttributeError:  # nothing was lifted
+            transform = None
+        if transform is not None:  # weight-only work (transposes) lifted out of `main`: run once
+            self.params = list(transform(self.params))
 
     def __call__(self, *args, **kwargs):
         import tvm
@@ -66,10 +81,11 @@ class TvmArtifact:
         from safetensors.numpy import save_file
 
         self.executable.export_library(str(directory / "model.so"))
-        save_file({f"p{i}": p.numpy() for i, p in enumerate(self.params)},
+        save_file({f"p{i}": p for i, p in enumerate(self.raw_params)},
                   str(directory / "params.safetensors"))
         return {"artifact": "model.so", "params": "params.safetensors", "target": self.target,
-                "schedule": self.schedule, "compile_seconds": self.compile_s}
+                "schedule": self.schedule, "tuning": self.tuning,
+                "compile_seconds": self.compile_s}
 
     @classmethod
     def load_from(cls, directory, manifest: dict, in_spec=None, out_spec=None) -> TvmArtifact:
@@ -80,13 +96,15 @@ class TvmArtifact:
         weights = load_file(str(directory / manifest["params"]))
         params = [weights[f"p{i}"] for i in range(len(weights))]
         return cls(lib, params, manifest["target"], in_spec, out_spec,
-                   manifest.get("compile_seconds", 0.0), manifest.get("schedule", "untuned"))
+                   manifest.get("compile_seconds", 0.0), manifest.get("schedule", "untuned"),
+                   manifest.get("tuning"))
 
     def info(self) -> dict:
         import tvm
 
         return {"runtime": f"tvm {tvm.__version__}", "target": self.target,
-                "schedule": self.schedule, "compile_seconds": round(self.compile_s, 2),
+                "schedule": self.schedule, "tuning": self.tuning,
+                "compile_seconds": round(self.compile_s, 2),
                 "threads": self.target.get("num-cores")}
 
 
@@ -119,10 +137,18 @@ def to_relax(gm: torch.fx.GraphModule, args: tuple, kwargs: dict):
     return relax.frontend.detach_params(mod)
 
 
-def lower(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> TvmArtifact:
+def lower(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, *, tune: bool = False,
+          tune_budget_s: float | None = None, fast_math: bool = True,
+          progress=None) -> TvmArtifact:
+    """Compile for this CPU. Matmuls are scheduled by `tvm_schedules` with the tile the tuning
+    database recorded for them (`tune=True` measures the ones it lacks, within
+    `tune_budget_s`); `fast_math` swaps exp/erf/tanh for vectorizable approximations
+    (max error ~1e-6 relative)."""
     import tvm
     from tvm import relax
     from tvm.s_tir import dlight as dl
+
+    from backends import tvm_schedules, tvm_tuning
 
     t0 = time.perf_counter()
     info = getattr(gm._graph._codegen, "pytree_info", None)
@@ -130,15 +156,22 @@ def lower(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> TvmArtifact:
     target = host_target()
     tgt = tvm.target.Target(target)
     with tgt:
+        mod = relax.transform.FastMathTransform()(mod) if fast_math else mod
+        mod = relax.transform.LiftTransformParams()(mod)
         mod = relax.get_pipeline("zero")(mod)
-        mod = dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())(mod)
+        db = tvm_tuning.TuningDB(target)
+        configs, tuning = tvm_tuning.tune(mod, tgt, db, measure=tune, budget_s=tune_budget_s,
+                                          progress=progress)
+        mod = dl.ApplyDefaultSchedule(*tvm_schedules.default_rules(configs))(mod)
+    tuning["unscheduled_kernels"] = tvm_schedules.unscheduled(mod)
     try:
         ex = tvm.compile(mod, target=tgt)
     except Exception as e:
         raise BackendError(f"TVM build failed: {type(e).__name__}: {str(e)[:400]}") from e
     flat_params = [p.numpy() for p in params.get("main", [])]
     return TvmArtifact(ex, flat_params, target, info.in_spec if info else None,
-                       info.out_spec if info else None, time.perf_counter() - t0)
+                       info.out_spec if info else None, time.perf_counter() - t0,
+                       schedule=tuning["state"], tuning=tuning)
 
 
 def build_cuda(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, arch: str) -> dict:

@@ -4,12 +4,17 @@
   (grouped-query heads repeated, boolean masks turned additive, causal as a lower-triangular
   mask).
 - `aten.cumsum` of a bool tensor ⇒ cast to the output integer type first (TVM would add bools).
+- `aten.gelu` ⇒ its erf (or tanh) formula in elementwise Relax ops, so that the fast-math pass
+  can swap in vectorizable erf/tanh and the whole GELU fuses into the matmul before it (TVM's own
+  gelu op legalizes to a scalar libm `erff` call per element).
 - `optim::linear_int8(x, w_q, w_scale, bias)` ⇒ per-token symmetric int8 quantization of x,
   an int8 × int8 → int32 matmul, and the fp32 rescale plus bias. Same integers as the torch
   kernel (its u8 activations are these int8 values + 128).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from tvm import relax
@@ -71,6 +76,23 @@ def convert_linear_int8(node, importer) -> relax.Var:
     return bb.emit(R.reshape(y, (*shape[:-1], n)))
 
 
+def convert_gelu(node, importer) -> relax.Var:
+    bb = importer.block_builder
+    x = _arg(importer, node, 0)
+    dtype = str(node.meta["val"].dtype).replace("torch.", "")
+
+    def c(v):
+        return relax.const(v, dtype)
+
+    if node.kwargs.get("approximate", "none") == "tanh":
+        inner = R.multiply(c(math.sqrt(2.0 / math.pi)),
+                           R.add(x, R.multiply(c(0.044715), R.multiply(x, R.multiply(x, x)))))
+        gate = R.tanh(inner)
+    else:
+        gate = R.erf(R.multiply(x, c(1.0 / math.sqrt(2.0))))
+    return bb.emit(R.multiply(R.multiply(x, c(0.5)), R.add(c(1.0), gate)))
+
+
 def convert_cumsum(node, importer) -> relax.Var:
     """torch sums booleans as int64 (HF builds position ids this way); TVM's cumsum would add in
     the input's bool type, which LLVM cannot codegen, so cast first."""
@@ -84,4 +106,5 @@ def convert_cumsum(node, importer) -> relax.Var:
 
 CONVERT_MAP = {"attention.default": convert_attention,
                "linear_int8.default": convert_linear_int8,
-               "cumsum.default": convert_cumsum}
+               "cumsum.default": convert_cumsum,
+               "gelu.default": convert_gelu}

@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import datetime
+import inspect
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -137,9 +138,21 @@ def resolve_pipeline(pipeline: Any, target_default: str, overrides: dict) -> Pip
     return Pipeline.build(pipeline, overrides)
 
 
+def _backend_options(name: str, lower: Callable, options: dict | None, say) -> dict:
+    """`options` checked against what the backend's lowering accepts (plus our progress)."""
+    params = inspect.signature(lower).parameters
+    accepted = sorted(k for k, p in params.items() if p.kind is p.KEYWORD_ONLY and k != "progress")
+    unknown = sorted(set(options or {}) - set(accepted))
+    if unknown:
+        raise ConfigError(f"backend {name!r} has no option(s) {unknown}; it takes "
+                          f"{accepted or 'no options'}")
+    return {**(options or {}), **({"progress": say} if "progress" in params else {})}
+
+
 def optimize(model: torch.nn.Module, target: str = "cpu", example_inputs: Any = None,
              pipeline: Any = None, *, example_kwargs: dict | None = None,
-             backend: str | None = None, eval_data: list[Batch] | None = None,
+             backend: str | None = None, backend_options: dict | None = None,
+             eval_data: list[Batch] | None = None,
              calibration: list[Batch] | None = None,
              task_fidelity: Callable[[Callable, Callable], dict] | None = None,
              fidelity_budget: dict | None = None, measure_latency: bool | None = None,
@@ -156,6 +169,8 @@ def optimize(model: torch.nn.Module, target: str = "cpu", example_inputs: Any = 
             text (`cleanup,fuse_attention`), or a list of pass names / {name: options}.
         backend: "torch", "onnxruntime" or "tvm"; default from the target. "tvm" on a GPU
             target also generates CUDA code for it (`.cuda_source`, `report["backend"]["cuda"]`).
+        backend_options: options of the backend's lowering, e.g. for "tvm"
+            `{"tune": True, "tune_budget_s": 600}` (measure matmul schedules, cached).
         eval_data: batches `(args, kwargs)` to measure fidelity on (default: the example).
         calibration: batches for passes that calibrate (default: eval_data).
         task_fidelity: `fn(original, optimized) -> dict` for a task metric (e.g. embeddings).
@@ -217,7 +232,8 @@ def optimize(model: torch.nn.Module, target: str = "cpu", example_inputs: Any = 
         results = pipe.run(gm, ctx, after_each=check)
     say(f"lowering to {backend_name}")
     t0 = time.perf_counter()
-    artifact = lower(gm, args, kwargs)
+    artifact = lower(gm, args, kwargs, **_backend_options(backend_name, lower, backend_options,
+                                                         say))
     lower_s = time.perf_counter() - t0
     cuda = None
     if backend_name == "tvm" and load_spec(target).cuda_arch:

@@ -46,6 +46,14 @@ def summary_rows(d: dict) -> list[tuple[str, str]]:
                       f"{d['model']['flops'] / 1e9:.2f} GFLOP per call)"),
             ("target / backend", f"{d['target']['name']} / {d['backend']['name']}"),
             ("pipeline", ", ".join(p["name"] for p in d["passes"]) or "(none)")]
+    be = d["backend"]
+    if "schedule" in be:  # compiled backends: what compiled it, how tuned, how long it took
+        tuning = be.get("tuning") or {}
+        tuned = (f", {tuning['workloads']} matmul workloads: {tuning['from_cache']} from cache, "
+                 f"{tuning['tuned_now']} tuned now in {tuning['seconds']} s"
+                 if tuning.get("workloads") else "")
+        rows.append(("compiled", f"{be.get('runtime', be['name'])}, {be['schedule']}{tuned}; "
+                                 f"compile {be.get('compile_seconds', '-')} s"))
     for label, row in lat.items():
         rows.append((f"latency {label}", _ms(row)))
     if "optimized_vs_original" in d.get("speedup", {}):

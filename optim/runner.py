@@ -74,7 +74,8 @@ def run_pipeline_file(path: Path, out: Path | None = None, save: Path | None = N
         with console.status(f"optimizing {z.name} for {target}") as status:
             om = optimize(z.model, target=target, example_inputs=z.example_args,
                           example_kwargs=z.example_kwargs, pipeline=spec["passes"],
-                          backend=spec.get("backend"), eval_data=eval_data,
+                          backend=spec.get("backend"),
+                          backend_options=spec.get("backend_options"), eval_data=eval_data,
                           task_fidelity=task, fidelity_budget=spec.get("fidelity_budget"),
                           measure_latency=spec.get("measure_latency"), name=z.name,
                           progress=lambda m: status.update(f"{z.name} → {target}: {m}"))

@@ -14,7 +14,8 @@ from conftest import SMALL
 
 
 @pytest.mark.parametrize("name", SMALL)
-def test_zoo_models_match_pytorch_through_tvm(name, zoo_model):
+def test_zoo_models_match_pytorch_through_tvm(name, zoo_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPTIM_CACHE_DIR", str(tmp_path))  # no tuning records from other runs
     z = zoo_model(name)
     om = optim.optimize(copy.deepcopy(z.model), "cpu", z.example_args,
                         "cleanup,fuse_attention", example_kwargs=z.example_kwargs,

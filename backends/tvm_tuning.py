@@ -1,0 +1,186 @@
+"""Measured choice of matmul schedules for the tvm backend, kept in a tuning database.
+
+For every matmul workload of a module (a fused PrimFunc with one matmul block, see
+`tvm_schedules.Matmul`) the tuner builds each candidate register tile from
+`tvm_schedules.candidates`, times them on random inputs here, interleaved round by round (the
+machine is shared: a slow moment hits every candidate alike), and records the fastest.
+
+The database is one JSON file per (TVM version, target) under `$OPTIM_CACHE_DIR/tvm/`, keyed by
+the workload's structural hash. It is rewritten atomically after each workload, so an
+interrupted run keeps what it finished and the next run resumes; a later build with the same
+workloads reads the choices back without measuring. A file that is not valid JSON, has another
+schema or fails its checksum is set aside as `*.corrupt` and rebuilt, never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from backends import tvm_schedules as ts
+
+SCHEMA = "optim.tvm-tuning/1"
+ROUNDS = 7  # timing rounds per candidate; the median is kept
+PRUNE_AFTER, PRUNE_RATIO = 2, 1.5  # after 2 rounds, drop candidates 1.5x slower than the best
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("OPTIM_CACHE_DIR", Path.home() / ".cache" / "optim")) / "tvm"
+
+
+class TuningDB:
+    """The records of one target: workload key → {shape, config, ms, candidates}."""
+
+    def __init__(self, target: dict, directory: Path | None = None):
+        import tvm
+
+        self.header = {"schema": SCHEMA, "tvm": tvm.__version__, "target": target}
+        digest = hashlib.sha256(json.dumps(self.header, sort_keys=True).encode()).hexdigest()
+        self.path = (directory or cache_dir()) / f"tuning-{digest[:16]}.json"
+        self.records: dict[str, dict] = {}
+        self.state = "new"
+        if self.path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        try:
+            data = json.loads(self.path.read_text())
+            records = data["records"]
+            ok = (data.get("schema") == SCHEMA and data.get("header") == self.header
+                  and data.get("checksum") == _checksum(records))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            ok = False
+        if not ok:
+            bad = self.path.with_suffix(".corrupt")
+            self.path.replace(bad)
+            warnings.warn(f"tvm tuning database {self.path} failed its checks (unreadable, other "
+                          f"schema or bad checksum); moved to {bad.name}, tuning again",
+                          stacklevel=3)
+            self.state = "rebuilt (corrupt file set aside)"
+            return
+        self.records, self.state = records, "loaded"
+
+    def get(self, key: str) -> ts.MatmulConfig | None:
+        rec = self.records.get(key)
+        return ts.MatmulConfig(**rec["config"]) if rec else None
+
+    def put(self, key: str, record: dict) -> None:
+        self.records[key] = record
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"schema": SCHEMA, "header": self.header,
+                                   "checksum": _checksum(self.records),
+                                   "records": self.records}, indent=1, sort_keys=True))
+        tmp.replace(self.path)  # atomic: a killed run leaves the old file or the new one
+
+
+def _checksum(records: dict) -> str:
+    return hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()
+
+
+def matmul_workloads(mod) -> dict:
+    """workload key → (PrimFunc, MatmulShape) for every matmul function of `mod`."""
+    from tvm import s_tir, tirx
+
+    found = {}
+    for _, func in mod.functions_items():
+        if isinstance(func, tirx.PrimFunc):
+            hit = ts.find_matmul(s_tir.Schedule(func))
+            if hit is not None:
+                found[ts.workload_key(func)] = (func, hit[2])
+    return found
+
+
+def tune(mod, target, db: TuningDB, measure: bool = True, budget_s: float | None = None,
+         progress: Callable[[str], None] | None = None) -> tuple[dict, dict]:
+    """Choose a config for every matmul workload of `mod`: from `db` when recorded, else (if
+    `measure`) by measuring the candidates while `budget_s` lasts, else the untuned default.
+    The budget is checked between workloads. Returns (workload key → MatmulConfig, summary)."""
+    say = progress or (lambda msg: None)
+    t0 = time.perf_counter()
+    work = matmul_workloads(mod)
+    configs, hits, tuned, skipped = {}, 0, 0, 0
+    for n, (key, (func, shape)) in enumerate(work.items(), 1):
+        cached = db.get(key)
+        if cached is not None:
+            configs[key], hits = cached, hits + 1
+            continue
+        if not measure or (budget_s is not None and time.perf_counter() - t0 > budget_s):
+            skipped += 1
+            continue
+        say(f"tuning matmul {n}/{len(work)}: {shape.key()}")
+        times = measure_candidates(func, shape, target)
+        best = configs[key] = min(times, key=times.get)
+        ms = {c.key(): round(t * 1e3, 4) for c, t in times.items()}
+        db.put(key, {"shape": shape.key(), "config": best.as_dict(), "ms": ms[best.key()],
+                     "default_ms": ms.get(ts.default_config(shape).key()), "candidates": ms})
+        tuned += 1
+    state = ("untuned" if hits + tuned == 0 else "tuned (cache hit)" if hits == len(work)
+             else "partially tuned" if skipped else "tuned")
+    return configs, {"state": state, "workloads": len(work), "from_cache": hits,
+                     "tuned_now": tuned, "left_default": skipped, "database": str(db.path),
+                     "database_state": db.state,
+                     "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def measure_candidates(func, shape: ts.MatmulShape, target) -> dict[ts.MatmulConfig, float]:
+    """Median seconds of each candidate schedule of `func` on random inputs, timed in
+    interleaved rounds; candidates far behind after the first rounds are dropped (their median
+    is over the rounds they ran). The default config is always among them."""
+    import tvm
+    from tvm import s_tir
+
+    configs = ts.candidates(shape)
+    if ts.default_config(shape) not in configs:
+        configs.append(ts.default_config(shape))
+    scheduled = {}
+    for cfg in configs:
+        sch = s_tir.Schedule(func)
+        main, others, _ = ts.find_matmul(sch)
+        try:
+            ts.schedule_matmul(sch, main, others, shape, cfg)
+        except (s_tir.ScheduleError, ts.ScheduleRuleMiss):
+            continue
+        name = f"candidate{len(scheduled)}"
+        scheduled[cfg] = (name, sch.mod["main"].with_attr("global_symbol", name))
+    # one module for all candidates: one LLVM compile instead of one per candidate
+    lib = tvm.compile(tvm.IRModule({n: f for n, f in scheduled.values()}), target=target)
+    built = {cfg: lib[name] for cfg, (name, _) in scheduled.items()}
+    args = _random_args(func)
+    times: dict[ts.MatmulConfig, list[float]] = {k: [] for k in built}
+    for fn in built.values():
+        fn(*args)  # warm-up: first-call page faults and thread-pool start
+    alive = dict(built)
+    for n in range(ROUNDS):
+        for key, fn in alive.items():
+            t = time.perf_counter()
+            fn(*args)
+            times[key].append(time.perf_counter() - t)
+        if n + 1 == PRUNE_AFTER:  # clear losers stop costing time (an LM head: seconds a call)
+            best = min(min(v) for v in times.values())
+            alive = {k: f for k, f in alive.items() if min(times[k]) <= PRUNE_RATIO * best}
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def _random_args(func) -> list:
+    import tvm
+
+    rng = np.random.default_rng(0)
+    args = []
+    for p in func.params:
+        shape, dtype = [int(s) for s in p.shape], str(p.dtype)
+        if dtype == "bool":
+            a = rng.random(shape) > 0.1
+        elif dtype.startswith(("int", "uint")):
+            a = rng.integers(-100 if dtype.startswith("int") else 0, 100, shape).astype(dtype)
+        else:
+            a = rng.standard_normal(shape).astype(dtype)
+        args.append(tvm.runtime.tensor(np.asarray(a), tvm.cpu()))
+    return args
