@@ -129,10 +129,59 @@ class _MetaRecorder(torch.fx.Interpreter):
         return out
 
 
-def refresh_meta(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> None:
-    """Recompute every node's `meta["val"]` (shape, dtype) by running the graph once."""
+def refresh_meta(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, fake: bool = False) -> None:
+    """Recompute every node's `meta["val"]` (shape, dtype) by running the graph once; with
+    `fake`, on fake tensors (shapes only, no arithmetic: for passes that re-shape the graph
+    several times)."""
+    if not fake:
+        with torch.no_grad():
+            _MetaRecorder(gm).run(*flatten_inputs(gm, args, kwargs))
+        return
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
     with torch.no_grad():
-        _MetaRecorder(gm).run(*flatten_inputs(gm, args, kwargs))
+        FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(
+            *flatten_inputs(gm, args, kwargs))
+    for n in gm.graph.nodes:
+        if "val" in n.meta:
+            n.meta["val"] = pytree.tree_map(
+                lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta")
+                if isinstance(t, torch.Tensor) else t, n.meta["val"])
+
+
+def upstream(node: torch.fx.Node) -> set:
+    """Every node `node` reads, directly or not."""
+    seen, todo = set(), [node]
+    while todo:
+        for a in todo.pop().all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                todo.append(a)
+    return seen
+
+
+def depends_on_inputs(node: torch.fx.Node) -> bool:
+    """Whether `node`'s value can change with the graph's inputs (weights are get_attr)."""
+    return node.op == "placeholder" or any(a.op == "placeholder" for a in upstream(node))
+
+
+def evaluate_nodes(gm: torch.fx.GraphModule, nodes: list, args: tuple, kwargs: dict) -> dict:
+    """The values `nodes` take on one run of the graph on (args, kwargs)."""
+    wanted, captured = set(nodes), {}
+    if not wanted:
+        return captured
+
+    class Tap(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n in wanted:
+                captured[n] = out
+            return out
+
+    with torch.no_grad():
+        Tap(gm).run(*flatten_inputs(gm, args, kwargs))
+    return captured
 
 
 def shape(node: torch.fx.Node) -> tuple[int, ...] | None:

@@ -7,6 +7,8 @@ ONNX nodes (`backends/onnx_lowering.py`).
 - `optim::attention(q, k, v, mask, scale, causal)`: softmax(q·kᵀ·scale + mask)·v in one kernel.
   q: [B, H, Lq, D]; k, v: [B, Hkv, Lk, D] with H % Hkv == 0 (grouped-query attention);
   mask: additive float or boolean (True = attend), broadcastable to [B, H, Lq, Lk].
+- `optim::merge_tokens(x, metric, size, r, protect)`: ToMe bipartite soft matching; returns the
+  merged tokens, their sizes and where every input token went (for `optim::unmerge_tokens`).
 """
 
 from __future__ import annotations
@@ -71,3 +73,71 @@ def linear_int8(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) ->
 @linear_int8.register_fake
 def _(x, w_q, w_scale, bias):
     return x.new_empty((*x.shape[:-1], w_q.shape[0]))
+
+
+# ---- optim::merge_tokens / optim::unmerge_tokens (ToMe bipartite soft matching) ----
+#
+# The first `protect` tokens (CLS, registers) are never merged and stay first, in order. The rest
+# alternate between set A (even) and set B (odd); each A token finds its most similar B token
+# (cosine of `metric`), and the r A tokens with the best matches are averaged into their B
+# partners, weighted by how many original tokens each already stands for (`size`). Output order:
+# protected, kept A tokens (original order), B tokens. `dest[b, i]` is the output row of token i.
+
+
+def merged_count(n: int, r: int, protect: int) -> int:
+    """Tokens left after merging r of n (at most half of the unprotected ones can go)."""
+    return n - min(r, (n - protect + 1) // 2)
+
+
+@torch.library.custom_op("optim::merge_tokens", mutates_args=())
+def merge_tokens(x: Tensor, metric: Tensor, size: Tensor | None, r: int,
+                 protect: int) -> tuple[Tensor, Tensor, Tensor]:
+    b, n, c = x.shape
+    if metric.dim() == 4:  # keys [B, H, N, D]: ToMe averages them over heads
+        metric = metric.mean(1)
+    p = protect
+    r = n - merged_count(n, r, p)
+    m = metric[:, p:].float()
+    m = m / m.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    a, bb = m[:, ::2], m[:, 1::2]
+    na, nb = a.shape[1], bb.shape[1]
+    best, partner = (a @ bb.transpose(1, 2)).max(-1)  # [B, na]
+    order = best.argsort(-1, descending=True)
+    src, kept = order[:, :r], order[:, r:].sort(-1).values
+    a_pos = torch.empty(b, na, dtype=torch.long)
+    a_pos.scatter_(1, kept, (p + torch.arange(na - r)).expand(b, -1))
+    a_pos.scatter_(1, src, p + (na - r) + partner.gather(1, src))
+    dest = torch.empty(b, n, dtype=torch.long)
+    dest[:, :p] = torch.arange(p)
+    dest[:, p::2] = a_pos
+    dest[:, p + 1::2] = p + (na - r) + torch.arange(nb)
+    w = torch.ones(b, n, 1, dtype=x.dtype) if size is None else size
+    # only the r merged tokens move through a scatter; kept ones are gathered, B ones reused
+    xa, xb, wa, wb = x[:, p::2], x[:, p + 1::2], w[:, p::2], w[:, p + 1::2]
+    src_w = wa.gather(1, src.unsqueeze(-1))
+    src_x = xa.gather(1, src.unsqueeze(-1).expand(b, r, c)) * src_w
+    dst = partner.gather(1, src).unsqueeze(-1)
+    b_size = wb.scatter_add(1, dst, src_w)
+    b_x = (xb * wb).scatter_add_(1, dst.expand(b, r, c), src_x) / b_size
+    kept_x = xa.gather(1, kept.unsqueeze(-1).expand(b, na - r, c))
+    merged = torch.cat([x[:, :p], kept_x, b_x], 1)
+    new_size = torch.cat([w[:, :p], wa.gather(1, kept.unsqueeze(-1)), b_size], 1)
+    return merged, new_size, dest
+
+
+@merge_tokens.register_fake
+def _(x, metric, size, r, protect):
+    b, n, c = x.shape
+    k = merged_count(n, r, protect)
+    return x.new_empty((b, k, c)), x.new_empty((b, k, 1)), x.new_empty((b, n), dtype=torch.long)
+
+
+@torch.library.custom_op("optim::unmerge_tokens", mutates_args=())
+def unmerge_tokens(x: Tensor, dest: Tensor) -> Tensor:
+    """Every original token takes the value of the merged token it went into."""
+    return x.gather(1, dest.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+@unmerge_tokens.register_fake
+def _(x, dest):
+    return x.new_empty((x.shape[0], dest.shape[1], x.shape[2]))

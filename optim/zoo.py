@@ -137,6 +137,19 @@ def _dit(batch: int, seq: int, seed: int, **o: Any) -> ZooModel:
                     "DiT (diffusers DiTTransformer2DModel) from config, random weights")
 
 
+def _digits_vit(batch: int, seq: int, seed: int, **o: Any) -> ZooModel:
+    """The ViT trained here on scikit-learn digits (real weights); inputs are real test digits."""
+    from optim import digits_vit
+    from optim.data import digits
+
+    if o:
+        raise ValueError("digits_vit has trained weights; its config cannot be overridden")
+    x, _ = digits("test")
+    return ZooModel("digits_vit", "vision", digits_vit.load(), (x[:batch],), {},
+                    digits_vit.CONFIG["num_hidden_layers"],
+                    "ViT trained here on scikit-learn digits (65 tokens, 4 layers), real weights")
+
+
 # name -> builder. Attention form in the torch.export graph (strict=False, torch 2.13,
 # transformers 5.23, diffusers 0.42), one per attention layer:
 _ENTRIES: dict[str, Callable[..., ZooModel]] = {
@@ -145,6 +158,7 @@ _ENTRIES: dict[str, Callable[..., ZooModel]] = {
     "gpt2": _gpt2,  # matmul -> mul(scale) -> add(float causal mask via where) -> softmax -> matmul
     "llama": _llama,  # as gpt2, with k/v heads repeated (unsqueeze -> expand -> reshape) for GQA
     "vit": _vit,  # aten.scaled_dot_product_attention, all-True bool [B,1,S,S] mask
+    "digits_vit": _digits_vit,  # as vit
     "dit": _dit,  # aten.scaled_dot_product_attention, no mask (diffusers AttnProcessor2_0)
 }
 

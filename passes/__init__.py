@@ -1,3 +1,3 @@
 """optim's passes. Importing this package registers each one in `optim.registry.PASSES`."""
 
-from passes import cleanup, fuse_attention, quantize  # noqa: F401
+from passes import cleanup, fuse_attention, merge_tokens, quantize  # noqa: F401

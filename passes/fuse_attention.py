@@ -4,7 +4,8 @@ Finds every attention whatever form it was traced in: an existing
 `aten.scaled_dot_product_attention`, or the explicit chain
 `matmul(q, kᵀ) → [mul|div by a constant] → [add mask] → softmax(-1) → matmul(·, v)`
 (GPT-2 eager, hand-written blocks). The fused op carries heads, head size, scale, mask and
-causality; each backend lowers it to a fused kernel. Requires: cleanup (no eval dropout or no-op
+causality; each backend lowers it to a fused kernel. A mask that lets every query see every key
+whatever the input (ViT passes an all-True one) is dropped, so kernels take their unmasked path. Requires: cleanup (no eval dropout or no-op
 casts between the steps). Numerics: exact, fp32 max abs error <= 1e-4.
 """
 
@@ -15,9 +16,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx
+from torch.utils import _pytree as pytree
 
 import optim.ops  # noqa: F401  (registers torch.ops.optim)
-from optim.ir import get_constant, module_path, shape
+from optim.ir import depends_on_inputs, evaluate_nodes, get_constant, module_path, shape
 from optim.pass_base import Exact, PassContext, register_pass
 
 aten = torch.ops.aten
@@ -68,6 +70,22 @@ def fuse_attention(gm: torch.fx.GraphModule, cfg: FuseAttentionConfig, ctx: Pass
                       "mask": list(shape(mask)) if mask is not None else None,
                       "causal": bool(causal), "form": "sdpa" if n.target in _SDPA else "explicit"})
     ctx.details["attentions"] = found
+    _drop_no_op_masks(gm, ctx)
+
+
+def _drop_no_op_masks(gm: torch.fx.GraphModule, ctx: PassContext) -> None:
+    fused = [n for n in gm.graph.nodes if n.target is torch.ops.optim.attention.default
+             and isinstance(n.args[3], torch.fx.Node) and not depends_on_inputs(n.args[3])]
+    tensors = [*gm.parameters(), *gm.buffers(), *pytree.tree_leaves(ctx.example_inputs)]
+    if not fused or any(isinstance(t, torch.Tensor) and t.is_meta for t in tensors):
+        return  # meta weights (estimate-only graphs) have no values to check
+    gm.recompile()
+    values = evaluate_nodes(gm, [n.args[3] for n in fused], *ctx.example_inputs)
+    for n in fused:
+        m = values[n.args[3]]
+        if bool(m.all()) if m.dtype == torch.bool else bool((m == 0).all()):
+            n.args = (*n.args[:3], None, *n.args[4:])
+            ctx.record("no_op_mask_dropped")
 
 
 def _match_sdpa(n: torch.fx.Node):

@@ -8,10 +8,10 @@ import torch
 from optim import zoo
 from optim.errors import UnknownNameError
 
-ALL = ["bert", "dit", "gpt2", "llama", "minilm", "vit"]
+ALL = ["bert", "digits_vit", "dit", "gpt2", "llama", "minilm", "vit"]
 # Attention form in the exported graph: "sdpa" = aten.scaled_dot_product_attention,
 # "softmax" = explicit matmul -> softmax -> matmul.
-FORM = {"minilm": "sdpa", "bert": "sdpa", "vit": "sdpa", "dit": "sdpa",
+FORM = {"minilm": "sdpa", "bert": "sdpa", "vit": "sdpa", "dit": "sdpa", "digits_vit": "sdpa",
         "gpt2": "softmax", "llama": "softmax"}
 
 
