@@ -150,15 +150,24 @@ def refresh_meta(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, fake: bool
                 if isinstance(t, torch.Tensor) else t, n.meta["val"])
 
 
-def upstream(node: torch.fx.Node) -> set:
-    """Every node `node` reads, directly or not."""
+def _reachable(node: torch.fx.Node, step) -> set:
     seen, todo = set(), [node]
     while todo:
-        for a in todo.pop().all_input_nodes:
-            if a not in seen:
-                seen.add(a)
-                todo.append(a)
+        for other in step(todo.pop()):
+            if other not in seen:
+                seen.add(other)
+                todo.append(other)
     return seen
+
+
+def upstream(node: torch.fx.Node) -> set:
+    """Every node `node` reads, directly or not."""
+    return _reachable(node, lambda n: n.all_input_nodes)
+
+
+def downstream(node: torch.fx.Node) -> set:
+    """Every node that reads `node`, directly or not."""
+    return _reachable(node, lambda n: n.users)
 
 
 def depends_on_inputs(node: torch.fx.Node) -> bool:

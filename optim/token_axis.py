@@ -60,38 +60,29 @@ _MATMUL = {aten.matmul.default, aten.bmm.default, aten.mm.default}
 
 
 def retarget(gm: torch.fx.GraphModule, start: torch.fx.Node, old: int, new: int,
-             stop: frozenset = frozenset(), dim: int = 1) -> list[torch.fx.Node]:
-    """Rewrite shape arguments downstream of `start` for `new` tokens instead of `old` on `dim`.
-
-    Returns the nodes where the axis ended (consumed, or a `stop` node reached). `meta["val"]`
-    is left stale; refresh it afterwards (`optim.ir.refresh_meta`)."""
+             stop: frozenset = frozenset(), dim: int = 1) -> None:
+    """Rewrite shape arguments downstream of `start` for `new` tokens instead of `old` on `dim`,
+    up to `stop` nodes and ops that consume the axis. `meta["val"]` is left stale; refresh it
+    afterwards (`optim.ir.refresh_meta`)."""
     axes: dict[torch.fx.Node, Axis] = {start: Axis(dim, old, new)}
-    ends = []
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for n in list(gm.graph.nodes):
         if order[n] <= order[start] or n.op == "output":
             if n.op == "output" and any(a in axes for a in n.all_input_nodes):
                 raise TokenAxisError("a graph output carries the changed token count")
             continue
-        ins = [a for a in n.all_input_nodes if a in axes]
-        if not ins:
+        if n in stop or not any(a in axes for a in n.all_input_nodes):
             continue
-        if n in stop:
-            ends.append(n)
-            continue
-        ax = _step(gm, n, axes)
-        if ax is None:
-            ends.append(n)
-        else:
+        ax = _step(n, axes)
+        if ax is not None:
             axes[n] = ax
-    return ends
 
 
 def _where(n: torch.fx.Node) -> str:
     return f"{n.target} at {module_path(n) or n.name}"
 
 
-def _step(gm, n: torch.fx.Node, axes: dict) -> Axis | None:
+def _step(n: torch.fx.Node, axes: dict) -> Axis | None:
     t = n.target
     x = n.args[0] if n.args else None
     ax = axes.get(x)
@@ -111,10 +102,7 @@ def _step(gm, n: torch.fx.Node, axes: dict) -> Axis | None:
     if ax is None and t not in _BINARY and t not in _MATMUL and t is not aten.cat.default \
             and t is not aten.addmm.default:
         raise TokenAxisError(f"{_where(n)}: the token axis reaches it through a secondary input")
-    if t in _SAME_SHAPE:
-        if t in (aten.softmax.int, aten._softmax.default, aten.log_softmax.int) \
-                and n.args[1] % len(shape(x)) == ax.dim:
-            return ax  # softmax over tokens (explicit attention scores): shape unchanged
+    if t in _SAME_SHAPE:  # (softmax over tokens too: the shape is unchanged)
         if t is aten.layer_norm.default and ax.dim >= len(shape(x)) - len(n.args[1]):
             raise TokenAxisError(f"{_where(n)}: normalizes over the token axis")
         if t is aten.linear.default and ax.dim == len(shape(x)) - 1:
@@ -142,7 +130,7 @@ def _step(gm, n: torch.fx.Node, axes: dict) -> Axis | None:
     if t is aten.expand.default:
         sizes = list(n.args[1])
         lead = len(sizes) - len(shape(x))
-        if sizes[ax.dim + lead] not in (-1,):
+        if sizes[ax.dim + lead] != -1:
             sizes[ax.dim + lead] = _resize(sizes[ax.dim + lead], ax, n)
         n.args = (x, sizes, *n.args[2:])
         return ax.moved(ax.dim + lead)

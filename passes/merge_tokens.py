@@ -26,7 +26,8 @@ import torch
 import torch.fx
 
 import optim.ops  # noqa: F401  (registers torch.ops.optim)
-from optim.ir import depends_on_inputs, evaluate_nodes, module_path, refresh_meta, shape, upstream
+from optim.ir import (depends_on_inputs, downstream, evaluate_nodes, module_path, refresh_meta,
+                      shape, upstream)
 from optim.ops import merged_count
 from optim.pass_base import Lossy, PassContext, register_pass
 from optim.token_axis import TokenAxisError, retarget
@@ -66,13 +67,13 @@ def merge_tokens(gm: torch.fx.GraphModule, cfg: MergeTokensConfig, ctx: PassCont
     attns = [n for n in gm.graph.nodes if n.target is ATTENTION]
     masks = evaluate_nodes(gm, [n.args[3] for n in attns if n.args[3] is not None],
                            *ctx.example_inputs)
-    for n in attns:
-        reason = _unmergeable_attention(n, masks)
-        if reason:
-            ctx.skip(module_path(n), reason)
-    if not attns or ctx._skips:
-        if not attns:
-            ctx.skip("graph", "no fused attention (run fuse_attention first)")
+    refusals = [(module_path(n), _unmergeable_attention(n, masks)) for n in attns]
+    refusals = [(where, why) for where, why in refusals if why]
+    for where, why in refusals:
+        ctx.skip(where, why)
+    if not attns:
+        ctx.skip("graph", "no fused attention (run fuse_attention first)")
+    if not attns or refusals:
         return
     args, kwargs = ctx.example_inputs
     modes = ["merge", "unmerge"] if cfg.mode == "auto" else [cfg.mode]
@@ -111,14 +112,11 @@ def _unmergeable_attention(n: torch.fx.Node, masks: dict) -> str | None:
         return "causal attention (a decoder): merging would mix future tokens into past ones"
     if shape(q)[-2] != shape(k)[-2]:
         return f"cross-attention ({shape(q)[-2]} queries, {shape(k)[-2]} keys)"
-    if mask is None:
+    if mask is None:  # fuse_attention already dropped masks that let everything through
         return None
     attend = masks[mask]
     attend = attend if attend.dtype == torch.bool else attend == 0
-    if attend.all() and not depends_on_inputs(mask):
-        return None  # every query sees every key, whatever the input: a no-op mask
-    if torch.equal(attend.expand(*attend.shape[:-2], *attend.shape[-2:]).tril(),
-                   attend) and not attend.all():
+    if torch.equal(attend.tril(), attend) and not attend.all():
         return "causal mask (a decoder): merging would mix future tokens into past ones"
     return "masked attention (padding mask): merged tokens would cross the mask"
 
@@ -129,8 +127,6 @@ def _apply(gm, cfg: MergeTokensConfig, mode: str, args, kwargs) -> list[dict]:
     protect = cfg.protect if cfg.protect >= 0 else _leading_constant_tokens(gm)
     blocks, size, sizes = [], None, {}
     attns = [n for n in gm.graph.nodes if n.target is ATTENTION]
-    for attn in attns:  # masks were checked trivial (all-attend, input-independent): drop them
-        attn.args = (*attn.args[:3], None, *attn.args[4:])
     for i, attn in enumerate(attns):
         n_tok = shape(attn.args[0])[-2]
         r = n_tok - merged_count(n_tok, cfg.r_at(i), protect)
@@ -169,20 +165,9 @@ def _leading_constant_tokens(gm) -> int:
     return 0
 
 
-def _downstream(x: torch.fx.Node) -> set:
-    seen, todo = set(), [x]
-    while todo:
-        y = todo.pop()
-        for u in y.users:
-            if u not in seen:
-                seen.add(u)
-                todo.append(u)
-    return seen
-
-
 def _residual_add(attn: torch.fx.Node) -> torch.fx.Node:
     """The add that puts the attention branch back onto the residual stream."""
-    below = _downstream(attn)
+    below = downstream(attn)
     for n in attn.graph.nodes:
         if n in below and n.target is aten.add.Tensor and len(n.args) == 2 and \
                 all(isinstance(a, torch.fx.Node) for a in n.args):
@@ -223,7 +208,7 @@ def _merge_around_attention(gm, attn, r: int, protect: int) -> None:
     q, k, v = attn.args[:3]
     src = _common_source(q, k, v)
     add = _residual_add(attn)
-    below_attn = _downstream(attn)
+    below_attn = downstream(attn)
     branch = next(a for a in add.args if a in below_attn or a is attn)
     n_tok = shape(src)[1]
     with gm.graph.inserting_after(src):
