@@ -46,6 +46,7 @@ class OptimizedModel:
         self.example = example  # the (args, kwargs) it was traced with
         self.stages = stages or {}  # kernels after capture and after each pass (cost model)
         self.cuda_source: str | None = None  # tvm backend on a GPU target: the generated CUDA
+        self._widths: dict = {}  # nested width -> artifact (dynamic_width)
 
     def estimate(self, target: str, **options) -> dict:
         """The cost model's view of this model on `target` (any name `optim targets` lists):
@@ -79,6 +80,55 @@ class OptimizedModel:
     def __call__(self, *args, **kwargs):
         with torch.inference_mode():
             return self.artifact(*args, **kwargs)
+
+    def at_width(self, width) -> Callable:
+        """The model at a nested width (after the `dynamic_width` pass): `width` in (0, 1] for
+        every layer, or a list with one per layer (Mix'n'Match). Built once per width on the
+        same backend and cached; the weights are views of this model's, not copies."""
+        from optim.nested_width import at_width, layer_widths
+
+        plan = self._width_plan()
+        key = tuple(layer_widths(plan, width))
+        if key not in self._widths:
+            args, kwargs = self.example
+            gm = at_width(self.graph, plan, list(key), args, kwargs)
+            self._widths[key] = BACKENDS.get(self.backend)(gm, args, kwargs)
+        artifact = self._widths[key]
+
+        def run(*args, **kwargs):
+            with torch.inference_mode():
+                return artifact(*args, **kwargs)
+
+        return run
+
+    def timestep_widths(self, schedule: list[tuple[float, float]],
+                        timestep: str = "timestep") -> Callable:
+        """A callable that runs each call at the width the diffusion timestep asks for (DyDiT's
+        timestep-wise width): `schedule` is [(t_min, width), ...]; a call whose keyword
+        `timestep` is >= t_min (largest t_min first) runs at that width."""
+        steps = sorted(schedule, key=lambda s: -s[0])
+        if not steps:
+            raise ConfigError("timestep_widths needs at least one (t_min, width) pair")
+        for _, w in steps:
+            self.at_width(w)  # builds (and validates) every width up front
+
+        def run(*args, **kwargs):
+            if timestep not in kwargs:
+                raise ConfigError(f"timestep_widths: the call has no {timestep!r} keyword")
+            t = float(torch.as_tensor(kwargs[timestep]).flatten()[0])
+            width = next((w for t_min, w in steps if t >= t_min), steps[-1][1])
+            return self.at_width(width)(*args, **kwargs)
+
+        return run
+
+    def _width_plan(self) -> dict:
+        if self.graph is None:
+            raise ConfigError("this model has no graph (loaded from disk?); run optimize() again")
+        for p in self.report["passes"]:
+            if p["name"] == "dynamic_width" and p["details"].get("plan"):
+                return p["details"]["plan"]
+        raise ConfigError("at_width needs the dynamic_width pass in the pipeline (it orders "
+                          "heads and neurons so that every width is a prefix)")
 
     @property
     def backend(self) -> str:
@@ -115,6 +165,23 @@ def _as_batch(example_inputs: Any, example_kwargs: dict | None) -> Batch:
     if not isinstance(example_inputs, (tuple, list)):
         raise ConfigError(f"example_inputs must be a tuple or dict, got {type(example_inputs).__name__}")
     return tuple(example_inputs), dict(example_kwargs or {})
+
+
+def _check_shapes(what: str, batches: list, example: Batch) -> None:
+    """The graph is traced with static shapes: every batch must match the example's."""
+    from torch.utils import _pytree as pytree
+
+    def shapes(batch):
+        return [tuple(t.shape) for t in pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)]
+
+    want = shapes(example)
+    for i, b in enumerate(batches):
+        if not (isinstance(b, tuple) and len(b) == 2):
+            raise ConfigError(f"{what}[{i}] must be an (args, kwargs) pair")
+        if shapes(b) != want:
+            raise ConfigError(f"{what}[{i}] has input shapes {shapes(b)}, but the model is traced "
+                              f"with {want}: the graph has static shapes, so every batch must "
+                              f"match the example inputs (same batch size and length)")
 
 
 def resolve_pipeline(pipeline: Any, target_default: str, overrides: dict) -> Pipeline:
@@ -197,6 +264,8 @@ def optimize(model: torch.nn.Module, target: str = "cpu", example_inputs: Any = 
     pipe = resolve_pipeline(pipeline, tgt.default_pipeline, pass_options)
     args, kwargs = _as_batch(example_inputs, example_kwargs)
     evals = list(eval_data) if eval_data else [(args, kwargs)]
+    _check_shapes("eval_data", evals, (args, kwargs))
+    _check_shapes("calibration", list(calibration or []), (args, kwargs))
     was_training = model.training
     model.eval()
     try:

@@ -266,3 +266,48 @@ def module_path(node: torch.fx.Node) -> str:
     path = list(stack.values())[-1][0]
     return path.replace("L['self'].", "").replace("L__self__.", "") or node.name
 
+
+
+
+def trace_function(fn, inputs: list) -> torch.fx.GraphModule:
+    """`fn` traced into aten ops on the shapes of `inputs` (nodes, by `meta["val"]`, or tensors);
+    matmul and friends stay whole (pre-dispatch), so the graph runs on any strides."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fakes = [torch.empty(x.meta["val"].shape, dtype=x.meta["val"].dtype)
+                 if isinstance(x, torch.fx.Node) else torch.empty(x.shape, dtype=x.dtype)
+                 for x in inputs]
+    return make_fx(fn, tracing_mode="fake", pre_dispatch=True)(*fakes)
+
+
+def splice(gm: torch.fx.GraphModule, sub: torch.fx.GraphModule, inputs: list,
+           before: torch.fx.Node, name: str = "inlined") -> torch.fx.Node:
+    """Copy the ops of `sub` (from `trace_function`) into `gm` before `before`, its placeholders
+    bound to `inputs` (nodes of `gm`, or tensors that become buffers of `gm`); returns the node
+    holding its output. New nodes inherit `before`'s module path, so reports attribute them."""
+    env: dict = {}
+    placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+    for p, x in zip(placeholders, inputs):
+        env[p] = x if isinstance(x, torch.fx.Node) else add_constant(gm, f"{name}_const", x, before)
+    stack = before.meta.get("nn_module_stack")
+    out = None
+    for n in sub.graph.nodes:
+        if n.op == "placeholder":
+            continue
+        if n.op == "output":
+            out = env[n.args[0] if not isinstance(n.args[0], (tuple, list)) else n.args[0][0]]
+            continue
+        if n.op == "get_attr":  # a tensor the function created from Python values
+            env[n] = add_constant(gm, f"{name}_const", getattr(sub, n.target), before)
+            continue
+        with gm.graph.inserting_before(before):
+            new = gm.graph.node_copy(n, lambda a: env[a])
+        new.meta = {"val": pytree.tree_map(
+            lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta")
+            if isinstance(t, torch.Tensor) else t, n.meta.get("val"))}
+        if stack:
+            new.meta["nn_module_stack"] = stack
+        env[n] = new
+    return out

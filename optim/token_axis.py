@@ -64,10 +64,17 @@ def retarget(gm: torch.fx.GraphModule, start: torch.fx.Node, old: int, new: int,
     """Rewrite shape arguments downstream of `start` for `new` tokens instead of `old` on `dim`,
     up to `stop` nodes and ops that consume the axis. `meta["val"]` is left stale; refresh it
     afterwards (`optim.ir.refresh_meta`)."""
-    axes: dict[torch.fx.Node, Axis] = {start: Axis(dim, old, new)}
+    retarget_axes(gm, {start: Axis(dim, old, new)}, stop)
+
+
+def retarget_axes(gm: torch.fx.GraphModule, starts: dict, stop: frozenset = frozenset()) -> None:
+    """`retarget` from several nodes at once, each with its `Axis` (e.g. both inputs of a gated
+    MLP's product, or a head axis: `Axis(2, heads, kept, inner=head_dim)` on [B, L, H·D])."""
+    axes: dict[torch.fx.Node, Axis] = dict(starts)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    first = min(order[n] for n in starts)
     for n in list(gm.graph.nodes):
-        if order[n] <= order[start] or n.op == "output":
+        if n in starts or order[n] <= first or n.op == "output":
             if n.op == "output" and any(a in axes for a in n.all_input_nodes):
                 raise TokenAxisError("a graph output carries the changed token count")
             continue
@@ -85,7 +92,7 @@ def _where(n: torch.fx.Node) -> str:
 def _step(n: torch.fx.Node, axes: dict) -> Axis | None:
     t = n.target
     x = n.args[0] if n.args else None
-    ax = axes.get(x)
+    ax = axes.get(x) if isinstance(x, torch.fx.Node) else None
     out_shape = shape(n)
     if t is operator.getitem:
         return ax if ax is not None and shape(n) is not None and \
@@ -156,6 +163,14 @@ def _step(n: torch.fx.Node, axes: dict) -> Axis | None:
         if ax.inner != 1 or step != 1 or end < ax.old:
             raise TokenAxisError(f"{_where(n)}: slices tokens [{start}:{end}:{step}]")
         return Axis(ax.dim, ax.old - start, ax.new - start)
+    if t is aten.cat.default:
+        dim = (n.args[1] if len(n.args) > 1 else 0) % len(out_shape)
+        parts = [axes.get(a) for a in n.args[0]]
+        ax = parts[0]
+        if ax is None or any(p != ax for p in parts) or dim == ax.dim:
+            raise TokenAxisError(f"{_where(n)}: concatenates along, or with tensors without, "
+                                 f"the changed axis")
+        return ax
     if t in (aten.native_layer_norm.default,):
         if ax.dim >= len(shape(x)) - len(n.args[1]):
             raise TokenAxisError(f"{_where(n)}: normalizes over the token axis")

@@ -1,3 +1,4 @@
 """optim's passes. Importing this package registers each one in `optim.registry.PASSES`."""
 
-from passes import cleanup, fuse_attention, merge_tokens, quantize  # noqa: F401
+from passes import (cleanup, dynamic_width, fuse_attention, linearize_attention,  # noqa: F401
+                    merge_tokens, quantize)

@@ -21,6 +21,9 @@ def _pipeline(name: str) -> list[str]:
 # passes that must refuse a model kind, and the words their refusal gives
 REFUSES = {("merge_tokens", m): "causal mask" for m in ("gpt2", "llama")} | \
     {("merge_tokens", "bert"): "padding mask"}
+# options the contract runs with: the zoo's 16-token inputs are below linear attention's
+# break-even, so its cost-model gate is off here (tests/test_linearize_attention.py tests it)
+OPTIONS = {"linearize_attention": {"gate": False, "fit_steps": 40}}
 
 
 @pytest.mark.parametrize("model_name", SMALL)
@@ -36,7 +39,8 @@ def test_numerics_contract(pass_name, model_name, zoo_model):
         return
     om = optim.optimize(z.model, "cpu", z.example_args, example_kwargs=z.example_kwargs,
                         pipeline=_pipeline(pass_name), backend="torch",
-                        measure_latency=False)
+                        measure_latency=False, **{k: v for k, v in OPTIONS.items()
+                                                  if k == pass_name})
     ref = z.model(*z.example_args, **z.example_kwargs)
     fid = numerics.compare(ref, om(*z.example_args, **z.example_kwargs))
     if isinstance(spec.numerics, Exact):

@@ -1,0 +1,122 @@
+"""dynamic_width: latency and fidelity at each nested width, on real weights and real data.
+
+- MiniLM (all-MiniLM-L6-v2) at batch 8 × 128 real sentences: heads and neurons ordered on
+  calibration sentences, then each width's latency (interleaved with full width, one run),
+  its FLOP fraction (cost model's count of the graph), speedup / FLOP reduction, and embedding
+  fidelity on other sentences; plus one Mix'n'Match mix.
+- The digits ViT (trained here): top-1 on the 360 held-out digits at each width.
+
+No width-aware training was done (MatFormer/DynaBERT train for it): the fidelity columns show
+what ordering alone keeps.
+
+Usage: python benchmarks/dynamic_width.py [--out benchmarks/dynamic_width.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import optim
+from optim import digits_vit, zoo
+from optim.data import digits, sentences
+from optim.measure import machine, measure
+from optim.tasks import sentence_batches, sentence_embedding_fidelity
+
+WIDTHS = (1.0, 0.75, 0.5, 0.25)
+MIX = (1.0, 1.0, 0.75, 0.75, 0.5, 0.5)  # Mix'n'Match: early layers wide, late layers narrow
+
+
+def _flops(om, width) -> float:
+    from hardware.opcost import graph_kernels
+    from optim.nested_width import at_width
+
+    plan = om.report.pass_result("dynamic_width")["details"]["plan"]
+    gm = at_width(om.graph, plan, width, *om.example)
+    return sum(k.flops for k in graph_kernels(gm))
+
+
+def minilm(n_sentences: int, budget: float) -> list[dict]:
+    z = zoo.load("minilm", batch=8, seq=128)
+    pool = sentences(n_sentences + 64)
+    calib = sentence_batches(z.tokenizer, pool[n_sentences:], 8, 128)
+    evals = sentence_batches(z.tokenizer, pool[:n_sentences], 8, 128)
+    om = optim.optimize(copy.deepcopy(z.model), "cpu", (), ["cleanup", "fuse_attention",
+                                                             "dynamic_width"],
+                        example_kwargs=evals[0][1], calibration=calib, backend="torch",
+                        measure_latency=False)
+    variants = {w: om.at_width(w) for w in (*WIDTHS, MIX)}
+    kwargs = evals[0][1]
+    stats = measure({str(w): (lambda f=f: f(**kwargs)) for w, f in variants.items()},
+                    min_runs=10, max_runs=60, budget_s=budget)
+    full_ms, full_flops = stats["1.0"]["median_ms"], _flops(om, 1.0)
+    rows = []
+    for w, f in variants.items():
+        fid = sentence_embedding_fidelity(evals)(z.model, f)
+        flop_frac = _flops(om, list(w) if isinstance(w, tuple) else w) / full_flops
+        speedup = full_ms / stats[str(w)]["median_ms"]
+        rows.append({"model": "minilm", "width": list(w) if isinstance(w, tuple) else w,
+                     "median_ms": stats[str(w)]["median_ms"], "speedup": speedup,
+                     "flops_fraction": flop_frac, "speedup_per_flop_reduction":
+                         speedup * flop_frac, **fid})
+    return rows
+
+
+def vit(budget: float) -> list[dict]:
+    z = zoo.load("digits_vit", batch=360)
+    x_train, _ = digits("train")
+    om = optim.optimize(copy.deepcopy(z.model), "cpu", z.example_args,
+                        ["cleanup", "fuse_attention", "dynamic_width"],
+                        calibration=[((x_train[:360],), {})], backend="torch",
+                        measure_latency=False)
+    variants = {w: om.at_width(w) for w in WIDTHS}
+    x = z.example_args[0]
+    stats = measure({str(w): (lambda f=f: f(x)) for w, f in variants.items()},
+                    min_runs=10, max_runs=60, budget_s=budget)
+    full_ms, full_flops = stats["1.0"]["median_ms"], _flops(om, 1.0)
+    rows = []
+    for w, f in variants.items():
+        flop_frac = _flops(om, w) / full_flops
+        speedup = full_ms / stats[str(w)]["median_ms"]
+        rows.append({"model": "digits_vit", "width": w, "median_ms": stats[str(w)]["median_ms"],
+                     "speedup": speedup, "flops_fraction": flop_frac,
+                     "speedup_per_flop_reduction": speedup * flop_frac,
+                     "top1": digits_vit.accuracy(f)})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/dynamic_width.json")
+    ap.add_argument("--sentences", type=int, default=256)
+    ap.add_argument("--budget", type=float, default=20.0)
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(2)
+    rows = minilm(args.sentences, args.budget) + vit(args.budget)
+    t = Table(title=f"dynamic_width: nested widths, one interleaved run per model "
+                    f"({machine()['cpu']}, 2 threads, torch backend)")
+    for c in ("model", "width", "median ms", "speedup", "FLOPs", "speedup × FLOP frac.",
+              "emb. cosine mean / min", "NN agree", "top-1 %"):
+        t.add_column(c)
+    for r in rows:
+        w = r["width"]
+        t.add_row(r["model"], "mix " + "/".join(f"{x:g}" for x in w) if isinstance(w, list)
+                  else f"{w:g}", f"{r['median_ms']:.1f}", f"{r['speedup']:.2f}x",
+                  f"{r['flops_fraction']:.2f}", f"{r['speedup_per_flop_reduction']:.2f}",
+                  f"{r['cosine_mean']:.3f} / {r['cosine_min']:.3f}" if "cosine_mean" in r else "-",
+                  f"{100 * r['neighbour_agreement']:.0f}%" if "neighbour_agreement" in r else "-",
+                  f"{r['top1']:.1f}" if "top1" in r else "-")
+    Console(width=170).print(t)
+    Path(args.out).write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Latency of linear vs fused softmax attention from L = 512 to 16384 tokens, on this CPU.
+
+Two tables, each measured interleaved in one run per length:
+1. one attention (BERT-base shape: 12 heads × 64, batch 1): fused softmax (PyTorch SDPA, the
+   kernel optim::attention runs) against each linear method's ops, as `linearize_attention`
+   splices them in (the same `optim.linear_attention` functions), bidirectional and causal;
+2. a whole encoder (2 BERT-base layers, 768 wide, batch 1) optimized by optim with
+   `fuse_attention` alone and with `linearize_attention` (gate off, so every length is timed;
+   the cost model's estimate for softmax and linear is printed next to the measurement).
+The scaling exponent is the slope of log(latency) over log(L), least squares over all lengths.
+
+Usage: python benchmarks/linearize_attention.py [--lengths 512,1024,...] [--out ...json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+
+import optim
+import optim.linear_attention as la
+from optim import zoo
+from optim.measure import machine, measure
+from passes.linearize_attention import LinearizeAttentionConfig, _features, _initial_params
+
+LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
+METHODS = ("elu", "performer", "flow", "hedgehog")
+HEADS, HEAD_DIM = 12, 64
+
+
+def exponent(lengths, ms) -> float:
+    xs, ys = [math.log(x) for x in lengths], [math.log(y) for y in ms]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def attention_block(lengths, causal: bool, budget_s: float) -> dict:
+    scale = HEAD_DIM ** -0.5
+    out = {}
+    for n in lengths:
+        g = torch.Generator().manual_seed(n)
+        q, k, v = torch.randn(3, 1, HEADS, n, HEAD_DIM, generator=g).unbind(0)
+        fns = {"softmax": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)}
+        for m in METHODS:
+            cfg = LinearizeAttentionConfig(method=m)
+            params = _initial_params(cfg, q.shape, scale)
+            fns[m] = (lambda m=m, p=params: la.attend(m, q, k, v, None, causal, scale, p))
+        stats = measure(fns, warmup=1, min_runs=3, max_runs=20, budget_s=budget_s)
+        out[n] = {name: s["median_ms"] for name, s in stats.items()}
+        print(f"attention {'causal' if causal else 'bidirectional'} L={n}: "
+              + ", ".join(f"{k} {v:.1f} ms" for k, v in out[n].items()), flush=True)
+    return out
+
+
+def encoder(lengths, budget_s: float) -> dict:
+    out = {}
+    for n in lengths:
+        z = zoo.load("bert", batch=1, seq=n, num_hidden_layers=2, hidden_size=768,
+                     num_attention_heads=HEADS, intermediate_size=3072, vocab_size=30522,
+                     max_position_embeddings=n)
+        kwargs = {**z.example_kwargs, "attention_mask": torch.ones(1, n, dtype=torch.long)}
+        variants, estimates = {}, {}
+        base = optim.optimize(copy.deepcopy(z.model), "cpu", (), ["cleanup", "fuse_attention"],
+                              example_kwargs=kwargs, backend="torch", measure_latency=False)
+        variants["softmax"] = base
+        for m in METHODS:
+            om = optim.optimize(copy.deepcopy(z.model), "cpu", (), [
+                "cleanup", "fuse_attention",
+                {"linearize_attention": {"method": m, "gate": False, "fit_steps": 0,
+                                         "fit_batches": 1}}],
+                example_kwargs=kwargs, backend="torch", measure_latency=False)
+            variants[m] = om
+            layers = om.report.pass_result("linearize_attention")["details"]["layers"]
+            estimates[m] = {k: sum(la_["estimated_ms"][k] for la_ in layers)
+                            for k in ("softmax", "linear")}
+        stats = measure({k: (lambda om=om: om(**kwargs)) for k, om in variants.items()},
+                        warmup=1, min_runs=3, max_runs=10, budget_s=budget_s)
+        out[n] = {"measured_ms": {k: s["median_ms"] for k, s in stats.items()},
+                  "estimated_attention_ms": estimates}
+        print(f"encoder L={n}: " + ", ".join(f"{k} {s['median_ms']:.0f} ms"
+                                              for k, s in stats.items()), flush=True)
+    return out
+
+
+def _table(title: str, rows: dict, names, console) -> dict:
+    lengths = sorted(rows)
+    t = Table(title=title)
+    t.add_column("L")
+    for name in names:
+        t.add_column(f"{name} ms")
+        if name != "softmax":
+            t.add_column(f"{name} vs softmax")
+    for n in lengths:
+        cells = [str(n)]
+        for name in names:
+            cells.append(f"{rows[n][name]:.1f}")
+            if name != "softmax":
+                cells.append(f"{rows[n]['softmax'] / rows[n][name]:.2f}x")
+        t.add_row(*cells)
+    slopes = {name: exponent(lengths, [rows[n][name] for n in lengths]) for name in names}
+    t.add_row("exponent", *[c for name in names for c in
+                            ([f"{slopes[name]:.2f}"] + ([""] if name != "softmax" else []))])
+    console.print(t)
+    return slopes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
+    ap.add_argument("--out", default="benchmarks/linearize_attention.json")
+    ap.add_argument("--budget", type=float, default=8.0, help="seconds of timing per length")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(2)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    console = Console(width=200)
+    names = ("softmax", *METHODS)
+    result = {"machine": machine(), "lengths": lengths, "heads": HEADS, "head_dim": HEAD_DIM,
+              "features": {m: _features(LinearizeAttentionConfig(method=m), (1, HEADS, 1, HEAD_DIM))
+                           * (2 if m == "hedgehog" else 1) for m in METHODS}}
+    for causal in (False, True):
+        rows = attention_block(lengths, causal, args.budget)
+        kind = "causal" if causal else "bidirectional"
+        slopes = _table(f"one attention, {kind} ({HEADS}×{HEAD_DIM}, batch 1; "
+                        f"{machine()['cpu']}, 2 threads)", rows, names, console)
+        result[f"attention_{kind}"] = {"ms": rows, "exponent": slopes}
+    enc = encoder(lengths, args.budget)
+    rows = {n: e["measured_ms"] for n, e in enc.items()}
+    slopes = _table("2-layer BERT-base encoder (768 wide), optimized graphs, torch backend",
+                    rows, names, console)
+    est = Table(title="cost model (cpu) for the same encoder's attentions: estimated ms, "
+                      "softmax vs linear (the gate rewrites where linear < softmax)")
+    est.add_column("L")
+    for m in METHODS:
+        est.add_column(f"{m}: softmax / linear est.")
+    for n, e in enc.items():
+        est.add_row(str(n), *[f"{e['estimated_attention_ms'][m]['softmax']:.0f} / "
+                              f"{e['estimated_attention_ms'][m]['linear']:.0f}" for m in METHODS])
+    console.print(est)
+    result["encoder"] = {"runs": enc, "exponent": slopes}
+    Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""Linear-complexity attention: feature maps, the kernelized forms, flow attention, and fitting.
+
+    softmax(q·kᵀ·s)·v  ≈  φ(q)·(φ(k)ᵀ·v) / φ(q)·(φ(k)ᵀ·1)
+
+costs O(L·d′·d) instead of O(L²·d). Everything here is plain torch on [B, H, L, D] tensors, so
+the same functions train the learned maps, check the graph rewrite, and (traced by
+`optim.ir.inline_function`) become the rewritten graph's aten ops.
+
+Feature maps (`feature_map(method, x, params, role)`):
+- `elu`: elu(x) + 1 (Katharopoulos et al. 2020).
+- `performer`: FAVOR+ positive random features exp(w·x − ‖x‖²/2)/√m, orthogonal Gaussian w
+  (Choromanski et al. 2021), on x·s^½ so that φ(q)·φ(k) estimates exp(q·k·s).
+- `hedgehog`: [softmax(x·W + b), softmax(−(x·W + b))] per head, W and b fitted to the layer's
+  softmax attention output on calibration data (`fit_hedgehog`, LoLCATs stage 1).
+`flow` is Flowformer's flow attention (sigmoid map, conservation, competition, allocation).
+
+Forms: bidirectional; causal, computed in chunks (within a chunk a masked L_c×L_c product,
+across chunks a running [d′, d] state: no [L, d′, d] tensor is ever built); and the recurrent
+step a decoder runs instead of appending to a KV cache (`recurrent_step`).
+Padding is handled by zeroing the features (and flow weights) of masked keys.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+METHODS = ("elu", "performer", "flow", "hedgehog")
+EPS = 1e-6
+TINY = 1e-30  # normalizer floor: performer features are tiny by design (a shared shift)
+
+
+# ---- feature maps ----
+
+def performer_projection(head_dim: int, features: int, seed: int) -> Tensor:
+    """[features, head_dim] orthogonal Gaussian rows (blocks of a QR), norms chi-distributed."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = []
+    for _ in range(math.ceil(features / head_dim)):
+        q, _ = torch.linalg.qr(torch.randn(head_dim, head_dim, generator=g))
+        blocks.append(q.T)
+    w = torch.cat(blocks)[:features]
+    norms = torch.randn(features, head_dim, generator=g).norm(dim=1, keepdim=True)
+    return w * norms
+
+
+def feature_map(method: str, x: Tensor, params: dict[str, Tensor], role: str,
+                scale: float) -> Tensor:
+    """φ(x) for queries (`role="q"`) or keys (`"k"`); x: [B, H, L, D] -> [B, H, L, D′]."""
+    if method == "elu":
+        return F.elu(x) + 1.0
+    if method == "flow":
+        return torch.sigmoid(x)
+    if method == "performer":
+        x = x * math.sqrt(scale)
+        w = params["w"]  # [m, D]
+        proj = x @ w.transpose(0, 1)
+        # a per-row (queries) or per-head (keys) shift: it cancels in the normalization and
+        # keeps exp() in range
+        shift = proj.amax(-1, keepdim=True) if role == "q" else \
+            proj.amax(dim=(-2, -1), keepdim=True)
+        sq = (x * x).sum(-1, keepdim=True) * 0.5
+        return torch.exp(proj - sq - shift) / math.sqrt(w.shape[0])
+    if method == "hedgehog":
+        z = x @ params[f"w_{role}"] + params[f"b_{role}"][:, None]  # per head: [H, D, D′]
+        return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], -1)
+    raise ValueError(f"unknown linear attention method {method!r}; valid: {METHODS}")
+
+
+# ---- kernelized attention ----
+
+def linear_attention(fq: Tensor, fk: Tensor, v: Tensor, causal: bool, chunk: int = 64) -> Tensor:
+    """φ(q)·(φ(k)ᵀ·v) / φ(q)·(φ(k)ᵀ·1). Causal: numerator and normalizer in one chunked
+    product (v gets a column of ones); bidirectional: a [d′, d] and a [d′] summary of the keys."""
+    if causal:
+        va = torch.cat([v, torch.ones_like(v[..., :1])], -1)
+        out = causal_product(fq, fk, va, chunk)
+        return out[..., :-1] / out[..., -1:].clamp_min(TINY)
+    num = fq @ (fk.transpose(-2, -1) @ v)
+    den = fq @ fk.sum(-2).unsqueeze(-1)
+    return num / den.clamp_min(TINY)
+
+
+def causal_product(a: Tensor, b: Tensor, v: Tensor, chunk: int) -> Tensor:
+    """out[i] = Σ_{j ≤ i} (a[i]·b[j]) v[j], in chunks of `chunk` positions."""
+    bsz, h, n, _ = a.shape
+    chunk = min(chunk, n)
+    pad = (-n) % chunk
+    if pad:
+        a, b, v = (F.pad(t, (0, 0, 0, pad)) for t in (a, b, v))
+    c = (n + pad) // chunk
+    a, b, v = (t.reshape(bsz, h, c, chunk, t.shape[-1]) for t in (a, b, v))
+    tril = torch.ones(chunk, chunk, dtype=a.dtype, device=a.device).tril()
+    intra = ((a @ b.transpose(-2, -1)) * tril) @ v
+    states = b.transpose(-2, -1) @ v  # [B, H, C, D′, Dv]: one state per chunk
+    before = torch.cumsum(states, 2) - states  # the state entering each chunk
+    out = intra + a @ before
+    return out.reshape(bsz, h, c * chunk, -1)[:, :, :n]
+
+
+def recurrent_step(state: Tensor | None, fq: Tensor, fk: Tensor, v: Tensor
+                   ) -> tuple[Tensor, Tensor]:
+    """One decoding step: fq, fk [B, H, 1, D′], v [B, H, 1, Dv] -> (out, new state).
+
+    The state is [B, H, D′, Dv + 1] whatever the length so far; a KV cache grows by
+    2·H·D values per token."""
+    va = torch.cat([v, torch.ones_like(v[..., :1])], -1)
+    update = fk.transpose(-2, -1) @ va
+    state = update if state is None else state + update
+    out = fq @ state
+    return out[..., :-1] / out[..., -1:].clamp_min(TINY), state
+
+
+# ---- Flowformer flow attention ----
+
+def flow_attention(fq: Tensor, fk: Tensor, v: Tensor, valid: Tensor | None, causal: bool,
+                   chunk: int = 64) -> Tensor:
+    """Flow attention on sigmoid features (flow conservation, competition, allocation).
+
+    Sinks are queries, sources keys. Incoming flow I_i = φq_i·Σ_j φk_j, outgoing
+    O_j = φk_j·Σ_i φq_i; conserved flows Î_i = φq_i·Σ_j φk_j/O_j and Ô_j = φk_j·Σ_i φq_i/I_i;
+    sources compete (softmax of Ô over keys, times their count), sinks are gated by
+    sigmoid(Î·n/m). Causal: sums become prefix sums divided by the number of terms.
+    `valid` [B, 1, Lk, 1] (1 = real key) keeps padded keys out of every sum and the softmax.
+    """
+    n, m = fq.shape[-2], fk.shape[-2]
+    if valid is not None:
+        fk = fk * valid
+    if causal:
+        count = torch.arange(1, n + 1, dtype=fq.dtype, device=fq.device)[:, None]
+        k_sum, q_sum = torch.cumsum(fk, -2) / count, torch.cumsum(fq, -2) / count
+    else:
+        k_sum, q_sum = fk.sum(-2, keepdim=True), fq.sum(-2, keepdim=True)
+    incoming = 1.0 / ((fq + EPS) * (k_sum + EPS)).sum(-1, keepdim=True)  # [B, H, n, 1]
+    outgoing = 1.0 / ((fk + EPS) * (q_sum + EPS)).sum(-1, keepdim=True)  # [B, H, m, 1]
+    if causal:
+        k_flow = torch.cumsum(fk * outgoing, -2) / count
+        q_flow = torch.cumsum(fq * incoming, -2) / count
+    else:
+        k_flow = (fk * outgoing).sum(-2, keepdim=True)
+        q_flow = (fq * incoming).sum(-2, keepdim=True)
+    sink = ((fq + EPS) * (k_flow + EPS)).sum(-1, keepdim=True)  # Î
+    source = ((fk + EPS) * (q_flow + EPS)).sum(-1, keepdim=True).clamp(-1.0, 1.0)  # Ô
+    if causal:
+        e = torch.exp(source)
+        competition = e / torch.cumsum(e, -2) * count
+        allocation = torch.sigmoid(sink)
+    else:
+        if valid is not None:
+            source = source.masked_fill(valid == 0, -1e9)
+            m_eff = valid.sum(-2, keepdim=True)
+        else:
+            m_eff = float(m)
+        competition = torch.softmax(source, -2) * m_eff
+        allocation = torch.sigmoid(sink * (n / m_eff))
+    vc = v * competition
+    if valid is not None:
+        vc = vc * valid
+    if causal:
+        agg = causal_product(fq, fk, vc, chunk) / count
+    else:
+        agg = fq @ (fk.transpose(-2, -1) @ vc)
+    return agg * incoming * allocation
+
+
+# ---- one attention, any method ----
+
+def attend(method: str, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, causal: bool,
+           scale: float, params: dict[str, Tensor], chunk: int = 64) -> Tensor:
+    """Linear attention replacing softmax(q·kᵀ·scale)·v; q [B, H, Lq, D], k/v [B, Hkv, Lk, D]
+    (grouped-query heads are repeated); `valid` [B, 1, Lk, 1] marks real (unpadded) keys."""
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    fq = feature_map(method, q, params, "q", scale)
+    fk = feature_map(method, k, params, "k", scale)
+    if method == "flow":
+        return flow_attention(fq, fk, v, valid, causal, chunk)
+    if valid is not None:
+        fk = fk * valid
+    return linear_attention(fq, fk, v, causal, chunk)
+
+
+def softmax_reference(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, causal: bool,
+                      scale: float) -> Tensor:
+    """The softmax attention the linear forms stand in for (padding as `valid`)."""
+    mask = None
+    if valid is not None:
+        mask = valid.transpose(-2, -1).bool()  # [B, 1, 1, Lk]
+        if causal:
+            mask = mask & torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()
+            causal = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
+# ---- learned feature maps: attention transfer (Hedgehog map, LoLCATs stage 1) ----
+
+def hedgehog_init(heads: int, head_dim: int, features: int, scale: float) -> dict[str, Tensor]:
+    """W = s^½·[I | 0] per head (softmax(x·W) starts as a tempered softmax over x's
+    coordinates), b = 0."""
+    w = torch.zeros(heads, head_dim, features)
+    eye = torch.eye(head_dim, features) * math.sqrt(scale) * math.sqrt(head_dim)
+    w += eye
+    b = torch.zeros(heads, features)
+    return {"w_q": w.clone(), "b_q": b.clone(), "w_k": w.clone(), "b_k": b.clone()}
+
+
+def fit_hedgehog(samples: list[tuple[Tensor, Tensor, Tensor, Tensor | None]], causal: bool,
+                 scale: float, features: int, steps: int, lr: float = 1e-2, seed: int = 0
+                 ) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """Fit one layer's q and k feature maps so that linear attention reproduces the layer's
+    softmax attention output on `samples` [(q, k, v, valid)], by MSE (other weights frozen).
+
+    Returns the parameters and the fit: relative MSE of the attention output before and after
+    (initial map vs fitted map), on the samples."""
+    torch.manual_seed(seed)
+    heads, head_dim = samples[0][0].shape[1], samples[0][0].shape[-1]
+    params = {k: p.requires_grad_(True) for k, p in
+              hedgehog_init(heads, head_dim, features, scale).items()}
+    with torch.no_grad():
+        targets = [softmax_reference(q, k, v, m, causal, scale) for q, k, v, m in samples]
+        energy = sum(float((t * t).mean()) for t in targets) / len(targets)
+
+    def loss_fn() -> Tensor:
+        total = 0.0
+        for (q, k, v, m), t in zip(samples, targets):
+            out = attend("hedgehog", q, k, v, m, causal, scale, params)
+            total = total + F.mse_loss(out, t)
+        return total / len(samples)
+
+    with torch.enable_grad():
+        opt = torch.optim.Adam(params.values(), lr=lr)
+        with torch.no_grad():
+            before = float(loss_fn()) / energy
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = loss_fn()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        after = float(loss_fn()) / energy
+    return ({k: p.detach() for k, p in params.items()},
+            {"relative_mse_initial": before, "relative_mse_fitted": after, "steps": steps})

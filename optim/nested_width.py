@@ -1,0 +1,112 @@
+"""Nested widths of a permuted graph: the graph that runs only the first k heads / neurons.
+
+`dynamic_width` orders every attention's heads and every MLP's hidden neurons by importance
+(most important first) and records, per layer, which projections carry them: the plan. Because
+the order is nested, any width is a prefix: `at_width(gm, plan, 0.5)` returns a graph whose
+projection weights are views of the first half of the rows (or columns) of the full weights (no
+copy), with every reshape constant that carries a head or neuron count rewritten along that axis
+(`optim.token_axis.retarget_axes`): `view(B, L, 12, 64)` becomes `view(B, L, 6, 64)`.
+
+A width is one number for every layer, or one per layer (Mix'n'Match), each in (0, 1].
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.fx
+
+from optim.errors import ConfigError
+from optim.ir import add_constant, get_constant, refresh_meta
+from optim.token_axis import Axis, TokenAxisError, retarget_axes
+
+aten = torch.ops.aten
+
+
+def weight_axis(node: torch.fx.Node, side: str) -> int:
+    """The weight dimension holding a projection's outputs (`side="out"`) or inputs (`"in"`):
+    `linear(x, W[out, in])`, `addmm(b, x, W[in, out])`."""
+    out = 0 if node.target is aten.linear.default else 1
+    return out if side == "out" else 1 - out
+
+
+def weight_and_bias(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node | None]:
+    if node.target is aten.linear.default:
+        return node.args[1], node.args[2] if len(node.args) > 2 else None
+    return node.args[2], node.args[0]  # addmm(bias, x, W)
+
+
+def kept(count: int, width: float, group: int = 1) -> int:
+    """Units kept at `width` (at least one group; whole groups of `group`)."""
+    return max(group, math.ceil(width * count / group) * group)
+
+
+def layer_widths(plan: dict, width) -> list[float]:
+    n = len(plan["layers"])
+    widths = [width] * n if isinstance(width, (int, float)) else list(width)
+    if len(widths) != n or any(not (0 < float(w) <= 1) for w in widths):
+        raise ConfigError(f"width must be a number in (0, 1] or a list of {n} of them (one per "
+                          f"layer, Mix'n'Match), got {width!r}")
+    return [float(w) for w in widths]
+
+
+def at_width(gm: torch.fx.GraphModule, plan: dict, width, args: tuple, kwargs: dict
+             ) -> torch.fx.GraphModule:
+    """A copy of `gm` running `width` of every layer's heads and MLP neurons (nested prefix)."""
+    widths = layer_widths(plan, width)
+    out = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    out.graph._codegen = copy.deepcopy(gm.graph._codegen)
+    nodes = {n.name: n for n in out.graph.nodes}
+    starts, stop, counts = {}, set(), []
+    for layer, w in zip(plan["layers"], widths):
+        row = {}
+        if "heads" in layer:
+            h = layer["heads"]
+            groups = kept(h["kv_heads"], w)
+            row["heads"] = groups * h["heads"] // h["kv_heads"]
+            for role in ("q", "k", "v"):
+                node = nodes[h[role]]
+                units = row["heads"] if role == "q" else groups
+                old = h["heads"] if role == "q" else h["kv_heads"]
+                _narrow(out, node, "out", units * h["head_dim"])
+                starts[node] = Axis(len(node.meta["val"].shape) - 1, old, units, h["head_dim"])
+            attn = nodes[h["attention"]]
+            starts[attn] = Axis(1, h["heads"], row["heads"])
+            o = nodes[h["o"]]
+            _narrow(out, o, "in", row["heads"] * h["head_dim"])
+            stop |= {o, attn}
+        if "mlp" in layer:
+            m = layer["mlp"]
+            row["neurons"] = kept(m["neurons"], w)
+            for name in m["up"]:
+                node = nodes[name]
+                _narrow(out, node, "out", row["neurons"])
+                starts[node] = Axis(len(node.meta["val"].shape) - 1, m["neurons"], row["neurons"])
+            down = nodes[m["down"]]
+            _narrow(out, down, "in", row["neurons"])
+            stop.add(down)
+        counts.append(row)
+    try:
+        retarget_axes(out, starts, frozenset(stop) - set(starts))
+        out.graph.lint()
+        out.recompile()
+        refresh_meta(out, args, kwargs, fake=True)
+    except (TokenAxisError, RuntimeError) as e:
+        raise ConfigError(f"cannot run this graph at width {width}: {e}") from e
+    out.meta["width_counts"] = counts
+    return out
+
+
+def _narrow(gm: torch.fx.GraphModule, proj: torch.fx.Node, side: str, keep: int) -> None:
+    """Point `proj` at a view of the first `keep` outputs (or inputs) of its weight (and bias)."""
+    w_node, b_node = weight_and_bias(proj)
+    axis = weight_axis(proj, side)
+    w = get_constant(gm, w_node).narrow(axis, 0, keep)
+    new_w = add_constant(gm, f"{w_node.target}_w{keep}", w, proj)
+    proj.replace_input_with(w_node, new_w)
+    if side == "out" and b_node is not None:
+        new_b = add_constant(gm, f"{b_node.target}_w{keep}",
+                             get_constant(gm, b_node).narrow(0, 0, keep), proj)
+        proj.replace_input_with(b_node, new_b)

@@ -1,0 +1,133 @@
+"""dynamic_width: importance ordering is exact, every width is a prefix, head counts in views."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import optim
+from optim.ir import get_constant
+from optim.nested_width import weight_and_bias, weight_axis
+
+
+def _nest(z, opts=None, backend="torch"):
+    return optim.optimize(copy.deepcopy(z.model), "cpu", z.example_args,
+                          ["cleanup", "fuse_attention", {"dynamic_width": opts or {}}],
+                          example_kwargs=z.example_kwargs, backend=backend,
+                          measure_latency=False)
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else next(iter(out.values()))
+
+
+@pytest.mark.parametrize("name,heads", [("bert", True), ("vit", True), ("llama", True),
+                                        ("dit", True), ("gpt2", False)])
+def test_ordering_is_a_permutation(name, heads, zoo_model):
+    z = zoo_model(name)
+    om = _nest(z)
+    res = om.report.pass_result("dynamic_width")
+    assert res["details"]["permutation_max_abs_error"] <= 1e-5
+    layers = z.num_attention_layers
+    assert res["counts"]["layers_nested"] == layers
+    assert res["counts"]["mlp_neurons_ordered"] == layers
+    assert res["counts"].get("attention_heads_ordered", 0) == (layers if heads else 0)
+    if not heads:  # GPT-2 projects q, k and v in one matmul
+        assert all("fused q/k/v projection" in s["reason"] for s in res["skipped"])
+    flops = [w["flops_fraction"] for w in res["details"]["widths"]]
+    assert flops == sorted(flops, reverse=True) and flops[0] == 1.0
+
+
+def test_a_width_is_the_full_model_without_the_last_units(zoo_model):
+    # running the first half of the heads and neurons equals the full graph with the other
+    # half's output-projection columns zeroed: slicing changed nothing else
+    z = zoo_model("llama")  # GQA: heads move with their key/value head
+    om = _nest(z)
+    plan = om.report.pass_result("dynamic_width")["details"]["plan"]
+    ref_gm = copy.deepcopy(om.graph)
+    nodes = {n.name: n for n in ref_gm.graph.nodes}
+    for layer in plan["layers"]:
+        h, m = layer["heads"], layer["mlp"]
+        keep_heads = (h["kv_heads"] + 1) // 2 * h["heads"] // h["kv_heads"]
+        for proj, keep in ((nodes[h["o"]], keep_heads * h["head_dim"]),
+                           (nodes[m["down"]], m["neurons"] // 2)):
+            w = get_constant(ref_gm, weight_and_bias(proj)[0])
+            w.data.narrow(weight_axis(proj, "in"), keep, w.shape[weight_axis(proj, "in")] - keep
+                          ).zero_()
+    half = om.at_width(0.5)(*z.example_args, **z.example_kwargs).logits
+    torch.testing.assert_close(half, ref_gm(*z.example_args, **z.example_kwargs).logits,
+                               rtol=1e-4, atol=1e-5)
+    full = om.at_width(1.0)(*z.example_args, **z.example_kwargs).logits
+    torch.testing.assert_close(full, om(*z.example_args, **z.example_kwargs).logits)
+
+
+def test_head_counts_in_reshapes_are_rewritten(zoo_model):
+    from optim.nested_width import at_width
+
+    z = zoo_model("dit")  # diffusers writes the head count into its views: view(B, -1, 2, D)
+    om = _nest(z)
+    plan = om.report.pass_result("dynamic_width")["details"]["plan"]
+    heads, d = plan["layers"][0]["heads"]["heads"], plan["layers"][0]["heads"]["head_dim"]
+    views = lambda g: [list(n.args[1]) for n in g.graph.nodes  # noqa: E731
+                       if n.target in (torch.ops.aten.view.default, torch.ops.aten.reshape.default)]
+    assert any(v[-2:] == [heads, d] for v in views(om.graph))
+    gm = at_width(om.graph, plan, 0.5, z.example_args, z.example_kwargs)
+    assert not any(v[-2:] == [heads, d] for v in views(gm))  # no stale head count
+    assert any(v[-2:] == [heads // 2, d] for v in views(gm))
+    name = plan["layers"][0]["heads"]["q"]
+    q_half = next(n for n in gm.graph.nodes if n.name == name)
+    q_full = next(n for n in om.graph.graph.nodes if n.name == name)
+    half_w, full_w = get_constant(gm, q_half.args[1]), get_constant(om.graph, q_full.args[1])
+    assert half_w.shape[0] * 2 == full_w.shape[0] == heads * d
+    assert half_w.data_ptr() == full_w.data_ptr()  # a view of the first rows, not a copy
+
+
+def test_mix_and_match_and_bad_widths(zoo_model):
+    z = zoo_model("vit")
+    om = _nest(z)
+    out = om.at_width([1.0, 0.25])(*z.example_args)  # per layer
+    assert out.logits.shape == om(*z.example_args).logits.shape
+    with pytest.raises(optim.ConfigError, match="list of 2"):
+        om.at_width([1.0, 0.5, 0.5])
+    with pytest.raises(optim.ConfigError, match=r"\(0, 1\]"):
+        om.at_width(0)
+
+
+def test_at_width_needs_the_pass(zoo_model):
+    z = zoo_model("vit")
+    om = optim.optimize(copy.deepcopy(z.model), "cpu", z.example_args,
+                        ["cleanup", "fuse_attention"], backend="torch", measure_latency=False)
+    with pytest.raises(optim.ConfigError, match="needs the dynamic_width pass"):
+        om.at_width(0.5)
+
+
+def test_timestep_schedule_picks_the_width(zoo_model):
+    z = zoo_model("dit")
+    om = _nest(z)
+    sched = om.timestep_widths([(500, 1.0), (0, 0.5)])  # DyDiT: narrow at low noise
+    kwargs = dict(z.example_kwargs)
+    for t, w in ((900, 1.0), (100, 0.5)):
+        kwargs["timestep"] = torch.full_like(z.example_kwargs["timestep"], t)
+        torch.testing.assert_close(_first(sched(*z.example_args, **kwargs)),
+                                   _first(om.at_width(w)(*z.example_args, **kwargs)))
+    assert not torch.equal(_first(om.at_width(0.5)(*z.example_args, **kwargs)),
+                           _first(om.at_width(1.0)(*z.example_args, **kwargs)))
+
+
+def test_widths_lower_to_onnxruntime(zoo_model):
+    z = zoo_model("bert")
+    ref = _nest(z)
+    om = _nest(z, backend="onnxruntime")
+    a = ref.at_width(0.5)(*z.example_args, **z.example_kwargs).last_hidden_state
+    b = om.at_width(0.5)(*z.example_args, **z.example_kwargs).last_hidden_state
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_options_are_named(zoo_model):
+    z = zoo_model("vit")
+    with pytest.raises(optim.ConfigError, match=r"widths must be numbers in \(0, 1\]"):
+        _nest(z, {"widths": [1.5]})
+    with pytest.raises(optim.ConfigError, match="nothing to nest"):
+        _nest(z, {"heads": False, "mlp": False})

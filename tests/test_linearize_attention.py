@@ -1,0 +1,195 @@
+"""linearize_attention: the linear forms' math, the graph rewrite, the cost-model gate, refusals."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import optim
+import optim.linear_attention as la
+from optim.errors import PassError
+
+METHODS = la.METHODS
+
+
+def _params(method, heads, d, scale, features=0):
+    if method == "performer":
+        return {"w": la.performer_projection(d, features or 4 * d, 0)}
+    if method == "hedgehog":
+        return la.hedgehog_init(heads, d, features or d, scale)
+    return {}
+
+
+def _linearize(z, opts, backend="torch", kwargs=None):
+    return optim.optimize(copy.deepcopy(z.model), "cpu", z.example_args,
+                          ["cleanup", "fuse_attention", {"linearize_attention": opts}],
+                          example_kwargs=kwargs or z.example_kwargs, backend=backend,
+                          measure_latency=False)
+
+
+def test_chunked_causal_product_matches_the_quadratic_form():
+    torch.manual_seed(0)
+    a, b = torch.rand(2, 2, 3, 70, 8).unbind(0)
+    v = torch.randn(2, 3, 70, 5)
+    naive = (a @ b.transpose(-2, -1)).tril() @ v
+    for chunk in (1, 16, 64, 70, 128):
+        torch.testing.assert_close(la.causal_product(a, b, v, chunk), naive, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["elu", "performer", "hedgehog"])
+def test_recurrent_state_decodes_what_the_causal_form_computes(method):
+    # a decoder keeps a fixed [H, d', d+1] state per sequence instead of a growing KV cache
+    torch.manual_seed(1)
+    q, k, v = torch.randn(3, 2, 4, 33, 16).unbind(0)
+    scale, p = 0.25, _params(method, 4, 16, 0.25)
+    fq, fk = (la.feature_map(method, x, p, r, scale) for x, r in ((q, "q"), (k, "k")))
+    state, steps = None, []
+    for t in range(33):
+        out, state = la.recurrent_step(state, fq[:, :, t:t + 1], fk[:, :, t:t + 1],
+                                       v[:, :, t:t + 1])
+        steps.append(out)
+    assert state.shape == (2, 4, fq.shape[-1], 17)
+    whole = la.attend(method, q, k, v, None, True, scale, p, chunk=8)
+    if method != "performer":  # performer's key shift spans the sequence; it cancels in the
+        torch.testing.assert_close(torch.cat(steps, 2), whole, rtol=1e-4, atol=1e-5)  # ratio
+    torch.testing.assert_close(torch.cat(steps, 2), la.linear_attention(fq, fk, v, True, 8),
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_padded_keys_have_no_effect(method, causal):
+    torch.manual_seed(2)
+    q, k, v = torch.randn(3, 2, 2, 24, 8).unbind(0)
+    valid = torch.ones(2, 1, 24, 1)
+    valid[1, :, 15:] = 0
+    p = _params(method, 2, 8, 8 ** -0.5)
+    out = la.attend(method, q, k, v, valid, causal, 8 ** -0.5, p)
+    alone = la.attend(method, q[1:, :, :15], k[1:, :, :15], v[1:, :, :15], None, causal,
+                      8 ** -0.5, p)
+    rows = 15 if causal else 24  # causal: queries past the padding see the same keys anyway
+    if causal:
+        torch.testing.assert_close(out[1:, :, :rows], alone, rtol=1e-4, atol=1e-5)
+    elif method != "flow":  # flow's sink allocation counts queries, padded ones included
+        torch.testing.assert_close(out[1:, :, :15], alone[:, :, :15], rtol=1e-4, atol=1e-5)
+
+
+def test_performer_estimate_improves_with_more_features():
+    torch.manual_seed(3)
+    q, k, v = torch.randn(3, 1, 2, 64, 16).unbind(0)
+    q, k = 0.5 * q, 0.5 * k  # FAVOR+'s variance grows like exp(‖q + k‖²): keep it moderate
+    ref = la.softmax_reference(q, k, v, None, False, 0.25)
+    cos = [F.cosine_similarity(la.attend("performer", q, k, v, None, False, 0.25,
+                                         {"w": la.performer_projection(16, m, 0)}).flatten(),
+                               ref.flatten(), 0) for m in (8, 2048)]
+    assert cos[1] > cos[0] and cos[1] > 0.98
+
+
+def test_attention_transfer_fits_spiky_attention():
+    torch.manual_seed(4)
+    q, k, v = (3 * torch.randn(3, 2, 2, 48, 16)).unbind(0)  # large logits: spiky softmax
+    params, fit = la.fit_hedgehog([(q, k, v, None)], False, 0.25, 16, steps=150)
+    assert fit["relative_mse_fitted"] < 0.6 * fit["relative_mse_initial"]
+    assert set(params) == {"w_q", "b_q", "w_k", "b_k"}
+
+
+@pytest.mark.parametrize("name,kind", [("bert", "padding"), ("gpt2", "causal"),
+                                       ("llama", "causal"), ("vit", "none"), ("dit", "none")])
+def test_every_attention_is_linearized(name, kind, zoo_model):
+    z = zoo_model(name)
+    om = _linearize(z, {"method": "elu", "gate": False})
+    res = om.report.pass_result("linearize_attention")
+    assert res["counts"]["attention_linearized"] == z.num_attention_layers
+    form = "causal" if kind == "causal" else "bidirectional"
+    assert res["counts"][f"elu_{form}"] == z.num_attention_layers
+    assert {la_["mask"] for la_ in res["details"]["layers"]} == {kind}
+    assert not any("optim.attention" in k for k in om.report["graph"]["after"])
+    if kind == "causal":
+        layer = res["details"]["layers"][0]
+        assert layer["state_values_per_sequence"] == 4 * 16 * 17  # H·d'·(d+1), any length
+
+
+def test_learned_maps_beat_the_training_free_swap_on_real_weights():
+    from optim import zoo
+    from optim.data import sentences
+    from optim.tasks import sentence_batches
+
+    z = zoo.load("minilm", batch=4, seq=64)
+    calib = sentence_batches(z.tokenizer, sentences(24)[8:], 4, 64)
+    layers = {}
+    for method in ("elu", "hedgehog"):
+        om = optim.optimize(copy.deepcopy(z.model), "cpu", (), [
+            "cleanup", "fuse_attention", {"linearize_attention": {
+                "method": method, "gate": False, "fit_steps": 60, "fit_batches": 2}}],
+            example_kwargs=z.example_kwargs, calibration=calib, backend="torch",
+            measure_latency=False)
+        layers[method] = om.report.pass_result("linearize_attention")["details"]["layers"]
+    err = {m: sum(la_["attention_relative_mse"] for la_ in ls) for m, ls in layers.items()}
+    assert err["hedgehog"] < 0.8 * err["elu"]
+    assert all(la_["fit"]["relative_mse_fitted"] < la_["fit"]["relative_mse_initial"]
+               for la_ in layers["hedgehog"])
+
+
+def test_gate_skips_short_sequences_with_both_estimates(zoo_model):
+    z = zoo_model("bert")  # 16 tokens
+    with pytest.raises(PassError, match="below break-even on cpu"):
+        _linearize(z, {"method": "elu"})
+
+
+def test_gate_rewrites_long_sequences():
+    from optim import zoo
+
+    z = zoo.load("bert", batch=1, seq=4096, max_position_embeddings=4096)
+    om = _linearize(z, {"method": "elu"})
+    layers = om.report.pass_result("linearize_attention")["details"]["layers"]
+    assert all(la_["rewritten"] for la_ in layers)
+    assert all(la_["estimated_ms"]["linear"] < la_["estimated_ms"]["softmax"] for la_ in layers)
+
+
+class _Biased(torch.nn.Module):
+    """One attention with a constant mask: an ALiBi-style bias, or a sliding window."""
+
+    def __init__(self, mask):
+        super().__init__()
+        self.qkv = torch.nn.Linear(16, 48)
+        self.register_buffer("mask", mask)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).view(1, -1, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
+
+
+@pytest.mark.parametrize("mask,reason", [
+    (-0.5 * (torch.arange(12)[:, None] - torch.arange(12)).abs().float(), "additive bias"),
+    ((torch.arange(12)[:, None] - torch.arange(12)).abs() <= 2, "neither a padding mask"),
+])
+def test_refuses_masks_it_cannot_express(mask, reason):
+    model = _Biased(mask).eval()
+    x = torch.randn(1, 12, 16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PassError, match=reason):
+        optim.optimize(model, "cpu", (x,), ["cleanup", "fuse_attention",
+                                            {"linearize_attention": {"gate": False}}],
+                       backend="torch", measure_latency=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "tvm"])
+def test_linearized_graph_lowers_to_other_backends(backend, zoo_model):
+    z = zoo_model("gpt2")  # causal: the chunked form (pad, reshape, cumsum) must lower too
+    ref = _linearize(z, {"method": "hedgehog", "gate": False, "fit_steps": 5})
+    om = _linearize(z, {"method": "hedgehog", "gate": False, "fit_steps": 5}, backend=backend)
+    a = ref(*z.example_args, **z.example_kwargs).logits
+    b = om(*z.example_args, **z.example_kwargs).logits
+    torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3)
+
+
+def test_bad_options_are_named(zoo_model):
+    z = zoo_model("vit")
+    with pytest.raises(optim.ConfigError, match="must be one of"):
+        _linearize(z, {"method": "cosformer"})
+    with pytest.raises(optim.ConfigError, match="Did you mean 'fit_steps'"):
+        _linearize(z, {"fit_step": 3})
