@@ -275,6 +275,32 @@ def _html_table(head: tuple[str, ...], rows: list[tuple]) -> str:
     return "<table><tr>" + "".join(f"<th>{esc(c)}</th>" for c in head) + f"</tr>{cells}</table>"
 
 
+# per-layer and per-width records passes leave in their details, shown as tables
+_DETAIL_TABLES = ("layers", "widths", "blocks")
+
+
+def _scalar_cell(v: Any) -> str:
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {_scalar_cell(x)}" for k, x in v.items())
+    if isinstance(v, list):
+        return "/".join(_scalar_cell(x) for x in v)
+    return _fmt(v) if isinstance(v, float) else str(v)
+
+
+def pass_detail_tables(d: dict) -> list[tuple[str, tuple[str, ...], list[tuple]]]:
+    """(title, header, rows) for every list of records in a pass's details."""
+    out = []
+    for p in d["passes"]:
+        for key in _DETAIL_TABLES:
+            recs = p.get("details", {}).get(key)
+            if not (isinstance(recs, list) and recs and all(isinstance(r, dict) for r in recs)):
+                continue
+            head = tuple(dict.fromkeys(k for r in recs for k in r))
+            out.append((f"{p['name']}: {key}", head,
+                        [tuple(_scalar_cell(r.get(k, "")) for k in head) for r in recs]))
+    return out
+
+
 def _target_details(e: dict) -> str:
     """Collapsible per-target breakdown: stages, time by bound and kind, bytes, top kernels."""
     est = lambda v: f"{_num(v)} (estimated)"  # noqa: E731
@@ -335,6 +361,10 @@ def to_html(d: dict, plots: bool = True, rooflines: dict[str, bytes] | None = No
     skipped = "".join(f"<tr><td>{esc(p['name'])}</td><td>{esc(s['where'])}</td><td>{esc(s['reason'])}</td></tr>"
                       for p in d["passes"] for s in p["skipped"])
     targets = _targets_html(d, plots, rooflines)
+    tables = "".join(f"<details><summary>{esc(t)}</summary>{_html_table(h, r)}</details>"
+                     for t, h, r in pass_detail_tables(d))
+    if tables:
+        tables = f"<h2>Per layer</h2>{tables}"
     advice = ("<h2>Advice</h2><ul>" + "".join(f"<li>{esc(a)}</li>" for a in d["advice"]) +
               "</ul>") if d.get("advice") else ""
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>optim report</title>
@@ -344,6 +374,7 @@ th{{background:#f4f4f4}}details table{{display:inline-table;margin-right:1em;ver
 <h1>optim report: {esc(d['model']['name'])} on {esc(d['target']['name'])}</h1>
 <table>{summary}</table>
 <h2>Passes</h2><table><tr><th>pass</th><th>what changed</th><th>skipped</th><th>fidelity after</th><th>time</th></tr>{passes}</table>
+{tables}
 {targets}
 {advice}
 <h2>Skipped matches</h2><table><tr><th>pass</th><th>where</th><th>reason</th></tr>{skipped or '<tr><td colspan=3>none</td></tr>'}</table>

@@ -131,3 +131,11 @@ def test_bad_options_are_named(zoo_model):
         _nest(z, {"widths": [1.5]})
     with pytest.raises(optim.ConfigError, match="nothing to nest"):
         _nest(z, {"heads": False, "mlp": False})
+
+
+def test_report_shows_each_width(zoo_model):
+    from optim.render import to_html
+
+    om = _nest(zoo_model("vit"), {"widths": [1.0, 0.5]})
+    page = to_html(om.report.data, plots=False)
+    assert "dynamic_width: widths" in page and "flops_fraction" in page
