@@ -139,3 +139,15 @@ def test_report_shows_each_width(zoo_model):
     om = _nest(zoo_model("vit"), {"widths": [1.0, 0.5]})
     page = to_html(om.report.data, plots=False)
     assert "dynamic_width: widths" in page and "flops_fraction" in page
+
+
+def test_shipped_yaml_pipeline_runs(tmp_path):
+    from optim.config import shipped_pipelines
+    from optim.runner import run_pipeline_file
+
+    report, = run_pipeline_file(shipped_pipelines()["minilm_widths"], out=tmp_path)
+    res = next(p for p in report["passes"] if p["name"] == "dynamic_width")
+    assert res["counts"] == {"attention_heads_ordered": 6, "mlp_neurons_ordered": 6,
+                             "layers_nested": 6}
+    assert [w["width"] for w in res["details"]["widths"]] == [1.0, 0.75, 0.5]
+    assert report["fidelity"]["outputs"]["max_abs_error"] < 1e-4  # exact at full width

@@ -193,3 +193,16 @@ def test_bad_options_are_named(zoo_model):
         _linearize(z, {"method": "cosformer"})
     with pytest.raises(optim.ConfigError, match="Did you mean 'fit_steps'"):
         _linearize(z, {"fit_step": 3})
+
+
+def test_shipped_yaml_pipeline_runs(tmp_path):
+    from optim.config import shipped_pipelines
+    from optim.runner import run_pipeline_file
+
+    report, = run_pipeline_file(shipped_pipelines()["long_context_linear"], out=tmp_path)
+    res = next(p for p in report["passes"] if p["name"] == "linearize_attention")
+    assert res["counts"]["hedgehog_causal"] == 2  # 4096 tokens: the gate lets both through
+    for layer in res["details"]["layers"]:
+        assert layer["fit"]["relative_mse_fitted"] < layer["fit"]["relative_mse_initial"]
+        assert layer["state_values_per_sequence"] < layer["kv_cache_values_per_sequence"]
+    assert (tmp_path / "long_context_linear-cpu.html").exists()
