@@ -1,12 +1,9 @@
 """dynamic_width: heads and MLP neurons reordered by importance ⇒ one graph, any nested width.
 
-For every fused attention, its q/k/v projections, its output projection and its heads; for every
-MLP, its up (and gate) projections, its down projection and its hidden neurons. Each unit is
-scored on calibration data: a head by the mean norm of what it adds to the residual stream
-(its attention output through its slice of the output projection), a neuron by mean |activation|
-times the norm of its down-projection column. Units are then permuted, most important first,
-by reordering weight rows and columns: the function is unchanged (checked on the example, max
-abs error reported). Grouped-query heads move with their key/value head.
+Every attention's heads and every MLP's hidden neurons (`optim.units`: found in the graph,
+scored on calibration data) are permuted, most important first, by reordering weight rows and
+columns: the function is unchanged (checked on the example, max abs error reported).
+Grouped-query heads move with their key/value head.
 
 The result runs at full width; `OptimizedModel.at_width(w)` (w in (0, 1], or one per layer for
 Mix'n'Match) runs the nested prefix of every layer (`optim.nested_width`), and
@@ -24,21 +21,20 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-import optim.ops  # noqa: F401  (registers torch.ops.optim)
-
-from optim.ir import (_set, downstream, evaluate_nodes, get_constant, module_path, shape,
-                      upstream)
-from optim.nested_width import at_width, weight_and_bias, weight_axis
+from optim.nested_width import at_width
 from optim.pass_base import Exact, PassContext, register_pass
-
-aten = torch.ops.aten
-ATTENTION = torch.ops.optim.attention.default
-_PROJ = {aten.linear.default, aten.addmm.default}
-_ELEMENTWISE = {aten.gelu.default, aten.relu.default, aten.silu.default, aten.tanh.default,
-                aten.sigmoid.default, aten.mul.Tensor, aten.add.Tensor, aten.pow.Tensor_Scalar,
-                aten.div.Tensor, aten.sub.Tensor, aten.erf.default, aten.neg.default,
-                aten.view.default, aten.reshape.default, aten._unsafe_view.default,
-                aten.clone.default, aten.contiguous.default}
+from optim.units import (
+    ATTENTION,
+    attention_heads,
+    blocks,
+    head_scores,
+    leaves,
+    mlp_unit,
+    neuron_scores,
+    permute_heads,
+    permute_neurons,
+    plan_layers,
+)
 
 
 @dataclass(frozen=True)
@@ -61,212 +57,26 @@ class DynamicWidthConfig:
 def dynamic_width(gm: torch.fx.GraphModule, cfg: DynamicWidthConfig, ctx: PassContext) -> None:
     """Order heads and MLP neurons by importance so that any prefix width runs (MatFormer)."""
     attns = [n for n in gm.graph.nodes if n.target is ATTENTION] if cfg.heads else []
-    heads = [h for h in (_attention_heads(gm, n, ctx) for n in attns) if h]
-    blocks = _blocks(gm, [m for m in (_mlp(gm, n) for n in gm.graph.nodes) if m], ctx)
-    mlps = [m for _, m in blocks if m] if cfg.mlp else []
+    heads = [h for h in (attention_heads(gm, n, ctx.skip) for n in attns) if h]
+    pairs = blocks(gm, [m for m in (mlp_unit(gm, n) for n in gm.graph.nodes) if m], ctx.skip)
+    mlps = [m for _, m in pairs if m] if cfg.mlp else []
     if not heads and not mlps:
         return
     batches = ctx.calibration or [ctx.example_inputs]
     before = gm(*ctx.example_inputs[0], **ctx.example_inputs[1])
     for h in heads:
-        _permute_heads(gm, h, _head_scores(gm, h, batches))
+        permute_heads(gm, h, head_scores(gm, h, batches))
         ctx.record("attention_heads_ordered")
     for m in mlps:
-        _permute_neurons(gm, m, _neuron_scores(gm, m, batches))
+        permute_neurons(gm, m, neuron_scores(gm, m, batches))
         ctx.record("mlp_neurons_ordered")
     gm.recompile()
     after = gm(*ctx.example_inputs[0], **ctx.example_inputs[1])
-    err = max(float((a - b).abs().max()) for a, b in zip(_leaves(before), _leaves(after)))
-    plan = {"layers": _layers(blocks, heads)}
+    err = max(float((a - b).abs().max()) for a, b in zip(leaves(before), leaves(after)))
+    plan = {"layers": plan_layers(pairs, heads)}
     ctx.record("layers_nested", len(plan["layers"]))
-    gm.meta["dynamic_width"] = plan
     ctx.details.update(plan=plan, permutation_max_abs_error=err,
                        widths=_measure_widths(gm, plan, cfg.widths, after, ctx))
-
-
-def _leaves(out) -> list[torch.Tensor]:
-    from torch.utils import _pytree as pytree
-
-    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-
-
-def _weighted(n: torch.fx.Node) -> bool:
-    if n.op != "call_function" or n.target not in _PROJ:
-        return False
-    w, _ = weight_and_bias(n)
-    return isinstance(w, torch.fx.Node) and w.op == "get_attr"
-
-
-def _out_features(gm, n: torch.fx.Node) -> int:
-    w, _ = weight_and_bias(n)
-    return get_constant(gm, w).shape[weight_axis(n, "out")]
-
-
-def _in_features(gm, n: torch.fx.Node) -> int:
-    w, _ = weight_and_bias(n)
-    return get_constant(gm, w).shape[weight_axis(n, "in")]
-
-
-# ---- finding the units ----
-
-def _attention_heads(gm, attn: torch.fx.Node, ctx: PassContext) -> dict | None:
-    q, k, v = attn.args[:3]
-    n_heads, kv_heads, d = shape(q)[1], shape(k)[1], shape(q)[-1]
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    projs = {}
-    for role, x in (("q", q), ("k", k), ("v", v)):
-        # k/v projections may have fewer heads than the attention sees (repeat_kv for GQA)
-        sizes = {n_heads * d} if role == "q" else {h * d for h in range(1, kv_heads + 1)
-                                                    if kv_heads % h == 0 and n_heads % h == 0}
-        above = upstream(x) | {x}
-        cands = [n for n in above if _weighted(n) and _out_features(gm, n) in sizes
-                 and not any(_weighted(b) or b.target is ATTENTION  # nothing in between
-                             for b in above & downstream(n))]
-        if not cands:
-            ctx.skip(module_path(attn), f"no separate {role} projection (a fused q/k/v "
-                                        f"projection such as GPT-2's c_attn, or a quantized "
-                                        f"one): heads stay as they are")
-            return None
-        projs[role] = max(cands, key=order.get)
-    if len({projs["q"], projs["k"], projs["v"]}) < 3:
-        ctx.skip(module_path(attn), "q, k and v come from one fused projection; heads stay")
-        return None
-    outs = [n for n in downstream(attn) if _weighted(n) and _in_features(gm, n) == n_heads * d]
-    if not outs:
-        ctx.skip(module_path(attn), "no output projection reads the heads")
-        return None
-    kv_heads = _out_features(gm, projs["k"]) // d
-    if _out_features(gm, projs["v"]) != kv_heads * d:
-        ctx.skip(module_path(attn), "k and v projections differ in size; heads stay")
-        return None
-    o = min(outs, key=order.get)
-    if any(_weighted(n) for n in downstream(attn) & upstream(o)):
-        ctx.skip(module_path(attn), "another projection sits between the heads and the output")
-        return None
-    return {"attention": attn, **projs, "o": o, "heads": n_heads,
-            "kv_heads": kv_heads, "head_dim": d}
-
-
-def _mlp(gm, down: torch.fx.Node) -> dict | None:
-    """`down(f(up_1(x), …))` with f elementwise over the hidden neurons, else None."""
-    if not _weighted(down):
-        return None
-    hidden = down.args[0] if down.target is aten.linear.default else down.args[1]
-    size = _in_features(gm, down)
-    ups, todo, seen = [], [hidden], set()
-    while todo:
-        n = todo.pop()
-        if n in seen or not isinstance(n, torch.fx.Node):
-            continue
-        seen.add(n)
-        if _weighted(n):
-            if _out_features(gm, n) != size:
-                return None
-            ups.append(n)
-            continue
-        if n.op != "call_function" or n.target not in _ELEMENTWISE or \
-                (shape(n) or (0,))[-1] != size:
-            return None
-        todo += [a for a in n.all_input_nodes if a.op != "get_attr" and
-                 (shape(a) or (1,))[-1] != 1]
-    if not ups or any(u.target is ATTENTION for u in seen):
-        return None
-    return {"up": sorted(ups, key=lambda u: u.name), "down": down, "hidden": hidden,
-            "neurons": size}
-
-
-def _blocks(gm, mlps: list[dict], ctx: PassContext) -> list[tuple[torch.fx.Node, dict]]:
-    """Each attention with the first MLP after it (a transformer block); MLPs outside blocks
-    (timestep embedders, heads) are skipped: they condition every block and stay whole."""
-    attns = [n for n in gm.graph.nodes if n.target is ATTENTION]
-    owned: dict = {}
-    for m in mlps:
-        before = [a for a in attns if a in upstream(m["down"])]
-        owner = before[-1] if before else None
-        if owner is None or owner in owned:
-            ctx.skip(module_path(m["down"]), "MLP outside a transformer block (no attention "
-                                             "right before it); it stays whole")
-            continue
-        owned[owner] = m
-    return [(a, owned.get(a)) for a in attns]
-
-
-def _layers(blocks: list, heads: list[dict]) -> list[dict]:
-    """One entry per transformer block: its nested heads and/or MLP."""
-    by_attn = {h["attention"]: h for h in heads}
-    layers = []
-    for attn, m in blocks:
-        layer = {**({"heads": _names(by_attn[attn])} if attn in by_attn else {}),
-                 **({"mlp": _names(m)} if m else {})}
-        if layer:
-            layers.append(layer)
-    return layers
-
-
-def _names(unit: dict) -> dict:
-    return {k: (v.name if isinstance(v, torch.fx.Node) else
-                [x.name for x in v] if isinstance(v, list) else v)
-            for k, v in unit.items() if k != "hidden"}
-
-
-# ---- scoring on calibration data ----
-
-def _head_scores(gm, h: dict, batches) -> torch.Tensor:
-    """Per key/value group: the mean norm of its heads' contribution through the output proj."""
-    w_o, _ = weight_and_bias(h["o"])
-    w = get_constant(gm, w_o)
-    w = w if weight_axis(h["o"], "in") == 1 else w.T  # [C, H·D]
-    d, n = h["head_dim"], h["heads"]
-    w = w.reshape(w.shape[0], n, d)
-    score = torch.zeros(n)
-    for b in batches:
-        o = evaluate_nodes(gm, [h["attention"]], *b)[h["attention"]]  # [B, H, L, D]
-        contrib = torch.einsum("bhld,chd->bhlc", o, w)
-        score += contrib.norm(dim=-1).mean(dim=(0, 2))
-    return score.reshape(h["kv_heads"], -1).sum(-1)
-
-
-def _neuron_scores(gm, m: dict, batches) -> torch.Tensor:
-    w_d, _ = weight_and_bias(m["down"])
-    w = get_constant(gm, w_d)
-    col_norm = w.norm(dim=1 - weight_axis(m["down"], "in"))  # per hidden neuron
-    act = torch.zeros(m["neurons"])
-    for b in batches:
-        x = evaluate_nodes(gm, [m["hidden"]], *b)[m["hidden"]]
-        act += x.abs().reshape(-1, m["neurons"]).mean(0)
-    return act * col_norm
-
-
-# ---- permuting (function-preserving) ----
-
-def _permute_heads(gm, h: dict, group_scores: torch.Tensor) -> None:
-    groups = torch.argsort(group_scores, descending=True)
-    rep, d = h["heads"] // h["kv_heads"], h["head_dim"]
-    q_heads = (groups[:, None] * rep + torch.arange(rep)).flatten()
-    for role, heads in (("q", q_heads), ("k", groups), ("v", groups)):
-        _reorder(gm, h[role], "out", (heads[:, None] * d + torch.arange(d)).flatten())
-    _reorder(gm, h["o"], "in", (q_heads[:, None] * d + torch.arange(d)).flatten())
-
-
-def _permute_neurons(gm, m: dict, scores: torch.Tensor) -> None:
-    order = torch.argsort(scores, descending=True)
-    for u in m["up"]:
-        _reorder(gm, u, "out", order)
-    _reorder(gm, m["down"], "in", order)
-
-
-def _reorder(gm, proj: torch.fx.Node, side: str, index: torch.Tensor) -> None:
-    w_node, b_node = weight_and_bias(proj)
-    axis = weight_axis(proj, side)
-    _replace(gm, w_node, get_constant(gm, w_node).index_select(axis, index))
-    if side == "out" and isinstance(b_node, torch.fx.Node):
-        _replace(gm, b_node, get_constant(gm, b_node).index_select(0, index))
-
-
-def _replace(gm, node: torch.fx.Node, value: torch.Tensor) -> None:
-    old = get_constant(gm, node)
-    _set(gm, node.target, torch.nn.Parameter(value.contiguous(), requires_grad=False)
-         if isinstance(old, torch.nn.Parameter) else value.contiguous())
 
 
 # ---- what each width costs and keeps ----
@@ -276,11 +86,11 @@ def _measure_widths(gm, plan: dict, widths, full_out, ctx: PassContext) -> list[
 
     args, kwargs = ctx.example_inputs
     full_flops = sum(k.flops for k in graph_kernels(gm))
-    ref = torch.cat([t.flatten() for t in _leaves(full_out)])
+    ref = torch.cat([t.flatten() for t in leaves(full_out)])
     rows = []
     for w in widths:
         sub = at_width(gm, plan, w, args, kwargs)
-        got = torch.cat([t.flatten() for t in _leaves(sub(*args, **kwargs))])
+        got = torch.cat([t.flatten() for t in leaves(sub(*args, **kwargs))])
         rows.append({"width": w, "flops_fraction": round(sum(k.flops for k in graph_kernels(sub))
                                                          / full_flops, 4),
                      "cosine": round(float(F.cosine_similarity(got, ref, 0)), 5),

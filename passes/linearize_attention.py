@@ -26,9 +26,8 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-import optim.ops  # noqa: F401  (registers torch.ops.optim)
-
 import optim.linear_attention as la
+import optim.ops  # noqa: F401  (registers torch.ops.optim)
 from optim.ir import evaluate_nodes, module_path, refresh_meta, shape, splice, trace_function
 from optim.pass_base import Lossy, PassContext, register_pass
 
@@ -87,13 +86,12 @@ def linearize_attention(gm: torch.fx.GraphModule, cfg: LinearizeAttentionConfig,
         sub = trace_function(fn, inputs)
         soft_ms, lin_ms = _estimates(n, sub, target)
         layer.update(estimated_ms={"softmax": round(soft_ms, 4), "linear": round(lin_ms, 4)})
-        if cfg.gate:
-            if lin_ms >= soft_ms:
-                layer["rewritten"] = False
-                ctx.skip(where, f"below break-even on {target}: linear estimated "
-                                f"{lin_ms:.3g} ms vs softmax {soft_ms:.3g} ms at "
-                                f"{shape(k)[-2]} keys (gate: false forces it)")
-                continue
+        if cfg.gate and lin_ms >= soft_ms:
+            layer["rewritten"] = False
+            ctx.skip(where, f"below break-even on {target}: linear estimated {lin_ms:.3g} ms vs "
+                            f"softmax {soft_ms:.3g} ms at {shape(k)[-2]} keys (gate: false "
+                            f"forces it)")
+            continue
         data = [_layer_sample(s, q, k, v, mask if padded else None) for s in samples]
         if cfg.method == "hedgehog":
             fitted, fit = la.fit_hedgehog(data, causal, float(scale), _features(cfg, shape(q)),
