@@ -52,61 +52,88 @@ def layer_widths(plan: dict, width) -> list[float]:
     return [float(w) for w in widths]
 
 
-def at_width(gm: torch.fx.GraphModule, plan: dict, width, args: tuple, kwargs: dict
-             ) -> torch.fx.GraphModule:
-    """A copy of `gm` running `width` of every layer's heads and MLP neurons (nested prefix)."""
-    widths = layer_widths(plan, width)
-    out = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
-    out.graph._codegen = copy.deepcopy(gm.graph._codegen)
-    nodes = {n.name: n for n in out.graph.nodes}
-    starts, stop, counts = {}, set(), []
-    for layer, w in zip(plan["layers"], widths):
+def counts_at(plan: dict, width) -> list[dict]:
+    """Heads and neurons each layer keeps at `width` (whole key/value groups of heads)."""
+    out = []
+    for layer, w in zip(plan["layers"], layer_widths(plan, width)):
         row = {}
         if "heads" in layer:
             h = layer["heads"]
-            groups = kept(h["kv_heads"], w)
-            row["heads"] = groups * h["heads"] // h["kv_heads"]
+            row["heads"] = kept(h["kv_heads"], w) * (h["heads"] // h["kv_heads"])
+        if "mlp" in layer:
+            row["neurons"] = kept(layer["mlp"]["neurons"], w)
+        out.append(row)
+    return out
+
+
+def at_width(gm: torch.fx.GraphModule, plan: dict, width, args: tuple, kwargs: dict
+             ) -> torch.fx.GraphModule:
+    """A copy of `gm` running `width` of every layer's heads and MLP neurons (nested prefix);
+    its weights are views of `gm`'s."""
+    out = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    out.graph._codegen = copy.deepcopy(gm.graph._codegen)
+    try:
+        narrow(out, plan, counts_at(plan, width), args, kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"cannot run this graph at width {width}: {e}") from e
+    return out
+
+
+def narrow(gm: torch.fx.GraphModule, plan: dict, counts: list[dict], args: tuple, kwargs: dict,
+           materialize: bool = False) -> None:
+    """Keep the first `counts[i]["heads"]` heads and `["neurons"]` neurons of layer i, in place:
+    projection weights become their leading rows/columns (views, or copies with `materialize`)
+    and every shape constant on the way is rewritten."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    starts, stop = {}, set()
+    for layer, row in zip(plan["layers"], counts):
+        if "heads" in layer and "heads" in row:
+            h = layer["heads"]
+            groups = row["heads"] * h["kv_heads"] // h["heads"]
             for role in ("q", "k", "v"):
                 node = nodes[h[role]]
                 units = row["heads"] if role == "q" else groups
                 old = h["heads"] if role == "q" else h["kv_heads"]
-                _narrow(out, node, "out", units * h["head_dim"])
+                _narrow(gm, node, "out", units * h["head_dim"], materialize)
                 starts[node] = Axis(len(node.meta["val"].shape) - 1, old, units, h["head_dim"])
             attn = nodes[h["attention"]]
             starts[attn] = Axis(1, h["heads"], row["heads"])
             o = nodes[h["o"]]
-            _narrow(out, o, "in", row["heads"] * h["head_dim"])
+            _narrow(gm, o, "in", row["heads"] * h["head_dim"], materialize)
             stop |= {o, attn}
-        if "mlp" in layer:
+        if "mlp" in layer and "neurons" in row:
             m = layer["mlp"]
-            row["neurons"] = kept(m["neurons"], w)
             for name in m["up"]:
                 node = nodes[name]
-                _narrow(out, node, "out", row["neurons"])
+                _narrow(gm, node, "out", row["neurons"], materialize)
                 starts[node] = Axis(len(node.meta["val"].shape) - 1, m["neurons"], row["neurons"])
             down = nodes[m["down"]]
-            _narrow(out, down, "in", row["neurons"])
+            _narrow(gm, down, "in", row["neurons"], materialize)
             stop.add(down)
-        counts.append(row)
     try:
-        retarget_axes(out, starts, frozenset(stop) - set(starts))
-        out.graph.lint()
-        out.recompile()
-        refresh_meta(out, args, kwargs, fake=True)
+        retarget_axes(gm, starts, frozenset(stop) - set(starts))
+        gm.graph.lint()
+        gm.recompile()
+        refresh_meta(gm, args, kwargs, fake=True)
     except (TokenAxisError, RuntimeError) as e:
-        raise ConfigError(f"cannot run this graph at width {width}: {e}") from e
-    out.meta["width_counts"] = counts
-    return out
+        raise ConfigError(str(e)) from e
+    gm.meta["width_counts"] = counts
 
 
-def _narrow(gm: torch.fx.GraphModule, proj: torch.fx.Node, side: str, keep: int) -> None:
-    """Point `proj` at a view of the first `keep` outputs (or inputs) of its weight (and bias)."""
+def _narrow(gm: torch.fx.GraphModule, proj: torch.fx.Node, side: str, keep: int,
+            materialize: bool) -> None:
+    """Point `proj` at the first `keep` outputs (or inputs) of its weight (and bias)."""
     w_node, b_node = weight_and_bias(proj)
     axis = weight_axis(proj, side)
-    w = get_constant(gm, w_node).narrow(axis, 0, keep)
-    new_w = add_constant(gm, f"{w_node.target}_w{keep}", w, proj)
+
+    def part(t: torch.Tensor, dim: int) -> torch.Tensor:
+        t = t.detach().narrow(dim, 0, keep)
+        return t.contiguous().clone() if materialize else t
+
+    new_w = add_constant(gm, f"{w_node.target}_w{keep}", part(get_constant(gm, w_node), axis),
+                         proj)
     proj.replace_input_with(w_node, new_w)
     if side == "out" and b_node is not None:
-        new_b = add_constant(gm, f"{b_node.target}_w{keep}",
-                             get_constant(gm, b_node).narrow(0, 0, keep), proj)
+        new_b = add_constant(gm, f"{b_node.target}_w{keep}", part(get_constant(gm, b_node), 0),
+                             proj)
         proj.replace_input_with(b_node, new_b)

@@ -205,12 +205,12 @@ def permute_neurons(gm, m: dict, scores: torch.Tensor) -> None:
 def reorder(gm, proj: torch.fx.Node, side: str, index: torch.Tensor) -> None:
     w_node, b_node = weight_and_bias(proj)
     axis = weight_axis(proj, side)
-    _replace(gm, w_node, get_constant(gm, w_node).index_select(axis, index))
+    replace_constant(gm, w_node, get_constant(gm, w_node).index_select(axis, index))
     if side == "out" and isinstance(b_node, torch.fx.Node):
-        _replace(gm, b_node, get_constant(gm, b_node).index_select(0, index))
+        replace_constant(gm, b_node, get_constant(gm, b_node).index_select(0, index))
 
 
-def _replace(gm, node: torch.fx.Node, value: torch.Tensor) -> None:
+def replace_constant(gm, node: torch.fx.Node, value: torch.Tensor) -> None:
     old = get_constant(gm, node)
     _set(gm, node.target, torch.nn.Parameter(value.contiguous(), requires_grad=False)
          if isinstance(old, torch.nn.Parameter) else value.contiguous())
