@@ -2,6 +2,7 @@
 
 - optim::attention  ⇒  ONNX `Attention` (opset 23, one fused node): q, k, v stay [B, H, L, D];
   a mask that does not already span [Lq, Lk] is expanded first (ORT's kernel checks the shape).
+- optim::linear_int4  ⇒  `com.microsoft.MatMulNBits` (bits 4, the packed weight as it is).
 - optim::linear_int8  ⇒  per-token quantization (Abs, ReduceMax, QuantizeLinear along the token
   axis to uint8, zero point 128), `com.microsoft.MatMulIntegerToFloat` (u8 × s8 GEMM, int32
   accumulation, × per-channel weight scale; a-scale 1), then × the per-token scale, + bias.
@@ -22,7 +23,7 @@ from onnxscript.values import Op, Opset
 
 
 def _contrib_schema(name: str, inputs: list[tuple[str, str, bool]], outputs: list[tuple[str, str]],
-                    types: dict[str, list[str]]) -> Op:
+                    types: dict[str, list[str]], int_attributes: tuple[str, ...] = ()) -> Op:
     """Declare one of ORT's com.microsoft ops to onnx.defs (it ships no schema for them)."""
     from onnx.defs import OpSchema
 
@@ -33,7 +34,8 @@ def _contrib_schema(name: str, inputs: list[tuple[str, str, bool]], outputs: lis
             inputs=[OpSchema.FormalParameter(n, t, param_option=opt.Optional if o else opt.Single)
                     for n, t, o in inputs],
             outputs=[OpSchema.FormalParameter(n, t) for n, t in outputs],
-            type_constraints=[(k, v, "") for k, v in types.items()]))
+            type_constraints=[(k, v, "") for k, v in types.items()],
+            attributes=[OpSchema.Attribute(a, OpSchema.AttrType.INT, "") for a in int_attributes]))
     return Op(Opset("com.microsoft", 1), name, onnx.defs.get_schema(name, 1, "com.microsoft"))
 
 
@@ -44,6 +46,14 @@ _MatMulIntegerToFloat = _contrib_schema(
     [("Y", "T3")],
     {"T1": ["tensor(int8)", "tensor(uint8)"], "T2": ["tensor(int8)", "tensor(uint8)"],
      "T3": ["tensor(float)"]})
+
+_MatMulNBits = _contrib_schema(
+    "MatMulNBits",
+    [("A", "T1", False), ("B", "T2", False), ("scales", "T1", False),
+     ("zero_points", "T3", True), ("g_idx", "T4", True), ("bias", "T1", True)],
+    [("Y", "T1")],
+    {"T1": ["tensor(float)"], "T2": ["tensor(uint8)"], "T3": ["tensor(uint8)", "tensor(float)"],
+     "T4": ["tensor(int32)"]}, int_attributes=("K", "N", "bits", "block_size", "accuracy_level"))
 
 OPSET = 23
 
@@ -74,6 +84,16 @@ def linear_int8(x, w_q, w_scale, bias):
     return op.Reshape(y, out_shape)
 
 
+def linear_int4(x, w_packed, scales, bias, block: int):
+    """ONNX Runtime's 4-bit MatMulNBits (zero point 8 by default, as the packing assumes)."""
+    n, k = w_packed.shape[0], w_packed.shape[1] * block
+    flat = op.Reshape(scales, op.Constant(value_ints=[-1]))
+    if bias is None:
+        return _MatMulNBits(x, w_packed, flat, K=k, N=n, bits=4, block_size=block)
+    return _MatMulNBits(x, w_packed, flat, None, None, bias, K=k, N=n, bits=4, block_size=block)
+
+
 def translation_table() -> dict:
     return {torch.ops.optim.attention.default: attention,
-            torch.ops.optim.linear_int8.default: linear_int8}
+            torch.ops.optim.linear_int8.default: linear_int8,
+            torch.ops.optim.linear_int4.default: linear_int4}

@@ -1,7 +1,7 @@
 """Post-pass FX graph -> kernels with FLOPs and bytes moved by class (weights, activations, KV cache).
 
 What a backend launches is modelled, not what FX lists:
-- GEMM-like ops (linear, mm, bmm, matmul, conv, einsum, `optim::linear_int8`) and fused
+- GEMM-like ops (linear, mm, bmm, matmul, conv, einsum, `optim::linear_int8`/`linear_int4`) and fused
   attention (`optim::attention`) are one kernel each, with their (M, N, K) shape;
 - view-like ops (view, reshape, expand, slice, getitem, ...) are free;
 - every other op is pointwise, a reduction or a copy, and connected runs of them between GEMMs
@@ -159,6 +159,18 @@ def _linear_int8(n: Node) -> Kernel:
                   nodes=[n.name])
 
 
+def _linear_int4(n: Node) -> Kernel:
+    """Weight-only int4: 4-bit weights (plus one fp32 scale per block) stream from memory and
+    are dequantized in registers; the math runs at the activation dtype."""
+    x, w, scales, out = _val(n.args[0]), _val(n.args[1]), _val(n.args[2]), _val(n)
+    nout, k = w.shape[0], w.shape[1] * n.args[4]
+    m = x.numel() // k
+    b = {"weights": _nbytes(w) + _nbytes(scales) + _nbytes(_val(n.args[3])),
+         "activations": _nbytes(x) + _nbytes(out), "kv_cache": 0.0}
+    return Kernel(n.name, "gemm", _dtype(x), 2.0 * m * nout * k, b, (1, m, nout, k),
+                  nodes=[n.name], weight_format="int4")
+
+
 def _attention(n: Node) -> Kernel:
     """Fused attention: scores never leave on-chip memory; Q, K, V, mask and O move once."""
     q, k, v, out = (_val(a) for a in (n.args[0], n.args[1], n.args[2], n))
@@ -199,7 +211,8 @@ KERNEL_RULES: dict[str, Callable[[Node], Kernel | list[Kernel]]] = {
     "aten.linear": _linear, "aten.addmm": _addmm, "aten.mm": _matmul, "aten.bmm": _matmul,
     "aten.matmul": _matmul, "aten.baddbmm": _matmul, "aten.conv2d": _conv,
     "aten.conv1d": _conv, "aten.convolution": _conv, "aten.einsum": _einsum,
-    "optim.linear_int8": _linear_int8, "optim.attention": _attention,
+    "optim.linear_int8": _linear_int8, "optim.linear_int4": _linear_int4,
+    "optim.attention": _attention,
     "aten.scaled_dot_product_attention": _sdpa, "aten.embedding": _embedding,
 }
 

@@ -9,6 +9,10 @@ ONNX nodes (`backends/onnx_lowering.py`).
   mask: additive float or boolean (True = attend), broadcastable to [B, H, Lq, Lk].
 - `optim::merge_tokens(x, metric, size, r, protect)`: ToMe bipartite soft matching; returns the
   merged tokens, their sizes and where every input token went (for `optim::unmerge_tokens`).
+- `optim::linear_int4(x, w_packed, scales, bias, block)`: weight-only 4-bit linear, ONNX
+  Runtime's MatMulNBits layout (codes 0..15 with zero point 8, two per byte, low nibble first,
+  one fp32 scale per `block` inputs of each output row). ONNX Runtime runs it as MatMulNBits;
+  the torch kernel unpacks to fp32 and runs a dense GEMM (memory saved on disk, not time).
 """
 
 from __future__ import annotations
@@ -141,3 +145,30 @@ def unmerge_tokens(x: Tensor, dest: Tensor) -> Tensor:
 @unmerge_tokens.register_fake
 def _(x, dest):
     return x.new_empty((x.shape[0], dest.shape[1], x.shape[2]))
+
+
+# ---- optim::linear_int4: weight-only int4, blockwise scales (ONNX Runtime MatMulNBits layout) ----
+
+def pack_int4(codes: Tensor, block: int) -> Tensor:
+    """[N, K] codes in 0..15 (K a multiple of `block`) -> uint8 [N, K / block, block / 2]."""
+    n, k = codes.shape
+    c = codes.to(torch.uint8).reshape(n, k // block, block // 2, 2)
+    return c[..., 0] | (c[..., 1] << 4)
+
+
+def unpack_int4(packed: Tensor, scales: Tensor) -> Tensor:
+    """The fp32 weight [N, K] that `packed` and `scales` [N, K / block] stand for."""
+    lo, hi = packed & 0xF, packed >> 4
+    codes = torch.stack([lo, hi], -1).reshape(packed.shape[0], packed.shape[1], -1)
+    return ((codes.float() - 8.0) * scales.unsqueeze(-1)).reshape(packed.shape[0], -1)
+
+
+@torch.library.custom_op("optim::linear_int4", mutates_args=())
+def linear_int4(x: Tensor, w_packed: Tensor, scales: Tensor, bias: Tensor | None,
+                block: int) -> Tensor:
+    return F.linear(x, unpack_int4(w_packed, scales).to(x.dtype), bias)
+
+
+@linear_int4.register_fake
+def _(x, w_packed, scales, bias, block):
+    return x.new_empty((*x.shape[:-1], w_packed.shape[0]))
