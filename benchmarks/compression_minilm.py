@@ -35,7 +35,10 @@ VARIANTS = {"dense": None,
             "low_rank energy 0.9": {"low_rank": {"energy": 0.9}},
             "low_rank flops 0.5": {"low_rank": {"flops": 0.5}},
             "low_rank flops 0.5, plain SVD": {"low_rank": {"flops": 0.5,
-                                                           "activation_aware": False}}}
+                                                           "activation_aware": False}},
+            "prune_weights 50% wanda": {"prune_weights": {}},
+            "prune_weights 50% magnitude": {"prune_weights": {"score": "magnitude"}},
+            "prune_weights 2:4 wanda": {"prune_weights": {"pattern": "2:4"}}}
 
 
 def main() -> None:
@@ -43,7 +46,11 @@ def main() -> None:
     ap.add_argument("--backend", default="onnxruntime")
     ap.add_argument("--out", default="benchmarks/compression_minilm.json")
     ap.add_argument("--budget", type=float, default=30.0)
+    ap.add_argument("--only", default="", help="comma-separated name prefixes to run (and dense)")
     args = ap.parse_args()
+    only = [p for p in args.only.split(",") if p]
+    variants = {k: v for k, v in VARIANTS.items()
+                if k == "dense" or not only or any(k.startswith(p) for p in only)}
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
     z = zoo.load("minilm", batch=8, seq=128)
@@ -51,7 +58,7 @@ def main() -> None:
     calib = sentence_batches(z.tokenizer, pool[256:], 8, 128)
     evals = sentence_batches(z.tokenizer, pool[:256], 8, 128)
     models = {}
-    for name, opts in VARIANTS.items():
+    for name, opts in variants.items():
         pipe = ["cleanup", "fuse_attention"] + ([opts] if opts else [])
         models[name] = optim.optimize(copy.deepcopy(z.model), "cpu", (), pipe,
                                       example_kwargs=evals[0][1], calibration=calib,

@@ -92,13 +92,19 @@ def _classed(inputs: list, out: torch.Tensor | None) -> dict[str, float]:
 
 # ------------------------------------------------------------------ kernel rules
 
+def _sparsity(n: Node) -> dict:
+    """The weight format a pruning pass left on the node (`prune_weights`), for sparse_scaling."""
+    return {"weight_format": n.meta.get("weight_format", "dense"),
+            "density": n.meta.get("weight_density", 1.0)}
+
+
 def _linear(n: Node) -> Kernel:
     x, w = _val(n.args[0]), _val(n.args[1])
     out = _val(n)
     k, nout = x.shape[-1], w.shape[0]
     m = x.numel() // k
     return Kernel(n.name, "gemm", _dtype(x), 2.0 * m * nout * k, _classed(list(n.args[:3]), out),
-                  (1, m, nout, k), nodes=[n.name])
+                  (1, m, nout, k), nodes=[n.name], **_sparsity(n))
 
 
 def _addmm(n: Node) -> Kernel:
@@ -106,7 +112,8 @@ def _addmm(n: Node) -> Kernel:
     m, k = a.shape
     nout = b.shape[1]
     return Kernel(n.name, "gemm", _dtype(a), 2.0 * m * nout * k,
-                  _classed(list(n.args[:3]), _val(n)), (1, m, nout, k), nodes=[n.name])
+                  _classed(list(n.args[:3]), _val(n)), (1, m, nout, k), nodes=[n.name],
+                  **_sparsity(n))
 
 
 def _matmul(n: Node) -> Kernel:
