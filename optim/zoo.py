@@ -150,6 +150,20 @@ def _digits_vit(batch: int, seq: int, seed: int, **o: Any) -> ZooModel:
                     "ViT trained here on scikit-learn digits (65 tokens, 4 layers), real weights")
 
 
+def _char_lm(batch: int, seq: int, seed: int, **o: Any) -> ZooModel:
+    """The byte-level GPT-2 trained here on the Python manual (real weights); real text input."""
+    from optim import char_lm
+
+    if o:
+        raise ValueError("char_lm has trained weights; its config cannot be overridden")
+    if not 2 <= seq <= char_lm.SEQ:
+        raise ValueError(f"char_lm takes 2..{char_lm.SEQ} bytes per sequence, got seq={seq}")
+    ids = char_lm.batches("test", batch, 1, seed=seed)[0][:, :seq]
+    return ZooModel("char_lm", "decoder", char_lm.load(), (), {"input_ids": ids},
+                    char_lm.CONFIG["n_layer"],
+                    "byte-level GPT-2 trained here on the Python manual (4 layers), real weights")
+
+
 # name -> builder. Attention form in the torch.export graph (strict=False, torch 2.13,
 # transformers 5.23, diffusers 0.42), one per attention layer:
 _ENTRIES: dict[str, Callable[..., ZooModel]] = {
@@ -159,6 +173,7 @@ _ENTRIES: dict[str, Callable[..., ZooModel]] = {
     "llama": _llama,  # as gpt2, with k/v heads repeated (unsqueeze -> expand -> reshape) for GQA
     "vit": _vit,  # aten.scaled_dot_product_attention, all-True bool [B,1,S,S] mask
     "digits_vit": _digits_vit,  # as vit
+    "char_lm": _char_lm,  # as gpt2
     "dit": _dit,  # aten.scaled_dot_product_attention, no mask (diffusers AttnProcessor2_0)
 }
 

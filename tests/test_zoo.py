@@ -8,11 +8,11 @@ import torch
 from optim import zoo
 from optim.errors import UnknownNameError
 
-ALL = ["bert", "digits_vit", "dit", "gpt2", "llama", "minilm", "vit"]
+ALL = ["bert", "char_lm", "digits_vit", "dit", "gpt2", "llama", "minilm", "vit"]
 # Attention form in the exported graph: "sdpa" = aten.scaled_dot_product_attention,
 # "softmax" = explicit matmul -> softmax -> matmul.
 FORM = {"minilm": "sdpa", "bert": "sdpa", "vit": "sdpa", "dit": "sdpa", "digits_vit": "sdpa",
-        "gpt2": "softmax", "llama": "softmax"}
+        "gpt2": "softmax", "llama": "softmax", "char_lm": "softmax"}
 
 
 def _tensors(out: object) -> list[torch.Tensor]:
@@ -125,3 +125,10 @@ def test_minilm_is_real_pretrained(zoo_model) -> None:
                    "The stock market fell sharply today."])
     same, unrelated = float(e[0] @ e[1]), float(e[0] @ e[2])
     assert same > 0.6 and same > unrelated + 0.3
+
+
+def test_char_lm_is_really_trained():
+    from optim import char_lm
+
+    ppl = char_lm.perplexity(char_lm.load())
+    assert ppl < 6.0  # per byte on held-out text; an untrained model is near 256

@@ -7,7 +7,8 @@ from optim.numerics import mean_pool
 
 
 def test_zoo_names_and_did_you_mean():
-    assert set(zoo.names()) == {"minilm", "bert", "gpt2", "llama", "vit", "dit", "digits_vit"}
+    assert set(zoo.names()) == {"minilm", "bert", "gpt2", "llama", "vit", "dit", "digits_vit",
+                                "char_lm"}
     with pytest.raises(UnknownNameError, match="Did you mean 'llama'"):
         zoo.load("lama")
 
