@@ -3,7 +3,8 @@
 1. A Llama-shaped decoder from config (4 layers, 2048 wide, MLP 5632, 16 heads / 4 KV heads,
    random weights), batch 1: one token (decode-like: every GEMM is a GEMV that streams its
    weights) and 128 tokens (prefill), fp32 vs int4 (group 128) on ONNX Runtime (MatMulNBits),
-   timed interleaved in one run per shape. The LM head stays fp32 (the `skip` default).
+   timed interleaved in one run per shape. The LM head stays fp32 by default (`skip`); one
+   variant quantizes it too.
 2. all-MiniLM-L6-v2 on real sentences: round-to-nearest vs GPTQ at group 128 and 32, embedding
    fidelity against fp32 on 256 sentences (64 others calibrate GPTQ), mean per-layer SQNR.
 
@@ -37,8 +38,10 @@ def decoder(budget: float) -> list[dict]:
     for seq in (1, 128):
         z = zoo.load("llama", batch=1, seq=seq, **LLAMA)
         variants = {}
-        for name, extra in (("fp32", []), ("int4 rtn g128", [{"quantize_int4": {
-                "method": "rtn", "group_size": 128}}])):
+        for name, extra in (("fp32", []),
+                            ("int4 rtn g128", [{"quantize_int4": {"method": "rtn"}}]),
+                            ("int4 rtn g128 + LM head", [{"quantize_int4": {
+                                "method": "rtn", "skip": []}}])):
             variants[name] = optim.optimize(copy.deepcopy(z.model), "cpu", z.example_args,
                                             ["cleanup", "fuse_attention", *extra],
                                             example_kwargs=z.example_kwargs,
@@ -81,11 +84,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/quantize_int4.json")
     ap.add_argument("--budget", type=float, default=15.0)
+    ap.add_argument("--part", choices=["all", "decoder", "minilm"], default="all")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
     console = Console(width=150)
-    dec = decoder(args.budget)
+    dec = decoder(args.budget) if args.part != "minilm" else []
     t = Table(title=f"int4 weight-only on a Llama-shaped decoder (4 × 2048, batch 1), ONNX "
                     f"Runtime, one interleaved run per shape ({machine()['cpu']}, 2 threads)")
     for c in ("tokens", "variant", "median ms", "speedup vs fp32", "weights MB"):
@@ -94,7 +98,7 @@ def main() -> None:
         t.add_row(str(r["tokens"]), r["variant"], f"{r['median_ms']:.2f}",
                   f"{r['speedup']:.2f}x", f"{r['weight_mb']:.0f}")
     console.print(t)
-    mini = minilm(args.budget)
+    mini = minilm(args.budget) if args.part != "decoder" else []
     t = Table(title="int4 on all-MiniLM-L6-v2, 256 real sentences: RTN vs GPTQ")
     for c in ("variant", "mean layer SQNR dB", "emb. cosine mean / min", "NN agree"):
         t.add_column(c)

@@ -230,6 +230,15 @@ def add_constant(gm: torch.fx.GraphModule, base: str, value: torch.Tensor,
     return node
 
 
+def replace_constant(gm: torch.fx.GraphModule, node: torch.fx.Node,
+                     value: torch.Tensor) -> None:
+    """Point the constant behind `node` at `value` (a Parameter stays a Parameter). Only for
+    constants the graph owns: capture copied the user's weights."""
+    old = get_constant(gm, node)
+    _set(gm, node.target, torch.nn.Parameter(value.contiguous(), requires_grad=False)
+         if isinstance(old, torch.nn.Parameter) else value.contiguous())
+
+
 def prune_unused_constants(gm: torch.fx.GraphModule) -> int:
     """Delete parameters and buffers no `get_attr` node reads any more; returns how many."""
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}

@@ -16,7 +16,15 @@ import torch
 import torch.fx
 
 import optim.ops  # noqa: F401  (registers torch.ops.optim)
-from optim.ir import _set, downstream, evaluate_nodes, get_constant, module_path, shape, upstream
+from optim.ir import (
+    downstream,
+    evaluate_nodes,
+    get_constant,
+    module_path,
+    replace_constant,
+    shape,
+    upstream,
+)
 from optim.nested_width import weight_and_bias, weight_axis
 
 aten = torch.ops.aten
@@ -208,9 +216,3 @@ def reorder(gm, proj: torch.fx.Node, side: str, index: torch.Tensor) -> None:
     replace_constant(gm, w_node, get_constant(gm, w_node).index_select(axis, index))
     if side == "out" and isinstance(b_node, torch.fx.Node):
         replace_constant(gm, b_node, get_constant(gm, b_node).index_select(0, index))
-
-
-def replace_constant(gm, node: torch.fx.Node, value: torch.Tensor) -> None:
-    old = get_constant(gm, node)
-    _set(gm, node.target, torch.nn.Parameter(value.contiguous(), requires_grad=False)
-         if isinstance(old, torch.nn.Parameter) else value.contiguous())

@@ -1,5 +1,14 @@
 """optim's passes. Importing this package registers each one in `optim.registry.PASSES`."""
 
-from passes import (cleanup, dynamic_width, fuse_attention, linearize_attention,  # noqa: F401
-                    low_rank, merge_tokens, prune_weights, quantize, quantize_int4,
-                    sparsify)
+from passes import (  # noqa: F401
+    cleanup,
+    dynamic_width,
+    fuse_attention,
+    linearize_attention,
+    low_rank,
+    merge_tokens,
+    prune_weights,
+    quantize,
+    quantize_int4,
+    sparsify,
+)

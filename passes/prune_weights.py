@@ -19,10 +19,9 @@ from typing import Literal
 import torch
 import torch.fx
 
-from optim.ir import evaluate_nodes, get_constant, module_path
+from optim.ir import evaluate_nodes, get_constant, module_path, replace_constant
 from optim.nested_width import weight_and_bias, weight_axis
 from optim.pass_base import Lossy, PassContext, register_pass
-from optim.units import replace_constant
 
 aten = torch.ops.aten
 

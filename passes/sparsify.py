@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from optim.ir import evaluate_nodes, get_constant
+from optim.ir import evaluate_nodes, get_constant, replace_constant
 from optim.nested_width import counts_at, narrow, weight_and_bias, weight_axis
 from optim.pass_base import Lossy, PassContext, register_pass
 from optim.units import (
@@ -33,7 +33,6 @@ from optim.units import (
     permute_heads,
     permute_neurons,
     plan_layers,
-    replace_constant,
 )
 
 
