@@ -34,6 +34,8 @@ VARIANTS = {
     "quantize_int4 g32, round-to-nearest": {"quantize_int4": {"method": "rtn", "group_size": 32}},
     "quantize_int4 g32, GPTQ": {"quantize_int4": {"method": "gptq", "group_size": 32}},
     "sparsify 30% (heads + neurons)": {"sparsify": {"sparsity": 0.3}},
+    "quantize int8 per-token, no smoothing": {"quantize": {"smooth_alpha": 0.0}},
+    "quantize int8 per-token + SmoothQuant 0.5": {"quantize": {"smooth_alpha": 0.5}},
 }
 
 
