@@ -23,11 +23,14 @@ from torch.utils import _pytree as pytree
 
 from backends.onnx_lowering import OPSET, translation_table
 from optim.errors import BackendError
+from optim.ir import require_lowerings
 from optim.registry import BACKENDS
 
 
 def export_onnx(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> onnx.ModelProto:
     """The graph as one self-contained ONNX model (weights inline)."""
+    require_lowerings(gm, {op.name().split("::")[1] for op in translation_table()},
+                      "onnxruntime")
     quiet = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript")]
     levels = [lg.level for lg in quiet]
     try:

@@ -20,6 +20,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from optim.errors import BackendError
+from optim.ir import require_lowerings
 from optim.registry import BACKENDS
 
 # idle TVM worker threads must not spin: on a 2-core machine they would steal the cores from
@@ -126,6 +127,7 @@ def to_relax(gm: torch.fx.GraphModule, args: tuple, kwargs: dict):
                            f"dependencies") from e
     from backends.tvm_lowering import CONVERT_MAP
 
+    require_lowerings(gm, {k.split(".")[0] for k in CONVERT_MAP}, "tvm")
     flat, in_spec = pytree.tree_flatten((args, kwargs))
     tensors = tuple(t for t in flat if isinstance(t, torch.Tensor))
     try:

@@ -239,6 +239,21 @@ def replace_constant(gm: torch.fx.GraphModule, node: torch.fx.Node,
          if isinstance(old, torch.nn.Parameter) else value.contiguous())
 
 
+def require_lowerings(gm: torch.fx.GraphModule, lowered: set[str], backend: str) -> None:
+    """Raise `BackendError` naming every optim op in `gm` that `backend` cannot lower
+    (`lowered`: op names such as "attention"), and what to do instead."""
+    from optim.errors import BackendError
+
+    missing = sorted({n.target.__name__.split(".")[0] for n in gm.graph.nodes
+                      if n.op == "call_function" and getattr(n.target, "namespace", "") == "optim"
+                      and n.target.__name__.split(".")[0] not in lowered})
+    if missing:
+        ops = ", ".join(f"optim::{m}" for m in missing)
+        raise BackendError(f"the {backend} backend has no lowering for {ops} (added by a pass in "
+                           f"the pipeline); run this pipeline with backend 'torch', or drop the "
+                           f"pass that adds it")
+
+
 def prune_unused_constants(gm: torch.fx.GraphModule) -> int:
     """Delete parameters and buffers no `get_attr` node reads any more; returns how many."""
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}

@@ -133,3 +133,10 @@ def test_shipped_yaml_pipeline_runs(tmp_path):
     assert res["counts"]["blocks_merged"] == 4 and res["details"]["mode"] == "merge"
     assert report["fidelity"]["outputs"]["cosine_min"] > 0.9
     assert (tmp_path / "vit_tome-cpu.html").exists()
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "tvm"])
+def test_backends_without_a_merge_lowering_say_so(backend, zoo_model):
+    z = zoo_model("vit")
+    with pytest.raises(optim.BackendError, match="no lowering for optim::merge_tokens.*'torch'"):
+        _tome(z, {"r": 2}, backend=backend)
