@@ -38,7 +38,8 @@ def run_model(name: str, cfg: dict, schedules: dict, batch: int, console: Consol
     variants = {}
     for label, opts in schedules.items():
         console.print(f"  building {label}")
-        pipe = ["cleanup", "fuse_attention"] + ([{"merge_tokens": opts}] if opts else [])
+        pipe = ["cleanup", "fuse_attention"] + ([{"merge_tokens": {**opts, "gate": False}}]
+                                                if opts else [])  # the curve: gate off
         om = optim.optimize(copy.deepcopy(z.model), "cpu", a, pipe, example_kwargs=k,
                             backend="torch", measure_latency=False)
         variants[label] = om

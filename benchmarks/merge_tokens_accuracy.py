@@ -38,7 +38,8 @@ def main() -> None:
     x = z.example_args[0]
     variants, tokens = {}, {}
     for r in R_VALUES:
-        pipe = ["cleanup", "fuse_attention"] + ([{"merge_tokens": {"r": r}}] if r else [])
+        pipe = ["cleanup", "fuse_attention"] + ([{"merge_tokens": {"r": r, "gate": False}}]
+                                                if r else [])  # the curve: every r, gate off
         om = optim.optimize(copy.deepcopy(z.model), "cpu", (x,), pipe, backend="torch",
                             measure_latency=False)
         variants[r] = om

@@ -178,6 +178,25 @@ def _linear_int4(n: Node) -> Kernel:
                   nodes=[n.name], weight_format="int4")
 
 
+def _merge_tokens(n: Node) -> Kernel:
+    """ToMe matching and merging: a [N/2 × N/2] similarity GEMM on the keys, then sorts, gathers
+    and scatters over the tokens. The torch kernel issues about 20 small ops, all counted."""
+    x, metric = _val(n.args[0]), _val(n.args[1])
+    bsz, tokens, _ = x.shape
+    d = metric.shape[-1]
+    half = tokens // 2
+    b = {"weights": 0.0, "activations": 2 * _nbytes(metric) + 4 * _nbytes(x), "kv_cache": 0.0}
+    return Kernel(n.name, "gemm", _dtype(x), 2.0 * bsz * half * half * d, b,
+                  (bsz, half, half, d), launches=20, nodes=[n.name])
+
+
+def _unmerge_tokens(n: Node) -> Kernel:
+    x, out = _val(n.args[0]), _val(n)
+    return Kernel(n.name, "fused", _dtype(x), 0.0,
+                  {"weights": 0.0, "activations": _nbytes(x) + _nbytes(out), "kv_cache": 0.0},
+                  nodes=[n.name])
+
+
 def _attention(n: Node) -> Kernel:
     """Fused attention: scores never leave on-chip memory; Q, K, V, mask and O move once."""
     q, k, v, out = (_val(a) for a in (n.args[0], n.args[1], n.args[2], n))
@@ -219,6 +238,7 @@ KERNEL_RULES: dict[str, Callable[[Node], Kernel | list[Kernel]]] = {
     "aten.matmul": _matmul, "aten.baddbmm": _matmul, "aten.conv2d": _conv,
     "aten.conv1d": _conv, "aten.convolution": _conv, "aten.einsum": _einsum,
     "optim.linear_int8": _linear_int8, "optim.linear_int4": _linear_int4,
+    "optim.merge_tokens": _merge_tokens, "optim.unmerge_tokens": _unmerge_tokens,
     "optim.attention": _attention,
     "aten.scaled_dot_product_attention": _sdpa, "aten.embedding": _embedding,
 }
@@ -258,7 +278,8 @@ def graph_kernels(gm: GraphModule) -> list[Kernel]:
     fusable: list[Node] = []
     for n in nodes:
         name = target_name(n.target)
-        if name in KERNEL_RULES and _val(n) is not None:
+        if name in KERNEL_RULES and (_val(n) is not None or
+                                     isinstance(n.meta.get("val"), (tuple, list))):
             made = KERNEL_RULES[name](n)
             for k in made if isinstance(made, list) else [made]:
                 k.module = module_path(n)

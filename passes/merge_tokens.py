@@ -13,7 +13,9 @@ merge-then-unmerge instead (tomesd): tokens are merged before each attention and
 every original position after it, so only attention runs on fewer tokens.
 
 Refuses, with the reason, attention that is causal or masked (decoders, padded text): merging
-would mix positions the mask keeps apart. Requires: fuse_attention. Numerics: lossy.
+would mix positions the mask keeps apart. With `gate` (default), the merge is kept only if the
+target's cost model estimates the merged graph faster (small r on small models is not: the
+matching costs more than it saves). Requires: fuse_attention. Numerics: lossy.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class MergeTokensConfig:
     protect: int = -1  # leading tokens never merged; -1: those concatenated before block 1
     mode: Literal["auto", "merge", "unmerge"] = "auto"  # auto: merge, unmerge if it must
     proportional_attention: bool = True  # add log(size) to later attention scores (merge mode)
+    gate: bool = True  # merge only if the target's cost model estimates the merged graph faster
 
     def validate(self) -> None:
         if self.r < 0 or any(r < 0 for r in self.schedule):
@@ -85,6 +88,15 @@ def merge_tokens(gm: torch.fx.GraphModule, cfg: MergeTokensConfig, ctx: PassCont
         except TokenAxisError as e:
             failures.append(f"{mode}: {e}")
             continue
+        if cfg.gate:
+            before, after = _estimated_ms(gm, ctx), _estimated_ms(trial, ctx)
+            ctx.details["estimated_ms"] = {"unmerged": round(before, 3), "merged": round(after, 3)}
+            if after >= before:
+                ctx.skip("graph", f"not worth it on {_target(ctx)}: merged estimated "
+                                  f"{after:.3g} ms vs {before:.3g} ms unmerged (matching and "
+                                  f"gathers cost more than the smaller blocks save; a larger r, "
+                                  f"or gate: false, forces it)")
+                return
         gm.graph = trial.graph
         if failures:
             ctx.details["fallback"] = f"merge mode refused ({failures[0]}); unmerge used"
@@ -94,6 +106,16 @@ def merge_tokens(gm: torch.fx.GraphModule, cfg: MergeTokensConfig, ctx: PassCont
         return
     for f in failures:
         ctx.skip("graph", f"cannot follow the token axis: {f}")
+
+
+def _target(ctx: PassContext) -> str:
+    return getattr(ctx.target, "name", None) or "cpu"
+
+
+def _estimated_ms(gm: torch.fx.GraphModule, ctx: PassContext) -> float:
+    from hardware.estimate import estimate
+
+    return estimate(gm, _target(ctx)).seconds * 1e3
 
 
 def _copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

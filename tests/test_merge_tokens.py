@@ -13,6 +13,7 @@ from optim.ops import merge_tokens, merged_count, unmerge_tokens
 
 
 def _tome(z, opts, backend="torch"):
+    opts = {"gate": False, **opts}  # the zoo's tiny models are below the gate's break-even
     return optim.optimize(copy.deepcopy(z.model), "cpu", z.example_args,
                           ["cleanup", "fuse_attention", {"merge_tokens": opts}],
                           example_kwargs=z.example_kwargs, backend=backend,
@@ -140,3 +141,15 @@ def test_backends_without_a_merge_lowering_say_so(backend, zoo_model):
     z = zoo_model("vit")
     with pytest.raises(optim.BackendError, match="no lowering for optim::merge_tokens.*'torch'"):
         _tome(z, {"r": 2}, backend=backend)
+
+
+def test_gate_skips_merging_that_the_cost_model_says_is_slower(zoo_model):
+    from optim import zoo
+
+    z = zoo_model("vit")  # 17 tokens, 64 wide: matching costs more than it saves
+    with pytest.raises(optim.PassError, match="not worth it on cpu: merged estimated"):
+        _tome(z, {"r": 4, "gate": True})
+    big = zoo.load("digits_vit", batch=64)  # 65 tokens, batch 64: r=8 pays (measured 1.14x)
+    res = _tome(big, {"r": 8, "gate": True}).report.pass_result("merge_tokens")
+    est = res["details"]["estimated_ms"]
+    assert est["merged"] < est["unmerged"] and res["counts"]["blocks_merged"] == 4
