@@ -4,7 +4,7 @@
 
 costs O(L·d′·d) instead of O(L²·d). Everything here is plain torch on [B, H, L, D] tensors, so
 the same functions train the learned maps, check the graph rewrite, and (traced by
-`optim.ir.inline_function`) become the rewritten graph's aten ops.
+`optim.ir.trace_function` and `splice`) become the rewritten graph's aten ops.
 
 Feature maps (`feature_map(method, x, params, role)`):
 - `elu`: elu(x) + 1 (Katharopoulos et al. 2020).

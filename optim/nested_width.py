@@ -20,22 +20,10 @@ import torch.fx
 
 from optim.errors import ConfigError
 from optim.ir import add_constant, get_constant, refresh_meta
+from optim.linears import weight_and_bias, weight_axis
 from optim.token_axis import Axis, TokenAxisError, retarget_axes
 
 aten = torch.ops.aten
-
-
-def weight_axis(node: torch.fx.Node, side: str) -> int:
-    """The weight dimension holding a projection's outputs (`side="out"`) or inputs (`"in"`):
-    `linear(x, W[out, in])`, `addmm(b, x, W[in, out])`."""
-    out = 0 if node.target is aten.linear.default else 1
-    return out if side == "out" else 1 - out
-
-
-def weight_and_bias(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node | None]:
-    if node.target is aten.linear.default:
-        return node.args[1], node.args[2] if len(node.args) > 2 else None
-    return node.args[2], node.args[0]  # addmm(bias, x, W)
 
 
 def kept(count: int, width: float, group: int = 1) -> int:

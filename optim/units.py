@@ -25,11 +25,10 @@ from optim.ir import (
     shape,
     upstream,
 )
-from optim.nested_width import weight_and_bias, weight_axis
+from optim.linears import is_constant_linear, linear_input, weight_and_bias, weight_axis
 
 aten = torch.ops.aten
 ATTENTION = torch.ops.optim.attention.default
-_PROJ = {aten.linear.default, aten.addmm.default}
 _ELEMENTWISE = {aten.gelu.default, aten.relu.default, aten.silu.default, aten.tanh.default,
                 aten.sigmoid.default, aten.mul.Tensor, aten.add.Tensor, aten.pow.Tensor_Scalar,
                 aten.div.Tensor, aten.sub.Tensor, aten.erf.default, aten.neg.default,
@@ -41,13 +40,6 @@ def leaves(out) -> list[torch.Tensor]:
     from torch.utils import _pytree as pytree
 
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-
-
-def _weighted(n: torch.fx.Node) -> bool:
-    if n.op != "call_function" or n.target not in _PROJ:
-        return False
-    w, _ = weight_and_bias(n)
-    return isinstance(w, torch.fx.Node) and w.op == "get_attr"
 
 
 def _out_features(gm, n: torch.fx.Node) -> int:
@@ -74,8 +66,8 @@ def attention_heads(gm, attn: torch.fx.Node, skip) -> dict | None:
         sizes = {n_heads * d} if role == "q" else {h * d for h in range(1, kv_heads + 1)
                                                     if kv_heads % h == 0 and n_heads % h == 0}
         above = upstream(x) | {x}
-        cands = [n for n in above if _weighted(n) and _out_features(gm, n) in sizes
-                 and not any(_weighted(b) or b.target is ATTENTION  # nothing in between
+        cands = [n for n in above if is_constant_linear(n) and _out_features(gm, n) in sizes
+                 and not any(is_constant_linear(b) or b.target is ATTENTION  # nothing in between
                              for b in above & downstream(n))]
         if not cands:
             skip(module_path(attn), f"no separate {role} projection (a fused q/k/v "
@@ -86,7 +78,8 @@ def attention_heads(gm, attn: torch.fx.Node, skip) -> dict | None:
     if len({projs["q"], projs["k"], projs["v"]}) < 3:
         skip(module_path(attn), "q, k and v come from one fused projection; heads stay")
         return None
-    outs = [n for n in downstream(attn) if _weighted(n) and _in_features(gm, n) == n_heads * d]
+    outs = [n for n in downstream(attn)
+            if is_constant_linear(n) and _in_features(gm, n) == n_heads * d]
     if not outs:
         skip(module_path(attn), "no output projection reads the heads")
         return None
@@ -95,7 +88,7 @@ def attention_heads(gm, attn: torch.fx.Node, skip) -> dict | None:
         skip(module_path(attn), "k and v projections differ in size; heads stay")
         return None
     o = min(outs, key=order.get)
-    if any(_weighted(n) for n in downstream(attn) & upstream(o)):
+    if any(is_constant_linear(n) for n in downstream(attn) & upstream(o)):
         skip(module_path(attn), "another projection sits between the heads and the output")
         return None
     return {"attention": attn, **projs, "o": o, "heads": n_heads,
@@ -104,9 +97,9 @@ def attention_heads(gm, attn: torch.fx.Node, skip) -> dict | None:
 
 def mlp_unit(gm, down: torch.fx.Node) -> dict | None:
     """`down(f(up_1(x), …))` with f elementwise over the hidden neurons, else None."""
-    if not _weighted(down):
+    if not is_constant_linear(down):
         return None
-    hidden = down.args[0] if down.target is aten.linear.default else down.args[1]
+    hidden = linear_input(down)
     size = _in_features(gm, down)
     ups, todo, seen = [], [hidden], set()
     while todo:
@@ -114,7 +107,7 @@ def mlp_unit(gm, down: torch.fx.Node) -> dict | None:
         if n in seen or not isinstance(n, torch.fx.Node):
             continue
         seen.add(n)
-        if _weighted(n):
+        if is_constant_linear(n):
             if _out_features(gm, n) != size:
                 return None
             ups.append(n)
@@ -156,6 +149,26 @@ def plan_layers(pairs: list, heads: list[dict]) -> list[dict]:
         if layer:
             layers.append(layer)
     return layers
+
+
+def order_units(gm, heads: bool, mlp: bool, batches: list, skip) -> dict | None:
+    """Find every block's heads (when `heads`) and MLP neurons (when `mlp`), score them on
+    `batches` and permute them most important first (the function is unchanged). Returns the
+    plan `{"layers": [...]}` that `optim.nested_width` slices, or None if nothing was found."""
+    attns = [n for n in gm.graph.nodes if n.target is ATTENTION] if heads else []
+    found = [h for h in (attention_heads(gm, n, skip) for n in attns) if h]
+    pairs = blocks(gm, [m for m in (mlp_unit(gm, n) for n in gm.graph.nodes) if m], skip)
+    if not mlp:
+        pairs = [(a, None) for a, _ in pairs]
+    if not found and not any(m for _, m in pairs):
+        return None
+    for h in found:
+        permute_heads(gm, h, head_scores(gm, h, batches))
+    for _, m in pairs:
+        if m:
+            permute_neurons(gm, m, neuron_scores(gm, m, batches))
+    gm.recompile()
+    return {"layers": plan_layers(pairs, found)}
 
 
 def _names(unit: dict) -> dict:

@@ -23,18 +23,7 @@ import torch.nn.functional as F
 
 from optim.nested_width import at_width
 from optim.pass_base import Exact, PassContext, register_pass
-from optim.units import (
-    ATTENTION,
-    attention_heads,
-    blocks,
-    head_scores,
-    leaves,
-    mlp_unit,
-    neuron_scores,
-    permute_heads,
-    permute_neurons,
-    plan_layers,
-)
+from optim.units import leaves, order_units
 
 
 @dataclass(frozen=True)
@@ -56,24 +45,14 @@ class DynamicWidthConfig:
                requires=("fuse_attention",), expects=("layers_nested",))
 def dynamic_width(gm: torch.fx.GraphModule, cfg: DynamicWidthConfig, ctx: PassContext) -> None:
     """Order heads and MLP neurons by importance so that any prefix width runs (MatFormer)."""
-    attns = [n for n in gm.graph.nodes if n.target is ATTENTION] if cfg.heads else []
-    heads = [h for h in (attention_heads(gm, n, ctx.skip) for n in attns) if h]
-    pairs = blocks(gm, [m for m in (mlp_unit(gm, n) for n in gm.graph.nodes) if m], ctx.skip)
-    mlps = [m for _, m in pairs if m] if cfg.mlp else []
-    if not heads and not mlps:
-        return
-    batches = ctx.calibration or [ctx.example_inputs]
     before = gm(*ctx.example_inputs[0], **ctx.example_inputs[1])
-    for h in heads:
-        permute_heads(gm, h, head_scores(gm, h, batches))
-        ctx.record("attention_heads_ordered")
-    for m in mlps:
-        permute_neurons(gm, m, neuron_scores(gm, m, batches))
-        ctx.record("mlp_neurons_ordered")
-    gm.recompile()
+    plan = order_units(gm, cfg.heads, cfg.mlp, ctx.calibration or [ctx.example_inputs], ctx.skip)
+    if plan is None:
+        return
+    ctx.record("attention_heads_ordered", sum("heads" in la for la in plan["layers"]))
+    ctx.record("mlp_neurons_ordered", sum("mlp" in la for la in plan["layers"]))
     after = gm(*ctx.example_inputs[0], **ctx.example_inputs[1])
     err = max(float((a - b).abs().max()) for a, b in zip(leaves(before), leaves(after)))
-    plan = {"layers": plan_layers(pairs, heads)}
     ctx.record("layers_nested", len(plan["layers"]))
     ctx.details.update(plan=plan, permutation_max_abs_error=err,
                        widths=_measure_widths(gm, plan, cfg.widths, after, ctx))

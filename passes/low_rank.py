@@ -17,8 +17,14 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from optim.ir import add_constant, evaluate_nodes, get_constant, module_path
-from optim.nested_width import weight_and_bias, weight_axis
+from optim.ir import add_constant, get_constant, module_path
+from optim.linears import (
+    constant_linears,
+    input_channel_energy,
+    linear_input,
+    weight_and_bias,
+    weight_axis,
+)
 from optim.pass_base import Lossy, PassContext, register_pass
 
 aten = torch.ops.aten
@@ -45,11 +51,12 @@ class LowRankConfig:
                expects=("linears_factorized",))
 def low_rank(gm: torch.fx.GraphModule, cfg: LowRankConfig, ctx: PassContext) -> None:
     """Factorize linear layers by truncated SVD (rank by retained energy or a FLOP budget)."""
-    linears = [n for n in gm.graph.nodes if n.op == "call_function" and
-               n.target in (aten.linear.default, aten.addmm.default) and
-               getattr(weight_and_bias(n)[0], "op", None) == "get_attr"]
+    linears = constant_linears(gm)
     layers = []
-    scales = _input_rms(gm, linears, ctx) if cfg.activation_aware else {}
+    scales = {}
+    if cfg.activation_aware and linears:
+        sq, rows = input_channel_energy(gm, linears, ctx.calibration or [ctx.example_inputs])
+        scales = {n: (sq[n] / rows[n]).sqrt().float().clamp_min(1e-6) for n in linears}
     for n in linears:
         where = module_path(n)
         w_node, b_node = weight_and_bias(n)
@@ -73,7 +80,7 @@ def low_rank(gm: torch.fx.GraphModule, cfg: LowRankConfig, ctx: PassContext) -> 
         down = (vh[:r] / s.double()).float()  # [r, in]
         err = float((up.double() @ vh[:r] - w_oi.double() * s.double()).norm()
                     / (w_oi.double() * s.double()).norm())
-        x = n.args[0] if n.target is aten.linear.default else n.args[1]
+        x = linear_input(n)
         with gm.graph.inserting_before(n):
             v_node = add_constant(gm, f"{w_node.target}_lr_down", down, n)
             u_node = add_constant(gm, f"{w_node.target}_lr_up", up, n)
@@ -95,17 +102,3 @@ def _rank(sig: torch.Tensor, cfg: LowRankConfig, out_f: int, in_f: int) -> int:
         return max(1, int(cfg.flops * in_f * out_f / (in_f + out_f)))
     energy = torch.cumsum(sig ** 2, 0) / (sig ** 2).sum()
     return int((energy < cfg.energy).sum()) + 1
-
-
-def _input_rms(gm, linears: list, ctx: PassContext) -> dict:
-    """Per input channel RMS of every linear's input, over the calibration batches."""
-    xs = {n: (n.args[0] if n.target is aten.linear.default else n.args[1]) for n in linears}
-    sums: dict = {}
-    rows: dict = {}
-    for batch in ctx.calibration or [ctx.example_inputs]:
-        values = evaluate_nodes(gm, list(set(xs.values())), *batch)
-        for n, x in xs.items():
-            v = values[x].reshape(-1, values[x].shape[-1]).double()
-            sums[n] = sums.get(n, 0) + (v * v).sum(0)
-            rows[n] = rows.get(n, 0) + len(v)
-    return {n: (sums[n] / rows[n]).sqrt().float().clamp_min(1e-6) for n in linears}

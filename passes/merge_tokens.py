@@ -28,8 +28,15 @@ import torch
 import torch.fx
 
 import optim.ops  # noqa: F401  (registers torch.ops.optim)
-from optim.ir import (depends_on_inputs, downstream, evaluate_nodes, module_path, refresh_meta,
-                      shape, upstream)
+from optim.ir import (
+    depends_on_inputs,
+    downstream,
+    evaluate_nodes,
+    module_path,
+    refresh_meta,
+    shape,
+    upstream,
+)
 from optim.ops import merged_count
 from optim.pass_base import Lossy, PassContext, register_pass
 from optim.token_axis import TokenAxisError, retarget

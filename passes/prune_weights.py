@@ -19,8 +19,8 @@ from typing import Literal
 import torch
 import torch.fx
 
-from optim.ir import evaluate_nodes, get_constant, module_path, replace_constant
-from optim.nested_width import weight_and_bias, weight_axis
+from optim.ir import get_constant, module_path, replace_constant
+from optim.linears import constant_linears, input_channel_energy, weight_and_bias, weight_axis
 from optim.pass_base import Lossy, PassContext, register_pass
 
 aten = torch.ops.aten
@@ -45,10 +45,7 @@ class PruneWeightsConfig:
 def prune_weights(gm: torch.fx.GraphModule, cfg: PruneWeightsConfig, ctx: PassContext) -> None:
     """Zero the least important weights (Wanda or magnitude; unstructured or 2:4)."""
     linears = []
-    for n in gm.graph.nodes:
-        if n.op != "call_function" or n.target not in (aten.linear.default, aten.addmm.default) \
-                or getattr(weight_and_bias(n)[0], "op", None) != "get_attr":
-            continue
+    for n in constant_linears(gm):
         k = get_constant(gm, weight_and_bias(n)[0]).shape[weight_axis(n, "in")]
         if any(s in module_path(n) for s in cfg.skip):
             ctx.skip(module_path(n), "in the skip list (output heads stay dense)")
@@ -56,7 +53,10 @@ def prune_weights(gm: torch.fx.GraphModule, cfg: PruneWeightsConfig, ctx: PassCo
             ctx.skip(module_path(n), f"{k} inputs are not a multiple of 4 (2:4 groups)")
         else:
             linears.append(n)
-    norms = _input_norms(gm, linears, ctx) if cfg.score == "wanda" and linears else {}
+    norms = {}
+    if cfg.score == "wanda" and linears:  # ‖X_j‖ per input channel
+        sq, _ = input_channel_energy(gm, linears, ctx.calibration or [ctx.example_inputs])
+        norms = {n: s.sqrt().float() for n, s in sq.items()}
     layers = []
     for n in linears:
         w_node, _ = weight_and_bias(n)
@@ -88,18 +88,6 @@ def _mask(score: torch.Tensor, cfg: PruneWeightsConfig) -> torch.Tensor:
     k = score.shape[1] - int(cfg.sparsity * score.shape[1])
     top = score.topk(k, dim=1).indices
     return torch.zeros_like(score, dtype=torch.bool).scatter_(1, top, True)
-
-
-def _input_norms(gm, nodes: list, ctx: PassContext) -> dict:
-    """‖X_j‖ per input channel of every layer over the calibration batches (Wanda)."""
-    xs = {n: (n.args[0] if n.target is aten.linear.default else n.args[1]) for n in nodes}
-    sq: dict = {}
-    for batch in ctx.calibration or [ctx.example_inputs]:
-        values = evaluate_nodes(gm, list(set(xs.values())), *batch)
-        for n, x in xs.items():
-            v = values[x].reshape(-1, values[x].shape[-1]).double()
-            sq[n] = sq.get(n, 0) + (v * v).sum(0)
-    return {n: s.sqrt().float() for n, s in sq.items()}
 
 
 def _speed_note(cfg: PruneWeightsConfig, ctx: PassContext) -> str:

@@ -21,8 +21,8 @@ import torch
 import torch.fx
 
 import optim.ops  # noqa: F401  (registers torch.ops.optim)
-from optim.ir import add_constant, evaluate_nodes, get_constant, module_path
-from optim.nested_width import weight_and_bias, weight_axis
+from optim.ir import add_constant, get_constant, module_path
+from optim.linears import constant_linears, input_rows, linear_input, weight_and_bias, weight_axis
 from optim.ops import pack_int4, unpack_int4
 from optim.pass_base import Lossy, PassContext, register_pass
 
@@ -49,11 +49,8 @@ class QuantizeInt4Config:
                requires=("cleanup",), expects=("linear_int4",))
 def quantize_int4(gm: torch.fx.GraphModule, cfg: QuantizeInt4Config, ctx: PassContext) -> None:
     """Quantize linear weights to 4 bits with block scales (GPTQ or round-to-nearest)."""
-    linears = [n for n in gm.graph.nodes if n.op == "call_function" and
-               n.target in (aten.linear.default, aten.addmm.default) and
-               getattr(weight_and_bias(n)[0], "op", None) == "get_attr"]
     chosen = []
-    for n in linears:
+    for n in constant_linears(gm):
         where = module_path(n)
         w = get_constant(gm, weight_and_bias(n)[0])
         k = w.shape[weight_axis(n, "in")]
@@ -63,7 +60,7 @@ def quantize_int4(gm: torch.fx.GraphModule, cfg: QuantizeInt4Config, ctx: PassCo
             ctx.skip(where, f"{k} inputs are not a multiple of group_size {cfg.group_size}")
         else:
             chosen.append(n)
-    inputs = _inputs(gm, chosen, ctx) if chosen else {}
+    inputs = input_rows(gm, chosen, ctx.calibration or [ctx.example_inputs], limit=4096)
     layers = []
     for n in chosen:
         w_node, b_node = weight_and_bias(n)
@@ -78,7 +75,7 @@ def quantize_int4(gm: torch.fx.GraphModule, cfg: QuantizeInt4Config, ctx: PassCo
         w_hat = unpack_int4(packed, scales)
         ref, got = x @ w_oi.T, x @ w_hat.T
         sqnr = 10 * math.log10(float(ref.pow(2).sum() / (ref - got).pow(2).sum().clamp_min(1e-30)))
-        xin = n.args[0] if n.target is aten.linear.default else n.args[1]
+        xin = linear_input(n)
         p_node = add_constant(gm, f"{w_node.target}_int4", packed, n)
         s_node = add_constant(gm, f"{w_node.target}_int4_scales", scales, n)
         with gm.graph.inserting_before(n):
@@ -133,14 +130,3 @@ def gptq(w: torch.Tensor, x: torch.Tensor, group: int, damp: float
             errs[:, j] = err
         w[:, i1:] -= errs @ hinv[i0:i1, i1:]
     return codes, scales.float()
-
-
-def _inputs(gm, nodes: list, ctx: PassContext) -> dict:
-    """Each layer's calibration inputs as [rows, K] (fp32), at most 4096 rows."""
-    xs = {n: (n.args[0] if n.target is aten.linear.default else n.args[1]) for n in nodes}
-    out: dict = {n: [] for n in nodes}
-    for batch in ctx.calibration or [ctx.example_inputs]:
-        values = evaluate_nodes(gm, list(set(xs.values())), *batch)
-        for n, x in xs.items():
-            out[n].append(values[x].reshape(-1, values[x].shape[-1]).float())
-    return {n: torch.cat(v)[:4096] for n, v in out.items()}

@@ -20,20 +20,11 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from optim.ir import evaluate_nodes, get_constant, replace_constant
-from optim.nested_width import counts_at, narrow, weight_and_bias, weight_axis
+from optim.ir import get_constant, replace_constant
+from optim.linears import input_rows, weight_and_bias, weight_axis
+from optim.nested_width import counts_at, narrow
 from optim.pass_base import Lossy, PassContext, register_pass
-from optim.units import (
-    ATTENTION,
-    attention_heads,
-    blocks,
-    head_scores,
-    mlp_unit,
-    neuron_scores,
-    permute_heads,
-    permute_neurons,
-    plan_layers,
-)
+from optim.units import order_units
 
 
 @dataclass(frozen=True)
@@ -61,21 +52,10 @@ def sparsify(gm: torch.fx.GraphModule, cfg: SparsifyConfig, ctx: PassContext) ->
     """Remove the least important attention heads and MLP neurons (structured sparsity)."""
     from hardware.opcost import graph_kernels
 
-    attns = [n for n in gm.graph.nodes if n.target is ATTENTION] if cfg.heads else []
-    heads = [h for h in (attention_heads(gm, n, ctx.skip) for n in attns) if h]
-    pairs = blocks(gm, [m for m in (mlp_unit(gm, n) for n in gm.graph.nodes) if m], ctx.skip)
-    if not cfg.mlp:
-        pairs = [(a, None) for a, _ in pairs]
-    if not heads and not any(m for _, m in pairs):
-        return
     batches = ctx.calibration or [ctx.example_inputs]
-    for h in heads:
-        permute_heads(gm, h, head_scores(gm, h, batches))
-    for _, m in pairs:
-        if m:
-            permute_neurons(gm, m, neuron_scores(gm, m, batches))
-    gm.recompile()
-    plan = {"layers": plan_layers(pairs, heads)}
+    plan = order_units(gm, cfg.heads, cfg.mlp, batches, ctx.skip)
+    if plan is None:
+        return
     flops_before = sum(k.flops for k in graph_kernels(gm))
     sparsity = cfg.sparsity if not cfg.flops else _sparsity_for_flops(gm, plan, cfg.flops, ctx)
     counts = counts_at(plan, 1.0 - sparsity)
@@ -136,9 +116,7 @@ def _reconstruct(gm, layer: dict, row: dict, batches) -> dict:
     if "neurons" in row:
         jobs.append(("neurons", nodes[layer["mlp"]["down"]], row["neurons"]))
     for kind, proj, keep in jobs:
-        x_node = proj.args[0] if proj.target is torch.ops.aten.linear.default else proj.args[1]
-        xs = [evaluate_nodes(gm, [x_node], *b)[x_node] for b in batches]
-        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in xs]).double()
+        x = input_rows(gm, [proj], batches)[proj].double()
         w_node, b_node = weight_and_bias(proj)
         w = get_constant(gm, w_node)
         w_oi = (w if weight_axis(proj, "in") == 1 else w.T).double()  # [out, in]

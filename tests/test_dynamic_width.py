@@ -9,7 +9,7 @@ import torch
 
 import optim
 from optim.ir import get_constant
-from optim.nested_width import weight_and_bias, weight_axis
+from optim.linears import weight_and_bias, weight_axis
 
 
 def _nest(z, opts=None, backend="torch"):
