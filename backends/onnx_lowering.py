@@ -67,9 +67,11 @@ def attention(q, k, v, mask, scale: float, causal: bool):
     return op.Attention(q, k, v, mask, scale=scale, is_causal=int(causal))[0]
 
 
-def linear_int8(x, w_q, w_scale, bias):
+def linear_int8(x, w_q, w_scale, bias, in_scale=None):
     k = op.Shape(x, start=-1)
     x2 = op.Reshape(x, op.Concat(op.Constant(value_ints=[-1]), k, axis=0))  # [M, K]
+    if in_scale is not None:
+        x2 = op.Mul(x2, in_scale)
     amax = op.ReduceMax(op.Abs(x2), op.Constant(value_ints=[1]), keepdims=0)  # [M]
     s_x = op.Max(op.Div(amax, op.Constant(value_float=127.0)), op.Constant(value_float=1e-8))
     zp = op.ConstantOfShape(op.Shape(s_x), value=ir.tensor(np.array([128], dtype=np.uint8)))

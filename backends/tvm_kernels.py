@@ -6,6 +6,11 @@
   Schedule: 2×4 output register block, the word loop outside it (each A word feeds 4 outputs,
   each weight word 2), rows in parallel over the cores.
 - `int8_matmul`: int8 × int8 → int32 accumulation, tiled with the output vectorized over AVX2.
+- `quantize_rows`: dynamic per-token int8 quantization in one pass per row (|x|max, then
+  `⌊x · 127 / max + 128.5⌋` as uint8: ties round up, where torch.round goes to even, so codes
+  differ from the eager reference only on exact ties), with an optional per-channel multiplier folded in
+  (SmoothQuant's `x / s`). Eager torch needs six full passes over `x` for the same thing; this is
+  what feeds the oneDNN int8 GEMM of `optim::linear_int8`.
 
 Kernels are compiled once per shape and cached for the process. Both take `(rows, K)` layouts:
 activations `[M, K]`, weights `[N, K]` (like `torch.nn.Linear`).
@@ -119,6 +124,71 @@ def binary_matmul(a_bits: np.ndarray, w_bits: np.ndarray, k: int,
 
 
 @lru_cache(maxsize=64)
+def _binary_linear_kernel(m: int, n: int, words: int, groups: int, k: int):
+    """`binary_matmul` with `groups` scale groups along K and the scaling and bias fused in:
+    y[i, j] = Σ_g a_scale[i, g] · w_scale[j, g] · (K_g − 2·popcount_g) + bias[j]."""
+    import tvm
+    import tvm.tirx as tir
+    from tvm import te
+    from tvm.s_tir import Schedule
+
+    per = words // groups
+    a = te.placeholder((m, words), "uint64", name="a")
+    w = te.placeholder((n, words), "uint64", name="w")
+    a_scale = te.placeholder((m, groups), "float32", name="a_scale")
+    w_scale = te.placeholder((n, groups), "float32", name="w_scale")
+    bias = te.placeholder((n,), "float32", name="bias")
+    r = te.reduce_axis((0, per), name="r")
+    c = te.compute((m, n, groups), lambda i, j, g: te.sum(
+        tir.popcount(a[i, g * per + r] ^ w[j, g * per + r]).astype("int32"), axis=r), name="c")
+    last = k - (groups - 1) * per * WORD  # the last group holds the K % 64 tail
+
+    def bits(g):
+        return tir.Select(g == groups - 1, tir.const(last, "int32"),
+                          tir.const(per * WORD, "int32"))
+
+    gg = te.reduce_axis((0, groups), name="gg")
+    s = te.compute((m, n), lambda i, j: te.sum(
+        a_scale[i, gg] * w_scale[j, gg] * (bits(gg) - 2 * c[i, j, gg]).astype("float32"),
+        axis=gg), name="s")
+    y = te.compute((m, n), lambda i, j: s[i, j] + bias[j], name="y")
+    sch = Schedule(te.create_prim_func([a, w, a_scale, w_scale, bias, y]))
+    blk = sch.get_sblock("c")
+    i, j, g, rr = sch.get_loops(blk)
+    io, ii = sch.split(i, [None, 2])
+    jo, ji = sch.split(j, [None, 4])
+    sch.reorder(io, jo, g, rr, ii, ji)
+    sch.parallel(io)
+    sch.unroll(ii)
+    sch.unroll(ji)
+    sch.decompose_reduction(blk, rr)
+    sch.reverse_compute_at(sch.get_sblock("s"), jo)
+    sch.reverse_compute_inline(sch.get_sblock("y"))
+    return tvm.compile(sch.mod, target=_target())
+
+
+def binary_linear(a_bits: torch.Tensor, w_bits: torch.Tensor, k: int, a_scale: torch.Tensor,
+                  w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Packed ±1 rows (int64 words, as `pack_signs` lays them out) times packed ±1 weights,
+    with per-row-and-group scales on both sides and the bias added: fp32 [M, N]."""
+    m, words = a_bits.shape
+    n, groups = w_scale.shape
+    if w_bits.shape != (n, words) or a_scale.shape != (m, groups) or words % groups:
+        raise ConfigError(f"binary_linear: inconsistent shapes a {tuple(a_bits.shape)}, "
+                          f"w {tuple(w_bits.shape)}, a_scale {tuple(a_scale.shape)}, "
+                          f"w_scale {tuple(w_scale.shape)}")
+    out = torch.empty((m, n))
+    b = bias if bias is not None else _ZEROS.setdefault(n, torch.zeros(n))
+    _binary_linear_kernel(m, n, words, groups, k)(
+        _view(a_bits.view(torch.uint64)), _view(w_bits.view(torch.uint64)),
+        _view(a_scale.float()), _view(w_scale.float()), _view(b.float()), _out(out))
+    return out
+
+
+_ZEROS: dict[int, torch.Tensor] = {}
+
+
+@lru_cache(maxsize=64)
 def _int8_kernel(m: int, n: int, k: int):
     import tvm
 
@@ -146,3 +216,79 @@ def int8_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     out = _empty((m, n))
     _int8_kernel(m, n, k)(_view(a), _view(w), out)
     return torch.from_dlpack(out)
+
+
+LANES = 16  # fp32 lanes per vector step (one AVX-512 register, two AVX2 registers)
+
+
+@lru_cache(maxsize=64)
+def _quantize_kernel(k: int):
+    """Rows of any count (symbolic M) of width K: uint8 codes with zero point 128 and |x|max."""
+    import tvm
+    from tvm.script import tirx as T
+
+    body = k - k % LANES
+
+    @T.prim_func
+    def quantize(a: T.handle, b: T.handle, c: T.handle, d: T.handle):
+        T.func_attr({"global_symbol": "quantize", "tir.noalias": True})
+        m = T.int64()
+        x = T.match_buffer(a, (m, k), "float32")
+        mult = T.match_buffer(b, (k,), "float32")
+        q = T.match_buffer(c, (m, k), "uint8")
+        amax = T.match_buffer(d, (m,), "float32")
+        for i in T.parallel(m):
+            acc = T.decl_buffer((LANES,), "float32", scope="local")
+            top = T.decl_buffer((1,), "float32", scope="local")
+            for lane in T.vectorized(LANES):
+                acc[lane] = T.float32(0)
+            for c0 in range(body // LANES):
+                for lane in T.vectorized(LANES):
+                    acc[lane] = T.max(acc[lane], T.fabs(x[i, c0 * LANES + lane]
+                                                        * mult[c0 * LANES + lane]))
+            top[0] = T.float32(1e-8)
+            for lane in range(LANES):
+                top[0] = T.max(top[0], acc[lane])
+            for j in range(body, k):
+                top[0] = T.max(top[0], T.fabs(x[i, j] * mult[j]))
+            amax[i] = top[0]
+            for c0 in range(body // LANES):
+                for lane in T.vectorized(LANES):
+                    q[i, c0 * LANES + lane] = T.Cast("uint8", T.min(T.max(T.floor(
+                        x[i, c0 * LANES + lane] * mult[c0 * LANES + lane]
+                        * (T.float32(127) / top[0]) + T.float32(128.5)),
+                        T.float32(1)), T.float32(255)))
+            for j in range(body, k):
+                q[i, j] = T.Cast("uint8", T.min(T.max(T.floor(
+                    x[i, j] * mult[j] * (T.float32(127) / top[0]) + T.float32(128.5)),
+                    T.float32(1)), T.float32(255)))
+
+    return tvm.compile(tvm.IRModule({"quantize": quantize}), target=_target())
+
+
+_ONES: dict[int, torch.Tensor] = {}
+
+
+def quantize_rows(x: torch.Tensor, mult: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row int8 codes of `x · mult` (fp32 [M, K]): uint8 [M, K] (zero point 128, codes
+    1…255) and the per-row scale [M, 1] (`max|x · mult| / 127`)."""
+    if x.dim() != 2 or x.dtype != torch.float32:
+        raise ConfigError(f"quantize_rows takes an fp32 [rows, K] tensor, got {x.dtype} "
+                          f"{tuple(x.shape)}")
+    m, k = x.shape
+    if mult is None:
+        mult = _ONES.setdefault(k, torch.ones(k))
+    q = torch.empty((m, k), dtype=torch.uint8)
+    amax = torch.empty(m)
+    _quantize_kernel(k)(_view(x), _view(mult.float()), _out(q), _out(amax))
+    return q, amax.unsqueeze(1).div_(127.0)
+
+
+def _out(t: torch.Tensor):
+    """A TVM view of a freshly allocated torch tensor the kernel writes into (no copy)."""
+    import tvm
+
+    if t.data_ptr() % 64:  # torch's CPU allocator aligns to 64 bytes; never write into a copy
+        raise RuntimeError("output tensor is not 64-byte aligned")
+    return tvm.runtime.from_dlpack(t)

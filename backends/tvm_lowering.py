@@ -7,7 +7,8 @@
 - `aten.gelu` ⇒ its erf (or tanh) formula in elementwise Relax ops, so that the fast-math pass
   can swap in vectorizable erf/tanh and the whole GELU fuses into the matmul before it (TVM's own
   gelu op legalizes to a scalar libm `erff` call per element).
-- `optim::linear_int8(x, w_q, w_scale, bias)` ⇒ per-token symmetric int8 quantization of x,
+- `optim::linear_int8(x, w_q, w_scale, bias, in_scale)` ⇒ x · in_scale (if given), per-token
+  symmetric int8 quantization,
   an int8 × int8 → int32 matmul, and the fp32 rescale plus bias. Same integers as the torch
   kernel (its u8 activations are these int8 values + 128).
 """
@@ -65,6 +66,8 @@ def convert_linear_int8(node, importer) -> relax.Var:
     shape = _meta(node, 0)[0]
     k, n = shape[-1], _meta(node, 1)[0][0]
     x2 = bb.emit(R.reshape(x, (-1, k)))
+    if len(node.args) > 4 and node.args[4] is not None:
+        x2 = bb.emit(R.multiply(x2, _arg(importer, node, 4)))
     amax = bb.emit(R.max(R.abs(x2), axis=-1, keepdims=True))
     s = bb.emit(R.divide(R.maximum(amax, relax.const(1e-8, "float32")),
                          relax.const(127.0, "float32")))

@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 import optim
+import optim.targets
 from backends.onnxruntime import OrtArtifact
 from optim import zoo
 from optim.data import sentences
@@ -67,16 +68,23 @@ def main() -> None:
             compiled(**kw)
         cands["torch.compile (inductor)"] = lambda **k: compiled(**k)
     with console.status("plain ONNX Runtime"):
-        plain = optim.optimize(z.model, "cpu", kw, pipeline=[], measure_latency=False).artifact
+        plain = optim.optimize(z.model, "cpu", kw, pipeline=[], backend="onnxruntime",
+                               measure_latency=False).artifact
         cands["ONNX Runtime fp32 (plain export)"] = plain
     with console.status("ORT transformers optimizer + quantize_dynamic"), \
             tempfile.TemporaryDirectory() as tmp:
         cands["ORT optimizer + quantize_dynamic int8"] = ort_peer(z.model, kw, plain, Path(tmp))
-    for pipe in ("cpu_fp32", "cpu_default"):
-        with console.status(f"optim {pipe}"):
+    chosen = optim.targets.get_target("cpu")
+    console.print(f"cpu target's default backend: {chosen.default_backend} "
+                  f"({chosen.backend_reason})")
+    for pipe, backend in (("cpu_fp32", "onnxruntime"), ("cpu_default", "onnxruntime"),
+                          ("cpu_default", "torch")):
+        with console.status(f"optim {pipe} on {backend}"):
             om = optim.optimize(z.model, "cpu", kw, pipeline=pipe, eval_data=batches[:4],
-                                measure_latency=False)
-            cands[f"optim {pipe}"] = om.artifact
+                                backend=backend, measure_latency=False)
+            mark = " (default)" if pipe == "cpu_default" and backend == chosen.default_backend \
+                else ""
+            cands[f"optim {pipe} on {backend}{mark}"] = om.artifact
     fid = {}
     with console.status("fidelity on real sentences"), torch.inference_mode():
         for name, fn in cands.items():
@@ -99,7 +107,9 @@ def main() -> None:
                   f"{f['cosine_min']:.4f}", f"{100 * f['neighbour_agreement']:.1f}%")
     console.print(t)
     console.print(f"machine: {machine()}; onnxruntime {ort.__version__}")
-    Path(args.out).write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
+    Path(args.out).write_text(json.dumps({"machine": machine(), "rows": rows,
+                                          "default_backend": chosen.default_backend,
+                                          "backend_reason": chosen.backend_reason}, indent=2))
 
 
 if __name__ == "__main__":

@@ -362,6 +362,7 @@ def optimize(model: torch.nn.Module, target: str = "cpu", example_inputs: Any = 
         "target": {"name": tgt.name, "kind": tgt.kind, "description": tgt.description,
                    "runs_here": tgt.runs_here, "provenance": tgt.provenance},
         "backend": {"name": backend_name, "lower_seconds": round(lower_s, 3),
+                    **({"chosen_because": tgt.backend_reason} if backend is None else {}),
                     **getattr(artifact, "info", lambda: {})(),
                     **({"cuda": {k: v for k, v in cuda.items() if k != "source"}}
                        if cuda else {})},

@@ -13,6 +13,11 @@ ONNX nodes (`backends/onnx_lowering.py`).
   Runtime's MatMulNBits layout (codes 0..15 with zero point 8, two per byte, low nibble first,
   one fp32 scale per `block` inputs of each output row). ONNX Runtime runs it as MatMulNBits;
   the torch kernel unpacks to fp32 and runs a dense GEMM (memory saved on disk, not time).
+- `optim::linear_binary(x, w_bits, w_scale, bias, threshold, in_features)`: sign weights packed
+  64 per int64 word with a scale per output channel (or group of inputs). With a `threshold`,
+  activations are binarized too (x − τ → sign and a per-row scale) and the layer runs on the
+  packed XNOR/popcount kernel (`backends.tvm_kernels.binary_linear`); without, the weights are
+  unpacked to fp32 for a dense GEMM.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ def _(q, k, v, mask, scale, causal):
 #
 # y = s_x[m] · w_scale[n] · Σ_k q_x[m, k] · w_q[n, k] + bias[n]
 #   q_x = round(x / s_x), s_x = max|x[m, :]| / 127 (one scale per token), w_q int8 per-channel.
+# `in_scale` [K] (optional) multiplies x per input channel first (SmoothQuant's x / s), inside
+# the same fused quantization pass (`backends.tvm_kernels.quantize_rows`).
 # The torch kernel runs the integer GEMM in oneDNN (u8 activations with zero point 128, s8
 # weights, int32 accumulation); prepacked weights are cached per weight tensor.
 
@@ -60,22 +67,21 @@ def _packed(w_q: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("optim::linear_int8", mutates_args=())
-def linear_int8(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
+def linear_int8(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
+                in_scale: Tensor | None = None) -> Tensor:
+    from backends.tvm_kernels import quantize_rows  # one fused pass over x (TVM-compiled)
+
     lead, k = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, k).float()
-    s = x2.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127.0
-    q = torch.round(x2 / s).add_(128.0).clamp_(1, 255).to(torch.uint8)
+    q, s = quantize_rows(x.reshape(-1, k).float().contiguous(), in_scale)
     zp = torch.zeros(w_q.shape[0], dtype=torch.int64)
     acc = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, _packed(w_q), w_scale, zp, None,
                                              1.0, 0, torch.float32, "none", [], "")
-    y = acc.mul_(s)
-    if bias is not None:
-        y.add_(bias)
+    y = torch.addcmul(bias, acc, s) if bias is not None else acc.mul_(s)
     return y.reshape(*lead, w_q.shape[0]).to(x.dtype)
 
 
 @linear_int8.register_fake
-def _(x, w_q, w_scale, bias):
+def _(x, w_q, w_scale, bias, in_scale=None):
     return x.new_empty((*x.shape[:-1], w_q.shape[0]))
 
 
@@ -172,3 +178,29 @@ def linear_int4(x: Tensor, w_packed: Tensor, scales: Tensor, bias: Tensor | None
 @linear_int4.register_fake
 def _(x, w_packed, scales, bias, block):
     return x.new_empty((*x.shape[:-1], w_packed.shape[0]))
+
+
+# ---- optim::linear_binary: 1-bit weights (sign × per-channel/group scale), optional 1-bit
+# activations on the packed XNOR/popcount kernel (see optim/binary.py for the arithmetic) ----
+
+@torch.library.custom_op("optim::linear_binary", mutates_args=())
+def linear_binary(x: Tensor, w_bits: Tensor, w_scale: Tensor, bias: Tensor | None,
+                  threshold: Tensor | None, in_features: int) -> Tensor:
+    from optim.binary import expand_groups, group_mean_abs, pack_bits, unpack_bits
+
+    lead, k = x.shape[:-1], in_features
+    x2 = x.reshape(-1, k).float()
+    if threshold is None:  # weights only: unpack, then a float GEMM (no kernel beats fp32 here)
+        w = unpack_bits(w_bits, k) * expand_groups(w_scale, k)
+        return F.linear(x, w.to(x.dtype), bias)
+    from backends.tvm_kernels import binary_linear
+
+    xc = x2 - threshold
+    y = binary_linear(pack_bits(xc), w_bits, k, group_mean_abs(xc, w_scale.shape[1]), w_scale,
+                      bias)
+    return y.reshape(*lead, w_bits.shape[0]).to(x.dtype)
+
+
+@linear_binary.register_fake
+def _(x, w_bits, w_scale, bias, threshold, in_features):
+    return x.new_empty((*x.shape[:-1], w_bits.shape[0]))

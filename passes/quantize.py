@@ -8,7 +8,9 @@ float; output heads (names matching `skip`) stay float. With calibration data, e
 SQNR (int8 output vs fp32 output on the calibration activations) is measured, and layers below
 `min_sqnr_db` stay float, with the reason. Activation outliers are migrated into the weights
 first (SmoothQuant, `smooth_alpha`): x / s feeds the int8 GEMM and W · s is quantized, which is
-exact in real arithmetic. Numerics: lossy, reported as per-layer SQNR.
+exact in real arithmetic. x / s is folded into the LayerNorm before it when that norm feeds
+only these linears (pre-norm blocks: GPT-2, Llama, ViT); otherwise the per-token quantization
+kernel applies it on the fly. Numerics: lossy, reported as per-layer SQNR.
 """
 
 from __future__ import annotations
@@ -102,21 +104,21 @@ def quantize(gm: torch.fx.GraphModule, cfg: QuantizeConfig, ctx: PassContext) ->
             candidates.append((n, where, x, weight, bias))
     inputs = _calibration_inputs(gm, [c[0] for c in candidates], ctx, cfg.calibration_batches)
     smooth = _smoothing_factors(candidates, inputs, cfg.smooth_alpha)
+    readers: dict = {}
+    for c in candidates:
+        readers.setdefault(c[2], set()).add(c[0])
     smoothed_inputs: dict = {}
     layers = []
     for n, where, x, weight, bias in candidates:
         w_ref = w = weight.detach().float()
         calib = inputs.get(n)
+        in_scale = None
         if x in smooth:
             s_j = smooth[x]
-            if x not in smoothed_inputs:  # one x / s per input tensor, before its first reader
-                inv = add_constant(gm, f"{where}.smooth_inv", (1.0 / s_j).float(), n)
-                with gm.graph.inserting_before(n):
-                    smoothed_inputs[x] = gm.graph.call_function(aten.mul.Tensor, (x, inv))
-                smoothed_inputs[x].meta = {**x.meta}
-                ctx.record("input_smoothed")
+            if x not in smoothed_inputs:  # one x / s per input tensor, shared by its readers
+                smoothed_inputs[x] = _migrate(gm, x, s_j, where, n, readers[x], ctx)
+            x, in_scale = smoothed_inputs[x]
             w = w * s_j[None, :]
-            x = smoothed_inputs[x]
             calib = None if calib is None else calib / s_j
         qmax = 2 ** (cfg.weight_bits - 1) - 1
         w_scale = (w.abs().amax(1) / qmax).clamp(min=1e-12)
@@ -133,7 +135,7 @@ def quantize(gm: torch.fx.GraphModule, cfg: QuantizeConfig, ctx: PassContext) ->
         ws_node = add_constant(gm, f"{where}.weight_scale", w_scale.float(), n)
         with gm.graph.inserting_before(n):
             q = gm.graph.call_function(torch.ops.optim.linear_int8.default,
-                                       (x, wq_node, ws_node, bias))
+                                       (x, wq_node, ws_node, bias, in_scale))
         q.meta = {**n.meta}
         n.replace_all_uses_with(q)
         gm.graph.erase_node(n)
@@ -173,6 +175,52 @@ def _layer_sqnr(x, w, x_in, w_q, w_scale, b) -> float | None:
     ref = torch.nn.functional.linear(x.float(), w, b)
     got = torch.ops.optim.linear_int8(x_in.float(), w_q, w_scale, b)
     return sqnr_db(ref, got)
+
+
+def _migrate(gm, x, s, where: str, first, readers: set, ctx: PassContext):
+    """Make the int8 linears reading `x` see x / s: (their input node, in_scale node or None).
+
+    When x comes (through views) from a norm whose output feeds only these linears (pre-norm
+    blocks), s is folded into the norm's affine constants: LayerNorm γ/s and β/s, or the
+    RMSNorm weight vector / s (exact, free at run time). Otherwise (a norm output that also
+    feeds a residual, or no norm) the quantization kernel multiplies by 1/s on its way through
+    x, in the same pass."""
+    norm = _foldable_norm(gm, x, readers)
+    if norm is not None:
+        node, slots = norm
+        args = list(node.args)
+        for i in slots:
+            args[i] = add_constant(gm, f"{where}.norm_smoothed",
+                                   get_constant(gm, args[i]).float() / s, node)
+        node.args = tuple(args)
+        ctx.record("smoothing_folded_into_norm")
+        return x, None
+    ctx.record("input_smoothed")
+    return x, add_constant(gm, f"{where}.smooth_inv", (1.0 / s).float(), first)
+
+
+VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+
+
+def _foldable_norm(gm, x, readers: set):
+    """(norm node, indices of its args to divide by s), or None. The chain from the norm to x
+    must be views with one reader each, so nothing else sees the rescaled values."""
+    users = readers
+    while x.op == "call_function" and x.target in VIEWS and set(x.users) == users:
+        users, x = {x}, x.args[0]
+    if x.op != "call_function" or set(x.users) != users:
+        return None
+    k = x.meta["val"].shape[-1] if "val" in x.meta else None
+    if x.target is aten.layer_norm.default and len(x.args) >= 3:
+        slots = [i for i in (2, 3) if i < len(x.args) and x.args[i] is not None]
+        if slots and all(get_constant(gm, x.args[i]) is not None for i in slots):
+            return x, slots
+    if x.target is aten.mul.Tensor:  # RMSNorm: weight [K] · normalized x
+        for i, a in enumerate(x.args):
+            c = get_constant(gm, a) if isinstance(a, torch.fx.Node) else None
+            if c is not None and c.dim() == 1 and c.shape[0] == k:
+                return x, [i]
+    return None
 
 
 def _smoothing_factors(candidates, inputs: dict, alpha: float) -> dict:

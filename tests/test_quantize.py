@@ -3,6 +3,7 @@ import torch
 
 import optim
 from backends.onnx_lowering import OPSET  # noqa: F401  (backend package imports cleanly)
+from optim.ir import get_constant
 from optim.numerics import sqnr_db
 
 
@@ -31,8 +32,11 @@ def test_quantize_gpt2_skips_lm_head_with_reason(zoo_model):
     om = optim.optimize(z.model, "cpu", z.example_args, example_kwargs=z.example_kwargs,
                         pipeline=["cleanup", "quantize"], backend="torch", measure_latency=False)
     r = om.report.pass_result("quantize")
-    # 4 per block (c_attn, c_proj, c_fc, c_proj), each reading its own input tensor
-    assert r["counts"] == {"linear_quantized": 8, "input_smoothed": 8}
+    # 4 per block (c_attn, c_proj, c_fc, c_proj), each reading its own input tensor; the
+    # smoothing of c_attn and c_fc folds into ln_1 / ln_2 (pre-norm), the other two are applied
+    # by the quantization kernel
+    assert r["counts"] == {"linear_quantized": 8, "input_smoothed": 4,
+                           "smoothing_folded_into_norm": 4}
     assert any(s["where"] == "lm_head" and "skip pattern" in s["reason"] for s in r["skipped"])
     layers = r["details"]["layers"]
     assert len(layers) == 8 and all(x["sqnr_db"] > 20 for x in layers)
@@ -96,6 +100,61 @@ def test_smoothing_recovers_outlier_channels():
         results[alpha] = om.report.pass_result("quantize")
         ref, got = m(x), om(x)
         assert sqnr_db(ref[0], got[0]) > 15
-    assert results[0.5]["counts"] == {"linear_quantized": 2, "input_smoothed": 1}  # shared input
-    assert "input_smoothed" not in results[0.0]["counts"]
+    # one shared input, folded into the norm that only these two linears read
+    assert results[0.5]["counts"] == {"linear_quantized": 2, "smoothing_folded_into_norm": 1}
+    assert "smoothing_folded_into_norm" not in results[0.0]["counts"]
     assert results[0.5]["details"]["sqnr_db_min"] > results[0.0]["details"]["sqnr_db_min"] + 3
+
+
+class _PostNorm(_OutlierMLP):
+    """The norm output also feeds a residual (post-norm BERT): folding s into γ, β would change it."""
+
+    def forward(self, x):
+        h = self.norm(x)
+        return self.a(h) + h, self.b(h)
+
+
+def test_smoothing_is_not_folded_into_a_norm_the_residual_reads():
+    torch.manual_seed(0)
+    m, x = _PostNorm().eval(), torch.randn(4, 32, 64)
+    om = optim.optimize(m, "cpu", (x,), pipeline=["cleanup", "quantize"], backend="torch",
+                        measure_latency=False)
+    assert om.report.pass_result("quantize")["counts"] == {"linear_quantized": 2,
+                                                           "input_smoothed": 1}
+    ref, got = m(x), om(x)
+    assert sqnr_db(ref[0], got[0]) > 15 and sqnr_db(ref[1], got[1]) > 15
+
+
+def test_folding_into_the_norm_is_exact():
+    """Folded (x / s inside γ, β) and unfolded (x / s in the kernel) int8 models agree."""
+    torch.manual_seed(0)
+    m, x = _OutlierMLP().eval(), torch.randn(4, 32, 64)
+    om = optim.optimize(m, "cpu", (x,), pipeline=["cleanup", "quantize"], backend="torch",
+                        measure_latency=False)
+    gm = om.graph
+    norm_w = [n for n in gm.graph.nodes if n.op == "get_attr" and "norm_smoothed" in n.target]
+    assert len(norm_w) == 2  # γ/s and β/s, new constants
+    assert torch.equal(m.norm.weight[7], torch.tensor(40.0))  # the user's norm is untouched
+    lin = [n for n in gm.graph.nodes if n.target is torch.ops.optim.linear_int8.default]
+    s_inv = get_constant(gm, norm_w[0]) / m.norm.weight.detach()
+    h = m.norm(x).reshape(-1, 64)
+    for n in lin:
+        w_q, w_s, b = (get_constant(gm, a) for a in n.args[1:4])
+        folded = torch.ops.optim.linear_int8(h * s_inv, w_q, w_s, b)
+        in_kernel = torch.ops.optim.linear_int8(h, w_q, w_s, b, s_inv)
+        assert sqnr_db(folded, in_kernel) > 60
+
+
+@pytest.mark.parametrize("m, k", [(1, 16), (7, 33), (130, 384), (3, 1536)])
+def test_fused_quantization_kernel_matches_eager(m, k):
+    from backends.tvm_kernels import quantize_rows
+
+    torch.manual_seed(0)
+    x, mult = torch.randn(m, k) * 3, torch.rand(k) + 0.5
+    q, s = quantize_rows(x, mult)
+    xs = x * mult
+    s_ref = xs.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127
+    q_ref = torch.floor(xs / s_ref + 128.5).clamp(1, 255)
+    torch.testing.assert_close(s, s_ref)
+    assert q.dtype == torch.uint8 and (q.float() - q_ref).abs().max() <= 1  # fp32 op order
+    assert (q.float() != q_ref).float().mean() < 1e-3
