@@ -1,10 +1,12 @@
-"""Kernels no library ships, written in TVM (TE → TIR) and scheduled for this CPU.
+"""Kernels no library ships, written in TVM (TE / TVMScript → TIR) and scheduled for this CPU.
 
-- `binary_matmul`: sign-binarized operands packed 64 per uint64 word; the dot product of two
-  ±1 rows of length K is `K - 2·popcount(a XOR b)`, so one XOR and one POPCNT do 64
-  multiply-adds. Output `(K - 2·popcount) · a_scale[m] · w_scale[n]` (per-row scales).
-  Schedule: 2×4 output register block, the word loop outside it (each A word feeds 4 outputs,
-  each weight word 2), rows in parallel over the cores.
+- `binary_linear`: sign-binarized operands packed 64 per 64-bit word; the dot product of two
+  ±1 rows of length K is `K − 2·popcount(a XOR w)`, so one XOR and one POPCNT do 64
+  multiply-adds. Weights are stored K-major ([words, N]) so the XOR/POPCNT runs on vectors of
+  outputs (AVX-512 VPOPCNTQ: 8 per instruction; AVX2 emulates it with a nibble table); an
+  8 × 8 output register block sits inside the word loop, rows go in parallel over the cores,
+  and the scales (per row and group of both operands) and the bias are applied in the same
+  kernel. `pack_rows` binarizes activations (x − τ → bits, and β = mean|x − τ|) in one pass.
 - `int8_matmul`: int8 × int8 → int32 accumulation, tiled with the output vectorized over AVX2.
 - `quantize_rows`: dynamic per-token int8 quantization in one pass per row (|x|max, then
   `⌊x · 127 / max + 128.5⌋` as uint8: ties round up, where torch.round goes to even, so codes
@@ -12,8 +14,8 @@
   (SmoothQuant's `x / s`). Eager torch needs six full passes over `x` for the same thing; this is
   what feeds the oneDNN int8 GEMM of `optim::linear_int8`.
 
-Kernels are compiled once per shape and cached for the process. Both take `(rows, K)` layouts:
-activations `[M, K]`, weights `[N, K]` (like `torch.nn.Linear`).
+Kernels are compiled once per shape and cached for the process. Activations are `[M, K]`;
+int8 weights are `[N, K]` (like `torch.nn.Linear`), packed binary weights `[words, N]`.
 """
 
 from __future__ import annotations
@@ -21,26 +23,12 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 
-import numpy as np
 import torch
 
 from optim.errors import ConfigError
 
 WORD = 64
-
-
-def pack_signs(x: torch.Tensor) -> tuple[np.ndarray, int]:
-    """Rows of `x` [R, K] as sign bits (1 = x >= 0) packed into uint64 words [R, ceil(K/64)].
-    Padding bits are 0 in every operand, so they never count as a mismatch."""
-    if x.dim() != 2:
-        raise ConfigError(f"pack_signs takes a 2-D [rows, K] tensor, got shape {tuple(x.shape)}")
-    rows, k = x.shape
-    bits = (x.detach().cpu().numpy() >= 0).astype(np.uint8)
-    words = -(-k // WORD)
-    padded = np.zeros((rows, words * WORD), np.uint8)
-    padded[:, :k] = bits
-    packed = np.packbits(padded, axis=1, bitorder="little")  # [rows, words * 8] bytes
-    return np.ascontiguousarray(packed).view(np.uint64), k
+LANES = 16  # fp32 lanes per vector step (one AVX-512 register, two AVX2 registers)
 
 
 def _target():
@@ -66,34 +54,6 @@ def _contraction(m: int, n: int, k: int, dtype: str, term):
     return sch, blk, sch.get_loops(blk)
 
 
-@lru_cache(maxsize=64)
-def _binary_kernel(m: int, n: int, words: int):
-    import tvm
-    import tvm.tirx as tir
-
-    sch, blk, (i, j, kk) = _contraction(
-        m, n, words, "uint64", lambda x, w: tir.popcount(x ^ w).astype("int32"))
-    io, ii = sch.split(i, [None, 2])
-    jo, ji = sch.split(j, [None, 4])
-    sch.reorder(io, jo, kk, ii, ji)
-    sch.parallel(io)
-    for loop in (kk, ii, ji):
-        sch.unroll(loop)
-    sch.decompose_reduction(blk, kk)
-    return tvm.compile(sch.mod, target=_target())
-
-
-def binary_mismatches(a_bits: np.ndarray, w_bits: np.ndarray) -> np.ndarray:
-    """popcount(a XOR w) for every (row of a, row of w): int32 [M, N]."""
-    if a_bits.shape[1] != w_bits.shape[1]:
-        raise ConfigError(f"packed widths differ: {a_bits.shape[1]} vs {w_bits.shape[1]} words")
-    m, n, words = a_bits.shape[0], w_bits.shape[0], a_bits.shape[1]
-    fn = _binary_kernel(m, n, words)
-    out = _empty((m, n))
-    fn(_view(torch.from_numpy(a_bits)), _view(torch.from_numpy(w_bits)), out)
-    return torch.from_dlpack(out).numpy()
-
-
 def _view(t: torch.Tensor):
     """A TVM tensor sharing `t`'s memory (DLPack), or a copy when `t` is not 64-byte aligned."""
     import tvm
@@ -111,22 +71,83 @@ def _empty(shape: tuple):
     return tvm.runtime.empty(shape, "int32", tvm.cpu())
 
 
-def binary_matmul(a_bits: np.ndarray, w_bits: np.ndarray, k: int,
-                  a_scale: torch.Tensor | None = None,
-                  w_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """sign(A)·sign(W)ᵀ scaled: `(K - 2·popcount) · a_scale[:, None] · w_scale[None, :]`."""
-    dots = torch.from_numpy(k - 2 * binary_mismatches(a_bits, w_bits)).float()
-    if a_scale is not None:
-        dots = dots * a_scale.reshape(-1, 1)
-    if w_scale is not None:
-        dots = dots * w_scale.reshape(1, -1)
-    return dots
+@lru_cache(maxsize=64)
+def _pack_kernel(k: int, groups: int):
+    """x − τ as sign bits (1 = non-negative, 64 per word, bit b of word w is input 64w + b,
+    padding bits 0) and β = mean |x − τ| per row and group, for any number of rows."""
+    import tvm
+    from tvm.script import tirx as T
+
+    words, full = -(-k // WORD), k // WORD
+    per = k // groups
+    body = per - per % LANES
+
+    @T.prim_func
+    def pack(a: T.handle, t: T.handle, o: T.handle, s: T.handle):
+        T.func_attr({"global_symbol": "pack", "tir.noalias": True})
+        m = T.int64()
+        x = T.match_buffer(a, (m, k), "float32")
+        tau = T.match_buffer(t, (k,), "float32")
+        bits = T.match_buffer(o, (m, words), "uint64")
+        beta = T.match_buffer(s, (m, groups), "float32")
+        for i in T.parallel(m):
+            acc = T.decl_buffer((LANES,), "float32", scope="local")
+            total = T.decl_buffer((1,), "float32", scope="local")
+            word = T.decl_buffer((1,), "uint64", scope="local")
+            for g in range(groups):
+                for lane in T.vectorized(LANES):
+                    acc[lane] = T.float32(0)
+                for c0 in range(body // LANES):
+                    for lane in T.vectorized(LANES):
+                        acc[lane] = acc[lane] + T.fabs(x[i, g * per + c0 * LANES + lane]
+                                                       - tau[g * per + c0 * LANES + lane])
+                total[0] = T.float32(0)
+                for lane in range(LANES):
+                    total[0] = total[0] + acc[lane]
+                for j in range(body, per):
+                    total[0] = total[0] + T.fabs(x[i, g * per + j] - tau[g * per + j])
+                beta[i, g] = total[0] / T.float32(per)
+            for w in range(full):
+                word[0] = T.uint64(0)
+                for b in range(WORD):
+                    word[0] = word[0] | T.Select(
+                        x[i, w * WORD + b] >= tau[w * WORD + b],
+                        T.shift_left(T.uint64(1), T.Cast("uint64", b)), T.uint64(0))
+                bits[i, w] = word[0]
+            for w in range(full, words):  # the K % 64 tail: missing inputs stay 0
+                word[0] = T.uint64(0)
+                for b in range(k - full * WORD):
+                    word[0] = word[0] | T.Select(
+                        x[i, w * WORD + b] >= tau[w * WORD + b],
+                        T.shift_left(T.uint64(1), T.Cast("uint64", b)), T.uint64(0))
+                bits[i, w] = word[0]
+
+    return tvm.compile(tvm.IRModule({"pack": pack}), target=_target())
+
+
+def pack_rows(x: torch.Tensor, tau: torch.Tensor | None = None, groups: int = 1
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Binarize activations: bits of x − τ as int64 [M, ceil(K / 64)] and the scale
+    β = mean|x − τ| per row and group [M, groups] (one TVM pass over x)."""
+    if x.dim() != 2 or x.dtype != torch.float32:
+        raise ConfigError(f"pack_rows takes an fp32 [rows, K] tensor, got {x.dtype} "
+                          f"{tuple(x.shape)}")
+    m, k = x.shape
+    if groups > 1 and k % (groups * WORD):
+        raise ConfigError(f"{groups} groups need K ({k}) to be a multiple of {groups * WORD}")
+    tau = tau if tau is not None else _ZEROS.setdefault(k, torch.zeros(k))
+    bits = torch.empty((m, -(-k // WORD)), dtype=torch.int64)
+    beta = torch.empty((m, groups))
+    _pack_kernel(k, groups)(_view(x.contiguous()), _view(tau.float()),
+                               _out(bits.view(torch.uint64)), _out(beta))
+    return bits, beta
 
 
 @lru_cache(maxsize=64)
 def _binary_linear_kernel(m: int, n: int, words: int, groups: int, k: int):
-    """`binary_matmul` with `groups` scale groups along K and the scaling and bias fused in:
-    y[i, j] = Σ_g a_scale[i, g] · w_scale[j, g] · (K_g − 2·popcount_g) + bias[j]."""
+    """y[i, j] = Σ_g a_scale[i, g] · w_scale[j, g] · (K_g − 2·popcount_g(a[i] XOR w[:, j]))
+    + bias[j], weights K-major ([words, N]) so each XOR/POPCNT covers 8 (AVX-512) or 4 (AVX2)
+    outputs; 8 rows × 8 outputs per register block, the word loop outside it."""
     import tvm
     import tvm.tirx as tir
     from tvm import te
@@ -134,13 +155,13 @@ def _binary_linear_kernel(m: int, n: int, words: int, groups: int, k: int):
 
     per = words // groups
     a = te.placeholder((m, words), "uint64", name="a")
-    w = te.placeholder((n, words), "uint64", name="w")
+    w = te.placeholder((words, n), "uint64", name="w")
     a_scale = te.placeholder((m, groups), "float32", name="a_scale")
     w_scale = te.placeholder((n, groups), "float32", name="w_scale")
     bias = te.placeholder((n,), "float32", name="bias")
     r = te.reduce_axis((0, per), name="r")
-    c = te.compute((m, n, groups), lambda i, j, g: te.sum(
-        tir.popcount(a[i, g * per + r] ^ w[j, g * per + r]).astype("int32"), axis=r), name="c")
+    c = te.compute((m, groups, n), lambda i, g, j: te.sum(
+        tir.popcount(a[i, g * per + r] ^ w[g * per + r, j]).astype("int32"), axis=r), name="c")
     last = k - (groups - 1) * per * WORD  # the last group holds the K % 64 tail
 
     def bits(g):
@@ -149,38 +170,40 @@ def _binary_linear_kernel(m: int, n: int, words: int, groups: int, k: int):
 
     gg = te.reduce_axis((0, groups), name="gg")
     s = te.compute((m, n), lambda i, j: te.sum(
-        a_scale[i, gg] * w_scale[j, gg] * (bits(gg) - 2 * c[i, j, gg]).astype("float32"),
+        a_scale[i, gg] * w_scale[j, gg] * (bits(gg) - 2 * c[i, gg, j]).astype("float32"),
         axis=gg), name="s")
     y = te.compute((m, n), lambda i, j: s[i, j] + bias[j], name="y")
     sch = Schedule(te.create_prim_func([a, w, a_scale, w_scale, bias, y]))
     blk = sch.get_sblock("c")
-    i, j, g, rr = sch.get_loops(blk)
-    io, ii = sch.split(i, [None, 2])
-    jo, ji = sch.split(j, [None, 4])
+    i, g, j, rr = sch.get_loops(blk)
+    io, ii = sch.split(i, [None, 8])
+    jo, ji = sch.split(j, [None, 8])
     sch.reorder(io, jo, g, rr, ii, ji)
     sch.parallel(io)
     sch.unroll(ii)
-    sch.unroll(ji)
+    sch.vectorize(ji)
     sch.decompose_reduction(blk, rr)
     sch.reverse_compute_at(sch.get_sblock("s"), jo)
-    sch.reverse_compute_inline(sch.get_sblock("y"))
+    sch.reverse_compute_at(sch.get_sblock("y"), jo)
     return tvm.compile(sch.mod, target=_target())
 
 
 def binary_linear(a_bits: torch.Tensor, w_bits: torch.Tensor, k: int, a_scale: torch.Tensor,
-                  w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Packed ±1 rows (int64 words, as `pack_signs` lays them out) times packed ±1 weights,
-    with per-row-and-group scales on both sides and the bias added: fp32 [M, N]."""
+                  w_scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Packed ±1 activations a_bits [M, words] (`pack_rows`) times packed ±1 weights, K-major
+    w_bits [words, N] (`optim.binary.pack_bits(W).T`), with scales per row and group on both
+    sides (a_scale [M, G], w_scale [N, G]) and the bias added: fp32 [M, N]."""
     m, words = a_bits.shape
     n, groups = w_scale.shape
-    if w_bits.shape != (n, words) or a_scale.shape != (m, groups) or words % groups:
-        raise ConfigError(f"binary_linear: inconsistent shapes a {tuple(a_bits.shape)}, "
-                          f"w {tuple(w_bits.shape)}, a_scale {tuple(a_scale.shape)}, "
-                          f"w_scale {tuple(w_scale.shape)}")
+    if w_bits.shape != (words, n) or a_scale.shape != (m, groups) or words % groups:
+        raise ConfigError(f"binary_linear: inconsistent shapes a_bits {tuple(a_bits.shape)}, "
+                          f"w_bits {tuple(w_bits.shape)} (want [words, N]), a_scale "
+                          f"{tuple(a_scale.shape)}, w_scale {tuple(w_scale.shape)}")
     out = torch.empty((m, n))
     b = bias if bias is not None else _ZEROS.setdefault(n, torch.zeros(n))
     _binary_linear_kernel(m, n, words, groups, k)(
-        _view(a_bits.view(torch.uint64)), _view(w_bits.view(torch.uint64)),
+        _view(a_bits.contiguous().view(torch.uint64)),
+        _view(w_bits.contiguous().view(torch.uint64)),
         _view(a_scale.float()), _view(w_scale.float()), _view(b.float()), _out(out))
     return out
 
@@ -218,7 +241,6 @@ def int8_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.from_dlpack(out)
 
 
-LANES = 16  # fp32 lanes per vector step (one AVX-512 register, two AVX2 registers)
 
 
 @lru_cache(maxsize=64)

@@ -1,4 +1,5 @@
-"""Compression on the real all-MiniLM-L6-v2: structured sparsity (30%, 50%) and low rank.
+"""Compression on the real all-MiniLM-L6-v2: structured sparsity (30%, 50%), low rank, weight
+masks and binarization (`--only binarize --backend torch`: its packed kernel runs on torch).
 
 Heads and MLP neurons (sparsify) and input-channel RMS (low_rank) come from 64 calibration
 sentences; 256 other real sentences measure
@@ -38,7 +39,14 @@ VARIANTS = {"dense": None,
                                                            "activation_aware": False}},
             "prune_weights 50% wanda": {"prune_weights": {}},
             "prune_weights 50% magnitude": {"prune_weights": {"score": "magnitude"}},
-            "prune_weights 2:4 wanda": {"prune_weights": {"pattern": "2:4"}}}
+            "prune_weights 2:4 wanda": {"prune_weights": {"pattern": "2:4"}},
+            "binarize W1A1, training-free": {"binarize": {"distill_steps": 0}},
+            "binarize W1A1 + distill 100": {"binarize": {"distill_steps": 100}},
+            "binarize W1A1 + distill 300": {"binarize": {"distill_steps": 300}},
+            "binarize W1A32, training-free": {"binarize": {"activations": "float",
+                                                           "distill_steps": 0}},
+            "binarize W1A32 + distill 100": {"binarize": {"activations": "float",
+                                                          "distill_steps": 100}}}
 
 
 def main() -> None:

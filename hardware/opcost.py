@@ -1,8 +1,8 @@
 """Post-pass FX graph -> kernels with FLOPs and bytes moved by class (weights, activations, KV cache).
 
 What a backend launches is modelled, not what FX lists:
-- GEMM-like ops (linear, mm, bmm, matmul, conv, einsum, `optim::linear_int8`/`linear_int4`) and fused
-  attention (`optim::attention`) are one kernel each, with their (M, N, K) shape;
+- GEMM-like ops (linear, mm, bmm, matmul, conv, einsum, `optim::linear_int8`/`int4`/`binary`)
+  and fused attention (`optim::attention`) are one kernel each, with their (M, N, K) shape;
 - view-like ops (view, reshape, expand, slice, getitem, ...) are free;
 - every other op is pointwise, a reduction or a copy, and connected runs of them between GEMMs
   fuse into one kernel that reads its external inputs and writes its external outputs once (what
@@ -178,6 +178,24 @@ def _linear_int4(n: Node) -> Kernel:
                   nodes=[n.name], weight_format="int4")
 
 
+def _linear_binary(n: Node) -> Kernel:
+    """1-bit weights (64 per word, plus scales). With binary activations (a threshold), the
+    activations are packed first (read x, write bits) and the math is XNOR/popcount ("binary"
+    ops, which only a target with a binary peak or a popcount feature runs fast); weights-only
+    layers are unpacked and run at the activation dtype."""
+    x, w, scales, out = _val(n.args[0]), _val(n.args[1]), _val(n.args[2]), _val(n)
+    k, nout = n.args[5], w.shape[1]
+    m = x.numel() // k
+    binary_act = n.args[4] is not None
+    b = {"weights": _nbytes(w) + _nbytes(scales) + _nbytes(_val(n.args[3])),
+         "activations": _nbytes(x) + _nbytes(out), "kv_cache": 0.0}
+    if binary_act:
+        b["activations"] += _nbytes(x) + 2 * m * w.shape[0] * 8  # x read again, bits written/read
+    return Kernel(n.name, "gemm", "binary" if binary_act else _dtype(x), 2.0 * m * nout * k, b,
+                  (1, m, nout, k), launches=2 if binary_act else 1, nodes=[n.name],
+                  weight_format="binary")
+
+
 def _merge_tokens(n: Node) -> Kernel:
     """ToMe matching and merging: a [N/2 × N/2] similarity GEMM on the keys, then sorts, gathers
     and scatters over the tokens. The torch kernel issues about 20 small ops, all counted."""
@@ -238,6 +256,7 @@ KERNEL_RULES: dict[str, Callable[[Node], Kernel | list[Kernel]]] = {
     "aten.matmul": _matmul, "aten.baddbmm": _matmul, "aten.conv2d": _conv,
     "aten.conv1d": _conv, "aten.convolution": _conv, "aten.einsum": _einsum,
     "optim.linear_int8": _linear_int8, "optim.linear_int4": _linear_int4,
+    "optim.linear_binary": _linear_binary,
     "optim.merge_tokens": _merge_tokens, "optim.unmerge_tokens": _unmerge_tokens,
     "optim.attention": _attention,
     "aten.scaled_dot_product_attention": _sdpa, "aten.embedding": _embedding,

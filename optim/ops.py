@@ -14,7 +14,7 @@ ONNX nodes (`backends/onnx_lowering.py`).
   one fp32 scale per `block` inputs of each output row). ONNX Runtime runs it as MatMulNBits;
   the torch kernel unpacks to fp32 and runs a dense GEMM (memory saved on disk, not time).
 - `optim::linear_binary(x, w_bits, w_scale, bias, threshold, in_features)`: sign weights packed
-  64 per int64 word with a scale per output channel (or group of inputs). With a `threshold`,
+  64 per int64 word, K-major ([words, N]), with a scale per output channel (or group of inputs). With a `threshold`,
   activations are binarized too (x − τ → sign and a per-row scale) and the layer runs on the
   packed XNOR/popcount kernel (`backends.tvm_kernels.binary_linear`); without, the weights are
   unpacked to fp32 for a dense GEMM.
@@ -186,21 +186,19 @@ def _(x, w_packed, scales, bias, block):
 @torch.library.custom_op("optim::linear_binary", mutates_args=())
 def linear_binary(x: Tensor, w_bits: Tensor, w_scale: Tensor, bias: Tensor | None,
                   threshold: Tensor | None, in_features: int) -> Tensor:
-    from optim.binary import expand_groups, group_mean_abs, pack_bits, unpack_bits
+    from optim.binary import expand_groups, unpack_bits
 
     lead, k = x.shape[:-1], in_features
-    x2 = x.reshape(-1, k).float()
     if threshold is None:  # weights only: unpack, then a float GEMM (no kernel beats fp32 here)
-        w = unpack_bits(w_bits, k) * expand_groups(w_scale, k)
+        w = unpack_bits(w_bits.T, k) * expand_groups(w_scale, k)
         return F.linear(x, w.to(x.dtype), bias)
-    from backends.tvm_kernels import binary_linear
+    from backends.tvm_kernels import binary_linear, pack_rows
 
-    xc = x2 - threshold
-    y = binary_linear(pack_bits(xc), w_bits, k, group_mean_abs(xc, w_scale.shape[1]), w_scale,
-                      bias)
-    return y.reshape(*lead, w_bits.shape[0]).to(x.dtype)
+    bits, beta = pack_rows(x.reshape(-1, k).float(), threshold, w_scale.shape[1])
+    y = binary_linear(bits, w_bits, k, beta, w_scale, bias)
+    return y.reshape(*lead, w_bits.shape[1]).to(x.dtype)
 
 
 @linear_binary.register_fake
 def _(x, w_bits, w_scale, bias, threshold, in_features):
-    return x.new_empty((*x.shape[:-1], w_bits.shape[0]))
+    return x.new_empty((*x.shape[:-1], w_bits.shape[1]))

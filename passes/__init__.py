@@ -1,6 +1,7 @@
 """optim's passes. Importing this package registers each one in `optim.registry.PASSES`."""
 
 from passes import (  # noqa: F401
+    binarize,
     cleanup,
     dynamic_width,
     fuse_attention,

@@ -24,7 +24,7 @@ REFUSES = {("merge_tokens", m): "causal mask" for m in ("gpt2", "llama")} | \
 # options the contract runs with: the zoo's tiny models are below linear attention's and token
 # merging's break-even, so their cost-model gates are off here (their own tests test them)
 OPTIONS = {"linearize_attention": {"gate": False, "fit_steps": 40},
-           "merge_tokens": {"gate": False}}
+           "merge_tokens": {"gate": False}, "binarize": {"distill_steps": 10}}
 
 
 @pytest.mark.parametrize("model_name", SMALL)

@@ -1,0 +1,110 @@
+"""binarize: linear(x, W, b) ⇒ optim::linear_binary(x, packed sign(W), α, b', τ) (1-bit weights,
+1-bit activations by default) on the packed XNOR/popcount kernel.
+
+Every linear with a constant weight inside a numbered transformer block (`…layer.3…`,
+`…h.0…`, `…blocks.2…`) is binarized: sign weights with one scale per output channel (or per
+`group_size` inputs), and with `activations: binary` its input is centred by a calibrated
+per-channel threshold τ and binarized per token (XNOR-Net scales; τ folded into the bias
+exactly). Embeddings, norms, softmax and linears outside the blocks (patch embeddings, timestep
+embedders, heads) stay float. Training-free binarization of a pretrained transformer loses a
+lot; `distill_steps` fits each binary layer (latent weights, scales, τ; straight-through
+estimator) to the float layer's output on calibration data, in graph order and fed by the
+already-binarized layers before it, so each layer also absorbs the error upstream. Numerics:
+lossy; each layer's held-out SQNR before and after distillation is reported.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.fx
+
+import optim.ops  # noqa: F401  (registers torch.ops.optim)
+from optim import binary
+from optim.ir import add_constant, get_constant, module_path
+from optim.linears import constant_linears, input_rows, linear_input, weight_and_bias, weight_axis
+from optim.pass_base import Lossy, PassContext, register_pass
+
+BLOCK = re.compile(r"(^|\.)\d+(\.|$)")  # a numbered container: a transformer block
+
+
+@dataclass(frozen=True)
+class BinarizeConfig:
+    """Options for binarize."""
+
+    activations: Literal["binary", "float"] = "binary"  # float: weights-only (no speedup on CPU)
+    group_size: int = 0  # 0: one scale per output channel; else inputs per scale, multiple of 64
+    distill_steps: int = 100  # Adam steps per layer of output matching (0: training-free)
+    lr: float = 1e-3
+    rows: int = 4096  # calibration rows per layer used for thresholds and distillation
+    skip: tuple[str, ...] = ("classifier", "lm_head", "pooler", "head", "proj_out")
+
+    def validate(self) -> None:
+        if self.group_size < 0 or self.group_size % binary.WORD:
+            raise ValueError("group_size must be 0 (per channel) or a positive multiple of 64")
+        if self.distill_steps < 0:
+            raise ValueError("distill_steps must be >= 0")
+        if not 0 < self.lr < 1:
+            raise ValueError("lr must be in (0, 1)")
+        if self.rows < 16:
+            raise ValueError("rows must be >= 16")
+
+
+@register_pass("binarize", config=BinarizeConfig, numerics=Lossy("cosine_min", 0.0),
+               requires=("cleanup",), expects=("linear_binary",))
+def binarize(gm: torch.fx.GraphModule, cfg: BinarizeConfig, ctx: PassContext) -> None:
+    """Binarize block linears (sign × scale weights; binary activations on packed kernels)."""
+    chosen = []
+    for n in constant_linears(gm):
+        where = module_path(n)
+        k = get_constant(gm, weight_and_bias(n)[0]).shape[weight_axis(n, "in")]
+        hit = next((s for s in cfg.skip if s in where.split(".")), None)
+        if hit:
+            ctx.skip(where, f"in the skip list ({hit!r}: output heads stay float)")
+        elif not BLOCK.search(where):
+            ctx.skip(where, "outside the transformer blocks (first/last layers stay float)")
+        elif cfg.group_size and k % cfg.group_size:
+            ctx.skip(where, f"{k} inputs are not a multiple of group_size {cfg.group_size}")
+        else:
+            chosen.append(n)
+    batches = ctx.calibration or [ctx.example_inputs]
+    reference = input_rows(gm, chosen, batches, limit=cfg.rows)  # the float model's inputs
+    layers = []
+    for n in chosen:  # graph order: each layer sees the binarized layers before it
+        w_node, b_node = weight_and_bias(n)
+        w = get_constant(gm, w_node).float()
+        w = w if weight_axis(n, "in") == 1 else w.T
+        b = get_constant(gm, b_node).float() if b_node is not None else None
+        x_ref = reference[n]
+        target = x_ref @ w.T + (b if b is not None else 0)
+        x_now = input_rows(gm, [n], batches, limit=cfg.rows)[n]
+        layer, fit = binary.fit(w, b, x_now, target, cfg.group_size,
+                                cfg.activations == "binary", cfg.distill_steps, cfg.lr)
+        where = module_path(n)
+        consts = [add_constant(gm, f"{w_node.target}_bits", layer.weight_bits, n),
+                  add_constant(gm, f"{w_node.target}_alpha", layer.weight_scale, n)]
+        consts.append(None if layer.bias is None
+                      else add_constant(gm, f"{w_node.target}_bias_folded", layer.bias, n))
+        consts.append(None if layer.threshold is None
+                      else add_constant(gm, f"{w_node.target}_tau", layer.threshold, n))
+        with gm.graph.inserting_before(n):
+            new = gm.graph.call_function(torch.ops.optim.linear_binary.default,
+                                         (linear_input(n), *consts, layer.in_features))
+        new.meta = dict(n.meta)
+        n.replace_all_uses_with(new)
+        gm.graph.erase_node(n)
+        ctx.record("linear_binary")
+        layers.append({"where": where, "shape": f"{w.shape[0]}x{w.shape[1]}",
+                       "sqnr_db_training_free": round(_db(fit["rel_mse_before"]), 2),
+                       "sqnr_db": round(fit["sqnr_db"], 2)})
+    ctx.details.update(activations=cfg.activations, group_size=cfg.group_size,
+                       distill_steps=cfg.distill_steps, layers=layers)
+
+
+def _db(rel_mse: float) -> float:
+    import math
+
+    return -10 * math.log10(max(rel_mse, 1e-30))

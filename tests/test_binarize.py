@@ -1,0 +1,106 @@
+"""binarize: packed 1-bit linears, their float model, distillation, skips and lowering."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import optim
+import optim.ops  # noqa: F401
+from optim import binary
+from optim.errors import BackendError
+from optim.ir import get_constant
+
+
+@pytest.mark.parametrize("m,n,k,group", [(9, 24, 100, 0), (16, 32, 384, 128), (3, 5, 64, 0)])
+def test_binary_op_equals_its_float_model(m, n, k, group):
+    """The packed XNOR/popcount op computes exactly what `binary.simulate` describes."""
+    torch.manual_seed(k)
+    w, b, x = torch.randn(n, k), torch.randn(n), torch.randn(2, m, k)
+    layer, _ = binary.fit(w, b, x.reshape(-1, k), x.reshape(-1, k) @ w.T + b, group, True, 0)
+    got = torch.ops.optim.linear_binary(x, layer.weight_bits, layer.weight_scale, layer.bias,
+                                        layer.threshold, k)
+    sign_w = binary.unpack_bits(layer.weight_bits.T, k)
+    tau, alpha = layer.threshold, layer.weight_scale
+    own_bias = layer.bias - tau @ (sign_w * binary.expand_groups(alpha, k)).T  # τ unfolded
+    ref = binary.simulate(x.reshape(-1, k), sign_w, alpha, own_bias, tau)
+    torch.testing.assert_close(got.reshape(-1, n), ref, rtol=1e-4, atol=1e-3)
+
+
+def test_weight_only_op_is_a_float_gemm_on_sign_weights():
+    torch.manual_seed(0)
+    w, x = torch.randn(8, 70), torch.randn(5, 70)
+    layer, _ = binary.fit(w, None, x, x @ w.T, 0, False, 0)
+    got = torch.ops.optim.linear_binary(x, layer.weight_bits, layer.weight_scale, None, None, 70)
+    ref = x @ (binary.signs(w) * w.abs().mean(1, keepdim=True)).T
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_distillation_reduces_held_out_error():
+    """Output matching fits signs, scales and τ to a layer whose inputs are not centred."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 128) * 0.05
+    x = torch.randn(2048, 128) @ torch.randn(128, 128) * 0.3 + 0.5
+    y = x @ w.T
+    _, free = binary.fit(w, None, x, y, 0, True, 0)
+    _, fitted = binary.fit(w, None, x, y, 0, True, 150, 1e-2)
+    assert fitted["rel_mse_after"] < 0.9 * free["rel_mse_before"]
+
+
+def test_binarize_bert_block_linears_and_skips(zoo_model):
+    z = zoo_model("bert")
+    om = optim.optimize(z.model, "cpu", z.example_args, example_kwargs=z.example_kwargs,
+                        pipeline=["cleanup", "binarize"], binarize={"distill_steps": 10},
+                        backend="torch", measure_latency=False)
+    r = om.report.pass_result("binarize")
+    assert r["counts"] == {"linear_binary": 12}  # 2 layers × (q, k, v, o, up, down)
+    layers = r["details"]["layers"]
+    assert len(layers) == 12 and all("sqnr_db" in x for x in layers)
+    assert all(x["sqnr_db"] >= x["sqnr_db_training_free"] for x in layers)
+    assert om.report["graph"]["after"]["optim.linear_binary"] == 12
+    # packed weights: 1 bit per weight plus one fp32 scale per output channel
+    node = next(n for n in om.graph.graph.nodes
+                if n.target is torch.ops.optim.linear_binary.default)
+    bits = get_constant(om.graph, node.args[1])
+    assert bits.dtype == torch.int64 and bits.shape[0] == -(-node.args[5] // 64)
+
+
+def test_linears_outside_blocks_stay_float(zoo_model):
+    z = zoo_model("gpt2")
+    om = optim.optimize(z.model, "cpu", z.example_args, example_kwargs=z.example_kwargs,
+                        pipeline=["cleanup", "binarize"], binarize={"distill_steps": 0},
+                        backend="torch", measure_latency=False)
+    r = om.report.pass_result("binarize")
+    assert any(s["where"] == "lm_head" for s in r["skipped"])
+    assert r["counts"]["linear_binary"] == 8
+
+
+def test_binarized_graph_names_missing_lowering(zoo_model):
+    z = zoo_model("bert")
+    with pytest.raises(BackendError, match="optim::linear_binary"):
+        optim.optimize(z.model, "cpu", z.example_args, example_kwargs=z.example_kwargs,
+                       pipeline=["cleanup", "binarize"], binarize={"distill_steps": 0},
+                       backend="onnxruntime", measure_latency=False)
+
+
+def test_bad_group_size_is_named():
+    m = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    with pytest.raises(optim.ConfigError, match="multiple of 64"):
+        optim.optimize(m, "cpu", (torch.randn(2, 64),), pipeline=["cleanup", "binarize"],
+                       binarize={"group_size": 100}, measure_latency=False)
+
+
+def test_binary_kernel_is_costed_as_binary_math(zoo_model):
+    from hardware.opcost import graph_kernels
+
+    z = zoo_model("bert")
+    om = optim.optimize(z.model, "cpu", z.example_args, example_kwargs=z.example_kwargs,
+                        pipeline=["cleanup", "binarize"], binarize={"distill_steps": 0},
+                        backend="torch", measure_latency=False)
+    ks = [k for k in graph_kernels(om.graph) if k.weight_format == "binary"]
+    assert len(ks) == 12 and all(k.dtype == "binary" for k in ks)
+    dense = optim.optimize(z.model, "cpu", z.example_args, example_kwargs=z.example_kwargs,
+                           pipeline=["cleanup"], backend="torch", measure_latency=False)
+    dense_w = sum(k.bytes.get("weights", 0) for k in graph_kernels(dense.graph) if k.kind == "gemm")
+    bin_w = sum(k.bytes.get("weights", 0) for k in graph_kernels(om.graph) if k.kind == "gemm")
+    assert bin_w < dense_w / 4  # 1-bit block weights; embeddings' own kernels are not gemms
