@@ -67,13 +67,16 @@ def attention(q, k, v, mask, scale: float, causal: bool):
     return op.Attention(q, k, v, mask, scale=scale, is_causal=int(causal))[0]
 
 
-def linear_int8(x, w_q, w_scale, bias, in_scale=None):
+def linear_int8(x, w_q, w_scale, bias, in_scale=None, act_scale=None):
     k = op.Shape(x, start=-1)
     x2 = op.Reshape(x, op.Concat(op.Constant(value_ints=[-1]), k, axis=0))  # [M, K]
     if in_scale is not None:
         x2 = op.Mul(x2, in_scale)
-    amax = op.ReduceMax(op.Abs(x2), op.Constant(value_ints=[1]), keepdims=0)  # [M]
-    s_x = op.Max(op.Div(amax, op.Constant(value_float=127.0)), op.Constant(value_float=1e-8))
+    if act_scale is None:  # dynamic: one scale per token
+        amax = op.ReduceMax(op.Abs(x2), op.Constant(value_ints=[1]), keepdims=0)  # [M]
+        s_x = op.Max(op.Div(amax, op.Constant(value_float=127.0)), op.Constant(value_float=1e-8))
+    else:  # static: the calibrated scale for every token
+        s_x = op.Expand(act_scale, op.Shape(x2, start=0, end=1))
     zp = op.ConstantOfShape(op.Shape(s_x), value=ir.tensor(np.array([128], dtype=np.uint8)))
     q = op.QuantizeLinear(x2, s_x, zp, axis=0)  # one scale per token (row)
     one = op.Constant(value_float=1.0)

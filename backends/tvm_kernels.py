@@ -12,7 +12,8 @@
   `⌊x · 127 / max + 128.5⌋` as uint8: ties round up, where torch.round goes to even, so codes
   differ from the eager reference only on exact ties), with an optional per-channel multiplier folded in
   (SmoothQuant's `x / s`). Eager torch needs six full passes over `x` for the same thing; this is
-  what feeds the oneDNN int8 GEMM of `optim::linear_int8`.
+  what feeds the oneDNN int8 GEMM of `optim::linear_int8`. `quantize_static` does the same with
+  one calibrated scale (static int8): a single elementwise pass.
 
 Kernels are compiled once per shape and cached for the process. Activations are `[M, K]`;
 int8 weights are `[N, K]` (like `torch.nn.Linear`), packed binary weights `[words, N]`.
@@ -286,6 +287,43 @@ def _quantize_kernel(k: int):
                     T.float32(1)), T.float32(255)))
 
     return tvm.compile(tvm.IRModule({"quantize": quantize}), target=_target())
+
+
+@lru_cache(maxsize=64)
+def _quantize_static_kernel(k: int):
+    """Static quantization: one calibrated scale for every row, a single elementwise pass."""
+    import tvm
+    from tvm.script import tirx as T
+
+    @T.prim_func
+    def quantize(a: T.handle, b: T.handle, c: T.handle, d: T.handle):
+        T.func_attr({"global_symbol": "quantize", "tir.noalias": True})
+        m = T.int64()
+        x = T.match_buffer(a, (m, k), "float32")
+        mult = T.match_buffer(b, (k,), "float32")
+        inv = T.match_buffer(c, (1,), "float32")  # 1 / scale
+        q = T.match_buffer(d, (m, k), "uint8")
+        for i in T.parallel(m):
+            for j in T.vectorized(k):
+                q[i, j] = T.Cast("uint8", T.min(T.max(T.floor(
+                    x[i, j] * mult[j] * inv[0] + T.float32(128.5)), T.float32(1)),
+                    T.float32(255)))
+
+    return tvm.compile(tvm.IRModule({"quantize": quantize}), target=_target())
+
+
+def quantize_static(x: torch.Tensor, scale: torch.Tensor, mult: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+    """uint8 codes (zero point 128, codes 1…255) of `x · mult` with one calibrated `scale`."""
+    if x.dim() != 2 or x.dtype != torch.float32:
+        raise ConfigError(f"quantize_static takes an fp32 [rows, K] tensor, got {x.dtype} "
+                          f"{tuple(x.shape)}")
+    m, k = x.shape
+    mult = mult if mult is not None else _ONES.setdefault(k, torch.ones(k))
+    q = torch.empty((m, k), dtype=torch.uint8)
+    _quantize_static_kernel(k)(_view(x), _view(mult.float()),
+                               _view((1.0 / scale.float()).reshape(1)), _out(q))
+    return q
 
 
 _ONES: dict[int, torch.Tensor] = {}

@@ -7,8 +7,8 @@
 - `aten.gelu` ⇒ its erf (or tanh) formula in elementwise Relax ops, so that the fast-math pass
   can swap in vectorizable erf/tanh and the whole GELU fuses into the matmul before it (TVM's own
   gelu op legalizes to a scalar libm `erff` call per element).
-- `optim::linear_int8(x, w_q, w_scale, bias, in_scale)` ⇒ x · in_scale (if given), per-token
-  symmetric int8 quantization,
+- `optim::linear_int8(x, w_q, w_scale, bias, in_scale, act_scale)` ⇒ x · in_scale (if given),
+  symmetric int8 quantization per token (or with the static `act_scale`),
   an int8 × int8 → int32 matmul, and the fp32 rescale plus bias. Same integers as the torch
   kernel (its u8 activations are these int8 values + 128).
 """
@@ -68,9 +68,12 @@ def convert_linear_int8(node, importer) -> relax.Var:
     x2 = bb.emit(R.reshape(x, (-1, k)))
     if len(node.args) > 4 and node.args[4] is not None:
         x2 = bb.emit(R.multiply(x2, _arg(importer, node, 4)))
-    amax = bb.emit(R.max(R.abs(x2), axis=-1, keepdims=True))
-    s = bb.emit(R.divide(R.maximum(amax, relax.const(1e-8, "float32")),
-                         relax.const(127.0, "float32")))
+    if len(node.args) > 5 and node.args[5] is not None:  # static: one calibrated scale
+        s = _arg(importer, node, 5)
+    else:
+        amax = bb.emit(R.max(R.abs(x2), axis=-1, keepdims=True))
+        s = bb.emit(R.divide(R.maximum(amax, relax.const(1e-8, "float32")),
+                             relax.const(127.0, "float32")))
     q = bb.emit(R.astype(R.clip(R.round(R.divide(x2, s)), -127, 127), "int8"))
     acc = bb.emit(R.matmul(q, R.permute_dims(w_q, [1, 0]), out_dtype="int32"))
     y = bb.emit(R.multiply(R.multiply(R.astype(acc, "float32"), s), w_scale))

@@ -85,6 +85,12 @@ def main() -> None:
             mark = " (default)" if pipe == "cpu_default" and backend == chosen.default_backend \
                 else ""
             cands[f"optim {pipe} on {backend}{mark}"] = om.artifact
+    with console.status("optim cpu_default, static int8"):
+        om = optim.optimize(z.model, "cpu", kw, pipeline="cpu_default", eval_data=batches[:4],
+                            calibration=batches[-8:], backend=chosen.default_backend,
+                            quantize={"activations": "static"}, measure_latency=False)
+        cands[f"optim cpu_default, static int8 (percentile) on {chosen.default_backend}"] = \
+            om.artifact
     fid = {}
     with console.status("fidelity on real sentences"), torch.inference_mode():
         for name, fn in cands.items():

@@ -47,7 +47,8 @@ def _(q, k, v, mask, scale, causal):
 # y = s_x[m] · w_scale[n] · Σ_k q_x[m, k] · w_q[n, k] + bias[n]
 #   q_x = round(x / s_x), s_x = max|x[m, :]| / 127 (one scale per token), w_q int8 per-channel.
 # `in_scale` [K] (optional) multiplies x per input channel first (SmoothQuant's x / s), inside
-# the same fused quantization pass (`backends.tvm_kernels.quantize_rows`).
+# the same fused quantization pass (`backends.tvm_kernels.quantize_rows`). With `act_scale` (a
+# calibrated scalar, static int8) s_x is that constant for every token.
 # The torch kernel runs the integer GEMM in oneDNN (u8 activations with zero point 128, s8
 # weights, int32 accumulation); prepacked weights are cached per weight tensor.
 
@@ -68,12 +69,18 @@ def _packed(w_q: Tensor) -> Tensor:
 
 @torch.library.custom_op("optim::linear_int8", mutates_args=())
 def linear_int8(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
-                in_scale: Tensor | None = None) -> Tensor:
-    from backends.tvm_kernels import quantize_rows  # one fused pass over x (TVM-compiled)
+                in_scale: Tensor | None = None, act_scale: Tensor | None = None) -> Tensor:
+    from backends.tvm_kernels import quantize_rows, quantize_static  # one fused pass over x
 
     lead, k = x.shape[:-1], x.shape[-1]
-    q, s = quantize_rows(x.reshape(-1, k).float().contiguous(), in_scale)
+    x2 = x.reshape(-1, k).float().contiguous()
     zp = torch.zeros(w_q.shape[0], dtype=torch.int64)
+    if act_scale is not None:  # static: oneDNN applies the scales and bias itself
+        y = torch.ops.onednn.qlinear_pointwise(
+            quantize_static(x2, act_scale, in_scale), float(act_scale), 128, _packed(w_q),
+            w_scale, zp, bias, 1.0, 0, torch.float32, "none", [], "")
+        return y.reshape(*lead, w_q.shape[0]).to(x.dtype)
+    q, s = quantize_rows(x2, in_scale)
     acc = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, _packed(w_q), w_scale, zp, None,
                                              1.0, 0, torch.float32, "none", [], "")
     y = torch.addcmul(bias, acc, s) if bias is not None else acc.mul_(s)
@@ -81,7 +88,7 @@ def linear_int8(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
 
 
 @linear_int8.register_fake
-def _(x, w_q, w_scale, bias, in_scale=None):
+def _(x, w_q, w_scale, bias, in_scale=None, act_scale=None):
     return x.new_empty((*x.shape[:-1], w_q.shape[0]))
 
 

@@ -10,18 +10,23 @@ SQNR (int8 output vs fp32 output on the calibration activations) is measured, an
 first (SmoothQuant, `smooth_alpha`): x / s feeds the int8 GEMM and W · s is quantized, which is
 exact in real arithmetic. x / s is folded into the LayerNorm before it when that norm feeds
 only these linears (pre-norm blocks: GPT-2, Llama, ViT); otherwise the per-token quantization
-kernel applies it on the fly. Numerics: lossy, reported as per-layer SQNR.
+kernel applies it on the fly. `activations: static` replaces the per-token scales by one
+calibrated scale per layer input (min-max or a percentile of |x| on the calibration data), so
+the run-time |x|max pass disappears; it is lossier on models with outlier tokens. Numerics:
+lossy, reported as per-layer SQNR.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.fx
 
 import optim.ops  # noqa: F401  (registers torch.ops.optim)
+from optim.errors import ConfigError
 from optim.ir import add_constant, flatten_inputs, get_constant, module_path
 from optim.numerics import sqnr_db
 from optim.pass_base import Lossy, PassContext, register_pass
@@ -44,8 +49,15 @@ class QuantizeConfig:
     # s_j = max|x_j|^α / max|W[:, j]|^(1-α) from calibration data (0 = off; 0.5 is
     # SmoothQuant's default). One s per input tensor, shared by the linears reading it (q, k, v).
     smooth_alpha: float = 0.5
+    # dynamic: one scale per token, measured at run time; static: one scale per layer input,
+    # calibrated (`calibration_method` over the calibration activations, after smoothing)
+    activations: Literal["dynamic", "static"] = "dynamic"
+    calibration_method: Literal["minmax", "percentile"] = "percentile"
+    percentile: float = 99.99
 
     def validate(self) -> None:
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError("percentile must be in (50, 100]")
         if not 0.0 <= self.smooth_alpha <= 1.0:
             raise ValueError("smooth_alpha must be in [0, 1]")
         if self.weight_bits not in (7, 8):
@@ -124,7 +136,14 @@ def quantize(gm: torch.fx.GraphModule, cfg: QuantizeConfig, ctx: PassContext) ->
         w_scale = (w.abs().amax(1) / qmax).clamp(min=1e-12)
         w_q = torch.round(w / w_scale[:, None]).clamp(-qmax, qmax).to(torch.int8).contiguous()
         b = get_constant(gm, bias) if isinstance(bias, torch.fx.Node) else None
-        sq = _layer_sqnr(inputs.get(n), w_ref, calib, w_q, w_scale, b)
+        act_scale = None
+        if cfg.activations == "static":
+            if calib is None:
+                raise ConfigError("quantize activations='static' needs calibration data "
+                                  "(pass calibration=... or eval_data to optimize()); none "
+                                  f"reached {where}")
+            act_scale = _static_scale(calib, cfg)
+        sq = _layer_sqnr(inputs.get(n), w_ref, calib, w_q, w_scale, b, act_scale)
         layer = {"layer": where, "shape": list(w.shape), "sqnr_db": None if sq is None else round(sq, 2)}
         if sq is not None and sq < cfg.min_sqnr_db:
             ctx.skip(where, f"calibrated SQNR {sq:.1f} dB < min_sqnr_db {cfg.min_sqnr_db:g}")
@@ -135,7 +154,9 @@ def quantize(gm: torch.fx.GraphModule, cfg: QuantizeConfig, ctx: PassContext) ->
         ws_node = add_constant(gm, f"{where}.weight_scale", w_scale.float(), n)
         with gm.graph.inserting_before(n):
             q = gm.graph.call_function(torch.ops.optim.linear_int8.default,
-                                       (x, wq_node, ws_node, bias, in_scale))
+                                       (x, wq_node, ws_node, bias, in_scale,
+                                        None if act_scale is None else
+                                        add_constant(gm, f"{where}.act_scale", act_scale, n)))
         q.meta = {**n.meta}
         n.replace_all_uses_with(q)
         gm.graph.erase_node(n)
@@ -168,12 +189,22 @@ def _calibration_inputs(gm, nodes, ctx: PassContext, max_batches: int) -> dict:
     return {n: torch.cat(v) for n, v in seen.items() if v}
 
 
-def _layer_sqnr(x, w, x_in, w_q, w_scale, b) -> float | None:
+def _static_scale(x: torch.Tensor, cfg: QuantizeConfig) -> torch.Tensor:
+    """One activation scale from calibration rows: max |x| or its `percentile`, over 127."""
+    a = x.abs().flatten().float()
+    if cfg.calibration_method == "minmax" or cfg.percentile >= 100.0:
+        top = a.max()
+    else:
+        top = a.kthvalue(max(1, min(len(a), round(len(a) * cfg.percentile / 100.0)))).values
+    return (top.clamp(min=1e-8) / 127.0).reshape(())
+
+
+def _layer_sqnr(x, w, x_in, w_q, w_scale, b, act_scale=None) -> float | None:
     """SQNR of the int8 layer (fed `x_in`, the possibly smoothed input) vs fp32 on `x`."""
     if x is None:
         return None
     ref = torch.nn.functional.linear(x.float(), w, b)
-    got = torch.ops.optim.linear_int8(x_in.float(), w_q, w_scale, b)
+    got = torch.ops.optim.linear_int8(x_in.float(), w_q, w_scale, b, None, act_scale)
     return sqnr_db(ref, got)
 
 

@@ -158,3 +158,33 @@ def test_fused_quantization_kernel_matches_eager(m, k):
     torch.testing.assert_close(s, s_ref)
     assert q.dtype == torch.uint8 and (q.float() - q_ref).abs().max() <= 1  # fp32 op order
     assert (q.float() != q_ref).float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile"])
+def test_static_int8_uses_one_calibrated_scale_on_both_backends(method, zoo_model):
+    z = zoo_model("bert")
+    outs = {}
+    for backend in ("torch", "onnxruntime"):
+        om = optim.optimize(z.model, "cpu", z.example_args, example_kwargs=z.example_kwargs,
+                            pipeline=["cleanup", "fuse_attention", "quantize"], backend=backend,
+                            quantize={"activations": "static", "calibration_method": method},
+                            calibration=[(z.example_args, z.example_kwargs)],
+                            measure_latency=False)
+        outs[backend] = optim.numerics.tensor_leaves(om(*z.example_args, **z.example_kwargs))[0]
+        scales = [n for n in om.graph.graph.nodes if n.op == "get_attr" and "act_scale" in n.target]
+        assert len(scales) == 12 and all(get_constant(om.graph, n).dim() == 0 for n in scales)
+        layers = om.report.pass_result("quantize")["details"]["layers"]
+        assert all(x["sqnr_db"] > 15 for x in layers)
+    ref = optim.numerics.tensor_leaves(z.model(*z.example_args, **z.example_kwargs))[0]
+    assert sqnr_db(ref, outs["torch"]) > 15
+    assert sqnr_db(outs["torch"], outs["onnxruntime"]) > 35
+
+
+def test_static_scale_clips_outliers_with_percentile():
+    from passes.quantize import QuantizeConfig, _static_scale
+
+    x = torch.randn(10000, 8)
+    x[0, 0] = 1000.0  # one outlier
+    mm = _static_scale(x, QuantizeConfig(calibration_method="minmax"))
+    pc = _static_scale(x, QuantizeConfig(calibration_method="percentile", percentile=99.9))
+    assert mm == pytest.approx(1000.0 / 127) and pc < 5.0 / 127
