@@ -30,7 +30,7 @@ from optim.data import digits, sentences
 from optim.measure import machine
 from optim.tasks import sentence_batches, sentence_embedding_fidelity
 
-METHODS = ("hedgehog", "elu", "performer", "flow")
+METHODS = ["hedgehog", "elu", "performer", "flow", "ecoformer"]
 
 
 def _pipeline(method: str, steps: int) -> list:
@@ -86,7 +86,9 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/linearize_attention_fidelity.json")
     ap.add_argument("--sentences", type=int, default=256)
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     args = ap.parse_args()
+    METHODS[:] = args.methods.split(",")
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
     console = Console(width=160)

@@ -12,6 +12,11 @@ Feature maps (`feature_map(method, x, params, role)`):
   (Choromanski et al. 2021), on x·s^½ so that φ(q)·φ(k) estimates exp(q·k·s).
 - `hedgehog`: [softmax(x·W + b), softmax(−(x·W + b))] per head, W and b fitted to the layer's
   softmax attention output on calibration data (`fit_hedgehog`, LoLCATs stage 1).
+- `ecoformer`: binary hash codes h(x) = [ (κ(x, anchors) − μ)·A ≥ 0 ] ∈ {0, 1}^b per head
+  (EcoFormer's kernelized hashing, 2022: RBF features to anchors drawn from the calibration
+  keys, a projection A), shared by queries and keys, so φ(q)·φ(k) counts shared bits and the
+  attention is accumulations of v. A is fitted by attention transfer with a straight-through
+  sign (`fit_feature_map`), where EcoFormer fits it by supervised hashing on attention pairs.
 `flow` is Flowformer's flow attention (sigmoid map, conservation, competition, allocation).
 
 Forms: bidirectional; causal, computed in chunks (within a chunk a masked L_c×L_c product,
@@ -28,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-METHODS = ("elu", "performer", "flow", "hedgehog")
+METHODS = ("elu", "performer", "flow", "hedgehog", "ecoformer")
+ECO_ANCHORS = 20  # EcoFormer's defaults: 20 RBF anchors, 16-bit codes
 EPS = 1e-6
 TINY = 1e-30  # normalizer floor: performer features are tiny by design (a shared shift)
 
@@ -67,7 +73,40 @@ def feature_map(method: str, x: Tensor, params: dict[str, Tensor], role: str,
     if method == "hedgehog":
         z = x @ params[f"w_{role}"] + params[f"b_{role}"][:, None]  # per head: [H, D, D′]
         return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], -1)
+    if method == "ecoformer":
+        return hash_codes(x, params)
     raise ValueError(f"unknown linear attention method {method!r}; valid: {METHODS}")
+
+
+def hash_codes(x: Tensor, params: dict[str, Tensor]) -> Tensor:
+    """EcoFormer codes {0, 1}^b of x [B, H, L, D]; differentiable (straight-through sigmoid)
+    when the projection requires grad, exactly binary otherwise."""
+    anchors, proj, mu, gamma = (params[k] for k in ("anchors", "proj", "mu", "gamma"))
+    d2 = (x * x).sum(-1, keepdim=True) - 2 * x @ anchors.transpose(-1, -2) \
+        + (anchors * anchors).sum(-1)[:, None, :]  # [B, H, L, m]
+    kappa = torch.exp(-d2.clamp_min(0) * gamma[:, None, None])
+    z = (kappa - mu[:, None, :]) @ proj  # [B, H, L, b]
+    hard = (z >= 0).to(x.dtype)
+    if not (torch.is_grad_enabled() and z.requires_grad):
+        return hard
+    soft = torch.sigmoid(4 * z / (z.detach().abs().mean() + 1e-12))
+    return soft + (hard - soft).detach()
+
+
+def ecoformer_init(keys: list[Tensor], bits: int, seed: int = 0) -> dict[str, Tensor]:
+    """Anchors drawn from each head's calibration keys, γ = 1 / mean squared key-anchor
+    distance, μ = the keys' mean RBF features, A Gaussian (random-hyperplane hashing of the
+    kernel features before any fitting). keys: [B, H, L, D] tensors."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.cat([t.transpose(0, 1).reshape(t.shape[1], -1, t.shape[-1]) for t in keys], 1)
+    heads, rows, _ = k.shape
+    idx = torch.randperm(rows, generator=g)[:ECO_ANCHORS]
+    anchors = k[:, idx].clone()  # [H, m, D]
+    d2 = torch.cdist(k, anchors).pow(2)  # [H, rows, m]
+    gamma = 1.0 / d2.mean((1, 2)).clamp_min(1e-12)
+    mu = torch.exp(-d2 * gamma[:, None, None]).mean(1)
+    proj = torch.randn(heads, anchors.shape[1], bits, generator=g)
+    return {"anchors": anchors, "proj": proj, "mu": mu, "gamma": gamma}
 
 
 # ---- kernelized attention ----
@@ -212,15 +251,35 @@ def hedgehog_init(heads: int, head_dim: int, features: int, scale: float) -> dic
 def fit_hedgehog(samples: list[tuple[Tensor, Tensor, Tensor, Tensor | None]], causal: bool,
                  scale: float, features: int, steps: int, lr: float = 1e-2, seed: int = 0
                  ) -> tuple[dict[str, Tensor], dict[str, float]]:
-    """Fit one layer's q and k feature maps so that linear attention reproduces the layer's
-    softmax attention output on `samples` [(q, k, v, valid)], by MSE (other weights frozen).
+    """Fit one layer's q and k Hedgehog maps (see `fit_feature_map`)."""
+    torch.manual_seed(seed)
+    heads, head_dim = samples[0][0].shape[1], samples[0][0].shape[-1]
+    return fit_feature_map("hedgehog", hedgehog_init(heads, head_dim, features, scale), samples,
+                           causal, scale, steps, lr)
+
+
+def fit_ecoformer(samples: list[tuple[Tensor, Tensor, Tensor, Tensor | None]], causal: bool,
+                  scale: float, bits: int, steps: int, lr: float = 1e-2, seed: int = 0
+                  ) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """Fit one layer's hash projection A and offsets μ (anchors and γ stay as drawn)."""
+    torch.manual_seed(seed)
+    init = ecoformer_init([k for _, k, _, _ in samples], bits, seed)
+    return fit_feature_map("ecoformer", init, samples, causal, scale, steps, lr,
+                           trainable=("proj", "mu"))
+
+
+def fit_feature_map(method: str, init: dict[str, Tensor],
+                    samples: list[tuple[Tensor, Tensor, Tensor, Tensor | None]], causal: bool,
+                    scale: float, steps: int, lr: float = 1e-2, trainable: tuple = ()
+                    ) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """Fit one layer's feature-map parameters (all, or those named in `trainable`) so that
+    linear attention reproduces the layer's softmax attention output on `samples`
+    [(q, k, v, valid)], by MSE (other weights frozen).
 
     Returns the parameters and the fit: relative MSE of the attention output before and after
     (initial map vs fitted map), on the samples."""
-    torch.manual_seed(seed)
-    heads, head_dim = samples[0][0].shape[1], samples[0][0].shape[-1]
-    params = {k: p.requires_grad_(True) for k, p in
-              hedgehog_init(heads, head_dim, features, scale).items()}
+    params = {k: p.clone().requires_grad_(not trainable or k in trainable)
+              for k, p in init.items()}
     with torch.no_grad():
         targets = [softmax_reference(q, k, v, m, causal, scale) for q, k, v, m in samples]
         energy = sum(float((t * t).mean()) for t in targets) / len(targets)
@@ -228,12 +287,12 @@ def fit_hedgehog(samples: list[tuple[Tensor, Tensor, Tensor, Tensor | None]], ca
     def loss_fn() -> Tensor:
         total = 0.0
         for (q, k, v, m), t in zip(samples, targets):
-            out = attend("hedgehog", q, k, v, m, causal, scale, params)
+            out = attend(method, q, k, v, m, causal, scale, params)
             total = total + F.mse_loss(out, t)
         return total / len(samples)
 
     with torch.enable_grad():
-        opt = torch.optim.Adam(params.values(), lr=lr)
+        opt = torch.optim.Adam([p for p in params.values() if p.requires_grad], lr=lr)
         with torch.no_grad():
             before = float(loss_fn()) / energy
         for _ in range(steps):

@@ -3,7 +3,8 @@
 Each fused attention becomes φ(q)·(φ(k)ᵀ·v) / φ(q)·(φ(k)ᵀ·1) (or Flowformer's flow attention),
 spliced in as plain aten ops so every backend runs it (`optim.linear_attention` holds the math).
 Methods: `hedgehog` (learned feature maps fitted per layer to the layer's softmax attention
-output on calibration data: attention transfer, LoLCATs stage 1), and the training-free `elu`,
+output on calibration data: attention transfer, LoLCATs stage 1), `ecoformer` (binary hash
+codes of q and k, EcoFormer-style, their projection fitted the same way), and the training-free `elu`,
 `performer` (FAVOR+) and `flow` (Flowformer), which published work and this pass's report show
 to be poor without training.
 
@@ -38,10 +39,12 @@ ATTENTION = torch.ops.optim.attention.default
 class LinearizeAttentionConfig:
     """Options for linearize_attention."""
 
-    method: Literal["hedgehog", "elu", "performer", "flow"] = "hedgehog"
-    features: int = 0  # feature size per head (hedgehog: ×2 for ±); 0: head_dim (performer: 4×)
+    method: Literal["hedgehog", "elu", "performer", "flow", "ecoformer"] = "hedgehog"
+    # feature size per head (hedgehog: ×2 for ±; ecoformer: hash bits); 0: head_dim
+    # (performer: 4×, ecoformer: 16 bits)
+    features: int = 0
     gate: bool = True  # rewrite only where the target's cost model says linear is faster
-    fit_steps: int = 300  # hedgehog: Adam steps of attention transfer per layer
+    fit_steps: int = 300  # hedgehog, ecoformer: Adam steps of attention transfer per layer
     fit_lr: float = 1e-2
     fit_batches: int = 4  # hedgehog: calibration batches the maps are fitted on
     chunk: int = 64  # causal form: positions per chunk
@@ -93,9 +96,10 @@ def linearize_attention(gm: torch.fx.GraphModule, cfg: LinearizeAttentionConfig,
                             f"forces it)")
             continue
         data = [_layer_sample(s, q, k, v, mask if padded else None) for s in samples]
-        if cfg.method == "hedgehog":
-            fitted, fit = la.fit_hedgehog(data, causal, float(scale), _features(cfg, shape(q)),
-                                          cfg.fit_steps, cfg.fit_lr, ctx.seed + len(layers))
+        if cfg.method in ("hedgehog", "ecoformer"):
+            fit_fn = la.fit_hedgehog if cfg.method == "hedgehog" else la.fit_ecoformer
+            fitted, fit = fit_fn(data, causal, float(scale), _features(cfg, shape(q)),
+                                 cfg.fit_steps, cfg.fit_lr, ctx.seed + len(layers))
             params.update(fitted)
             layer["fit"] = {k: round(v, 5) if isinstance(v, float) else v for k, v in fit.items()}
             inputs = [q, k, v, *([mask] if padded else []), *params.values()]
@@ -157,7 +161,7 @@ def _mask_kind(mask: torch.Tensor | None, causal: bool, lq: int, lk: int) -> str
 
 def _features(cfg: LinearizeAttentionConfig, q_shape) -> int:
     d = q_shape[-1]
-    return cfg.features or (4 * d if cfg.method == "performer" else d)
+    return cfg.features or {"performer": 4 * d, "ecoformer": 16}.get(cfg.method, d)
 
 
 def _initial_params(cfg: LinearizeAttentionConfig, q_shape, scale: float) -> dict:
@@ -165,6 +169,10 @@ def _initial_params(cfg: LinearizeAttentionConfig, q_shape, scale: float) -> dic
         return {"w": la.performer_projection(q_shape[-1], _features(cfg, q_shape), cfg.seed)}
     if cfg.method == "hedgehog":
         return la.hedgehog_init(q_shape[1], q_shape[-1], _features(cfg, q_shape), scale)
+    if cfg.method == "ecoformer":  # shapes only: drawn from the layer's keys before fitting
+        h, d, m = q_shape[1], q_shape[-1], la.ECO_ANCHORS
+        return {"anchors": torch.zeros(h, m, d), "proj": torch.zeros(h, m, _features(cfg, q_shape)),
+                "mu": torch.zeros(h, m), "gamma": torch.ones(h)}
     return {}
 
 

@@ -20,6 +20,8 @@ def _params(method, heads, d, scale, features=0):
         return {"w": la.performer_projection(d, features or 4 * d, 0)}
     if method == "hedgehog":
         return la.hedgehog_init(heads, d, features or d, scale)
+    if method == "ecoformer":
+        return la.ecoformer_init([torch.randn(1, heads, 32, d)], features or 16)
     return {}
 
 
@@ -94,6 +96,26 @@ def test_attention_transfer_fits_spiky_attention():
     params, fit = la.fit_hedgehog([(q, k, v, None)], False, 0.25, 16, steps=150)
     assert fit["relative_mse_fitted"] < 0.6 * fit["relative_mse_initial"]
     assert set(params) == {"w_q", "b_q", "w_k", "b_k"}
+
+
+def test_ecoformer_codes_are_binary_and_fitting_helps():
+    torch.manual_seed(5)
+    q, k, v = (2 * torch.randn(3, 2, 2, 48, 16)).unbind(0)
+    params, fit = la.fit_ecoformer([(q, k, v, None)], False, 0.25, 16, steps=150)
+    codes = la.feature_map("ecoformer", q, params, "q", 0.25)
+    assert codes.shape[-1] == 16 and set(codes.unique().tolist()) <= {0.0, 1.0}
+    # 16 bits cannot express random spiky attention; fitting still must cut the error
+    assert fit["relative_mse_fitted"] < 0.95 * fit["relative_mse_initial"]
+    assert set(params) == {"anchors", "proj", "mu", "gamma"}
+
+
+def test_ecoformer_lowers_to_onnxruntime(zoo_model):
+    z = zoo_model("bert")
+    opts = {"method": "ecoformer", "gate": False, "fit_steps": 5}
+    ref, om = _linearize(z, opts), _linearize(z, opts, backend="onnxruntime")
+    a = ref(*z.example_args, **z.example_kwargs).last_hidden_state
+    b = om(*z.example_args, **z.example_kwargs).last_hidden_state
+    torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("name,kind", [("bert", "padding"), ("gpt2", "causal"),
