@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-PROBE_VERSION = 2  # bump when measure() changes, so cached probes are measured again
+PROBE_VERSION = 3  # bump when measure() changes, so cached probes are measured again
 GEMM_N = 1024
 COPY_BYTES = 256 * 2**20
 
@@ -84,7 +84,9 @@ def _best(fn, repeats: int = 7) -> float:
 
 
 def measure() -> dict:
-    """Achieved fp32 GEMM, int8 GEMM (oneDNN u8s8) and copy bandwidth, best of several runs."""
+    """Achieved fp32 GEMM, int8 GEMM (oneDNN u8s8), binary GEMM (optim's packed XNOR/popcount
+    TVM kernel, counted as 2·M·N·K ops like a GEMM) and copy bandwidth, best of several runs."""
+    from backends.tvm_kernels import binary_linear
     from optim.ops import _packed
 
     n = GEMM_N
@@ -96,13 +98,17 @@ def measure() -> dict:
     packed, ws, zp = _packed(w), torch.ones(n), torch.zeros(n, dtype=torch.int64)
     int8 = 2 * n**3 / _best(lambda: torch.ops.onednn.qlinear_pointwise(
         q, 1.0, 128, packed, ws, zp, None, 1.0, 0, torch.float32, "none", [], ""))
+    bits = torch.randint(-2**62, 2**62, (n, n // 64), dtype=torch.int64)
+    ones = torch.ones(n, 1)
+    bits_t = bits.T.contiguous()
+    binary = 2 * n**3 / _best(lambda: binary_linear(bits, bits_t, n, ones, ones))
     src = torch.empty(COPY_BYTES // 4)
     dst = torch.empty_like(src)
     src.fill_(1.0)
     bw = 2 * COPY_BYTES / _best(lambda: dst.copy_(src), repeats=5)
     # streaming weights is a read: a reduction over a buffer far larger than the caches
     read = COPY_BYTES / _best(lambda: src.sum(), repeats=5)
-    return {"fp32_flops": fp32, "int8_ops": int8, "copy_bytes_per_s": bw,
+    return {"fp32_flops": fp32, "int8_ops": int8, "binary_ops": binary, "copy_bytes_per_s": bw,
             "read_bytes_per_s": read,
             "threads": torch.get_num_threads(),
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -140,12 +146,13 @@ def this_cpu(raw: dict) -> dict:
                       "here": {"ref": src_m, "provenance": "measured"},
                       "detected": {"ref": src_d, "provenance": "measured"}}
     out["peak_tflops"] = {"fp32": [m["fp32_flops"] / 1e12, "here"],
-                          "int8": [m["int8_ops"] / 1e12, "here"]}
+                          "int8": [m["int8_ops"] / 1e12, "here"],
+                          "binary": [m["binary_ops"] / 1e12, "here"]}
     out["memory"] = {"bandwidth_gbs": {"value": m["read_bytes_per_s"] / 1e9, "source": "here",
                                        "note": f"streaming read; copy (read+write) reaches "
                                                f"{m['copy_bytes_per_s'] / 1e9:.1f} GB/s"},
                      "capacity_gb": [p["mem_bytes"] / 1e9, "detected"], "type": "DRAM"}
     out["onchip_mb"] = [(p["l3_bytes"] or p["l2_bytes"]) / 1e6, "detected"]
     out["compute_units"] = [p["cores"], "detected"]
-    out["features"] = sorted(set(raw.get("features", [])) | set(p["isa"]))
+    out["features"] = sorted(set(raw.get("features", [])) | set(p["isa"]) | {"popcount"})
     return out

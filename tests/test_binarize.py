@@ -104,3 +104,17 @@ def test_binary_kernel_is_costed_as_binary_math(zoo_model):
     dense_w = sum(k.bytes.get("weights", 0) for k in graph_kernels(dense.graph) if k.kind == "gemm")
     bin_w = sum(k.bytes.get("weights", 0) for k in graph_kernels(om.graph) if k.kind == "gemm")
     assert bin_w < dense_w / 4  # 1-bit block weights; embeddings' own kernels are not gemms
+
+
+def test_this_cpu_has_a_measured_binary_peak():
+    """The probe times the packed kernel, so estimates for this CPU credit binary math with
+    what it measured, and an accelerator without a binary path gets only the bytes."""
+    from hardware.capability import place
+    from hardware.spec import load_spec
+
+    cpu = load_spec("cpu")
+    p = place(cpu, "binary", weight_format="binary")
+    assert p.peak_dtype == "binary" and not p.note
+    assert cpu.peak["binary"].provenance == "measured"
+    gpu = place(load_spec("a100"), "binary", weight_format="binary")
+    assert gpu.peak_dtype != "binary" and "binary" in gpu.note
