@@ -184,8 +184,17 @@ def _binary_linear_kernel(m: int, n: int, words: int, groups: int, k: int):
     sch.unroll(ii)
     sch.vectorize(ji)
     sch.decompose_reduction(blk, rr)
-    sch.reverse_compute_at(sch.get_sblock("s"), jo)
-    sch.reverse_compute_at(sch.get_sblock("y"), jo)
+    for name in ("s", "y"):  # the epilogue, per 8 × 8 tile: vectorized over outputs
+        tile = sch.get_sblock(name)
+        sch.reverse_compute_at(tile, jo)
+        loops = sch.get_loops(tile)
+        if name == "s" and groups > 1:  # the group sum outermost, the outputs inside it
+            sch.reorder(loops[-1], loops[-3], loops[-2])
+            loops = sch.get_loops(tile)
+        sch.unroll(loops[-2])
+        sch.vectorize(loops[-1])
+    for tile in (blk, sch.get_sblock("s")):  # 8 × 8 accumulators, not [M, N] arrays
+        sch.set_scope(tile, 0, "local")
     return tvm.compile(sch.mod, target=_target())
 
 
