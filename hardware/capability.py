@@ -6,7 +6,8 @@ The rule is never to credit a speedup the target cannot deliver:
 - without it, the math runs at the best float peak the target has, the narrower weights still
   cut bytes, and the dequantization is counted;
 - 2:4 sparse weights earn x2 only for dtypes the spec's `sparse_2_4` lists; elsewhere only bytes;
-- binary weights earn popcount math only with a `popcount` feature (or on an FPGA); elsewhere bytes;
+- binary weights earn binary math only where the spec lists a `binary` peak (this CPU: measured
+  by the probe); FPGA specs without a sourced LUT rate say so; elsewhere only bytes shrink;
 - unstructured sparsity earns nothing above `UNSTRUCTURED_MAX_DENSITY`: the kernel runs dense.
 """
 
@@ -87,8 +88,12 @@ def place(spec: HardwareSpec, dtype: str, *, weight_format: str = "dense",
             factor = 2.0
         else:
             note = note or f"{spec.name} has no 2:4 sparse {peak_dtype} path; only bytes shrink"
-    if weight_format == "binary" and "popcount" not in spec.features and spec.kind != "fpga":
-        note = note or f"{spec.name} computes no binary (XNOR/popcount) math; only bytes shrink"
+    if weight_format == "binary" and "binary" not in spec.peak:
+        if spec.kind == "fpga":  # LUT logic could; the spec has no sourced LUT rate to use
+            note = note or (f"{spec.name} has no sourced binary (LUT XNOR/popcount) rate; "
+                            f"binary math is estimated at its {peak_dtype} peak")
+        elif "popcount" not in spec.features:
+            note = note or f"{spec.name} computes no binary (XNOR/popcount) math; only bytes shrink"
     return Placement(peak_dtype, spec.peak[peak_dtype].value * factor, factor, note)
 
 
