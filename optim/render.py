@@ -44,7 +44,9 @@ def summary_rows(d: dict) -> list[tuple[str, str]]:
     fid = d["fidelity"]["outputs"]
     rows = [("model", f"{d['model']['name']}  ({d['model']['parameters'] / 1e6:.1f} M params, "
                       f"{d['model']['flops'] / 1e9:.2f} GFLOP per call)"),
-            ("target / backend", f"{d['target']['name']} / {d['backend']['name']}"),
+            ("target / backend", f"{d['target']['name']} / {d['backend']['name']}"
+             + (f" ({d['backend']['chosen_because']})" if d["backend"].get("chosen_because")
+                else "")),
             ("pipeline", ", ".join(p["name"] for p in d["passes"]) or "(none)")]
     be = d["backend"]
     if "schedule" in be:  # compiled backends: what compiled it, how tuned, how long it took
