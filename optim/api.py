@@ -47,6 +47,7 @@ class OptimizedModel:
         self.stages = stages or {}  # kernels after capture and after each pass (cost model)
         self.cuda_source: str | None = None  # tvm backend on a GPU target: the generated CUDA
         self._widths: dict = {}  # nested width -> artifact (dynamic_width)
+        self.width_plan: dict | None = None  # dynamic_width's plan, when not the report's
 
     def estimate(self, target: str, **options) -> dict:
         """The cost model's view of this model on `target` (any name `optim targets` lists):
@@ -122,6 +123,8 @@ class OptimizedModel:
         return run
 
     def _width_plan(self) -> dict:
+        if self.width_plan is not None:  # set by optim.load (node names of the loaded graph)
+            return self.width_plan
         if self.graph is None:
             raise ConfigError("this model has no graph (loaded from disk?); run optimize() again")
         for p in self.report["passes"]:

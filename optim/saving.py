@@ -53,6 +53,14 @@ def save(om, directory: Path) -> Path:
             manifest.update(art.save_to(tmp))
         else:
             raise OptimError(f"cannot save an artifact of type {type(art).__name__}")
+        if _has_widths(om) and om.graph is not None:  # nested widths are built from the graph
+            args, kwargs = om.example
+            torch.export.save(torch.export.export(om.graph, args, kwargs, strict=False),
+                              tmp / "graph.pt2")  # with its example inputs
+            manifest["graph"] = "graph.pt2"
+            # the width plan names FX nodes; export renames them, so keep the names in order
+            manifest["graph_nodes"] = [[n.name, str(n.target)] for n in om.graph.graph.nodes
+                                       if n.op == "call_function"]
         if getattr(om, "cuda_source", None):  # generated for a GPU target, not runnable here
             (tmp / "kernels.cu").write_text(om.cuda_source)
             manifest["cuda_source"] = "kernels.cu"
@@ -68,8 +76,6 @@ def save(om, directory: Path) -> Path:
 
 
 def load(directory: Path):
-    from optim.api import OptimizedModel
-
     directory = Path(directory)
     try:
         manifest = json.loads((directory / "manifest.json").read_text())
@@ -80,6 +86,48 @@ def load(directory: Path):
         raise OptimError(f"{directory}: unknown save format {manifest.get('format')!r} "
                          f"(this optim reads {FORMAT!r})")
     report = Report.load(directory / "report.json")
+    om = _load_artifact(directory, manifest, report)
+    if manifest.get("graph"):
+        import optim.ops  # noqa: F401
+
+        ep = torch.export.load(directory / manifest["graph"])
+        om.graph, om.example = ep.module(), ep.example_inputs
+        names = _name_map(om.graph, manifest["graph_nodes"])
+        om.width_plan = _translated(om._width_plan(), names)
+    return om
+
+
+def _name_map(gm: torch.fx.GraphModule, saved: list) -> dict[str, str]:
+    """Saved operation name -> the loaded graph's name for it (matched in order by target;
+    export may rename operations and add its own, such as guards)."""
+    calls = iter([n for n in gm.graph.nodes if n.op == "call_function"])
+    out = {}
+    for name, target in saved:
+        node = next((n for n in calls if str(n.target) == target), None)
+        if node is None:
+            raise OptimError(f"saved graph has no operation {target} for {name!r}: the save is "
+                             f"damaged; optimize the model again")
+        out[name] = node.name
+    return out
+
+
+def _translated(plan, names: dict):
+    """The width plan with every node name it holds mapped through `names`."""
+    if isinstance(plan, dict):
+        return {k: _translated(v, names) for k, v in plan.items()}
+    if isinstance(plan, list):
+        return [_translated(v, names) for v in plan]
+    return names.get(plan, plan) if isinstance(plan, str) else plan
+
+
+def _has_widths(om) -> bool:
+    return any(p["name"] == "dynamic_width" and p["details"].get("plan")
+               for p in om.report["passes"])
+
+
+def _load_artifact(directory: Path, manifest: dict, report: Report):
+    from optim.api import OptimizedModel
+
     in_spec = treespec_loads(manifest["in_spec"]) if manifest.get("in_spec") else None
     out_spec = treespec_loads(manifest["out_spec"]) if manifest.get("out_spec") else None
     if manifest["backend"] == "onnxruntime":

@@ -125,6 +125,19 @@ def test_widths_lower_to_onnxruntime(zoo_model):
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_widths_survive_save_and_load(backend, zoo_model, tmp_path):
+    z = zoo_model("llama")  # GQA heads: the plan's head groups must map onto the loaded graph
+    om = _nest(z, backend=backend)
+    om.save(tmp_path / "m")
+    again = optim.load(tmp_path / "m")
+    assert again.backend == backend
+    for width in (0.5, [1.0, 0.5]):
+        a = _first(om.at_width(width)(*z.example_args, **z.example_kwargs))
+        b = _first(again.at_width(width)(*z.example_args, **z.example_kwargs))
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_options_are_named(zoo_model):
     z = zoo_model("vit")
     with pytest.raises(optim.ConfigError, match=r"widths must be numbers in \(0, 1\]"):
