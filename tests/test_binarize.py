@@ -118,3 +118,15 @@ def test_this_cpu_has_a_measured_binary_peak():
     assert cpu.peak["binary"].provenance == "measured"
     gpu = place(load_spec("a100"), "binary", weight_format="binary")
     assert gpu.peak_dtype != "binary" and "binary" in gpu.note
+
+
+def test_binarized_model_saves_and_loads(zoo_model, tmp_path):
+    z = zoo_model("bert")
+    om = optim.optimize(z.model, "cpu", z.example_args, example_kwargs=z.example_kwargs,
+                        pipeline=["cleanup", "binarize"], binarize={"distill_steps": 0},
+                        backend="torch", measure_latency=False)
+    om.save(tmp_path / "m")
+    again = optim.load(tmp_path / "m")
+    a = om(*z.example_args, **z.example_kwargs).last_hidden_state
+    b = again(*z.example_args, **z.example_kwargs).last_hidden_state
+    torch.testing.assert_close(b, a)
