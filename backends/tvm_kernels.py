@@ -21,7 +21,6 @@ int8 weights are `[N, K]` (like `torch.nn.Linear`), packed binary weights `[word
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 
 import torch
