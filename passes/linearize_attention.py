@@ -11,7 +11,9 @@ to be poor without training.
 Causal attention (a causal flag or a causal mask) gets the chunked causal form; a decoder then
 needs a fixed [H, d′, d+1] state per sequence instead of a KV cache (`recurrent_step`). Padding
 masks become zeroed key features. Masks that are neither (additive biases such as ALiBi) are
-refused with the reason. With `gate` (default), an attention is rewritten only where the
+refused with the reason. `finetune_steps` adds LoLCATs' stage 2: low-rank corrections of every
+linear, fitted so the model's outputs match the original's on calibration data, folded into the
+weights. With `gate` (default), an attention is rewritten only where the
 target's cost model estimates the linear form faster than fused softmax attention at its
 sequence length; the others are skipped with both estimates. Requires: fuse_attention.
 Numerics: lossy; per-layer attention-output error on the calibration data is reported.
@@ -28,8 +30,10 @@ import torch.fx
 import torch.nn.functional as F
 
 import optim.linear_attention as la
+import optim.lora_distill as lora_distill
 import optim.ops  # noqa: F401  (registers torch.ops.optim)
 from optim.ir import evaluate_nodes, module_path, refresh_meta, shape, splice, trace_function
+from optim.linears import constant_linears
 from optim.pass_base import Lossy, PassContext, register_pass
 
 ATTENTION = torch.ops.optim.attention.default
@@ -49,10 +53,18 @@ class LinearizeAttentionConfig:
     fit_batches: int = 4  # hedgehog: calibration batches the maps are fitted on
     chunk: int = 64  # causal form: positions per chunk
     seed: int = 0  # performer: random projection seed
+    # LoLCATs stage 2: rank-r corrections of every linear, fitted so the whole model's outputs
+    # match the original's on the calibration batches, then folded into the weights (0: off)
+    finetune_steps: int = 0
+    finetune_rank: int = 8
+    finetune_lr: float = 1e-3
 
     def validate(self) -> None:
         if self.features < 0 or self.fit_steps < 0 or self.fit_batches < 1 or self.chunk < 1:
             raise ValueError("features, fit_steps must be >= 0; fit_batches, chunk >= 1")
+        if self.finetune_steps < 0 or self.finetune_rank < 1 or not 0 < self.finetune_lr < 1:
+            raise ValueError("finetune_steps must be >= 0, finetune_rank >= 1, "
+                             "finetune_lr in (0, 1)")
 
 
 @register_pass("linearize_attention", config=LinearizeAttentionConfig,
@@ -68,6 +80,9 @@ def linearize_attention(gm: torch.fx.GraphModule, cfg: LinearizeAttentionConfig,
     batches = (ctx.calibration or [ctx.example_inputs])[:cfg.fit_batches]
     wanted = [a for n in attns for a in n.args[:4] if isinstance(a, torch.fx.Node)]
     samples = [evaluate_nodes(gm, wanted, *b) for b in batches]
+    if cfg.finetune_steps:
+        with torch.no_grad():
+            teacher = [lora_distill.run(gm, b) for b in batches]
     target = getattr(ctx.target, "name", None) or "cpu"
     layers = []
     for n in attns:
@@ -115,6 +130,10 @@ def linearize_attention(gm: torch.fx.GraphModule, cfg: LinearizeAttentionConfig,
         ctx.record("attention_linearized")
         ctx.record(f"{cfg.method}_{'causal' if causal else 'bidirectional'}")
     ctx.details.update(method=cfg.method, target=target, layers=layers)
+    if ctx._counts and cfg.finetune_steps:
+        ctx.details["finetune"] = lora_distill.distill(
+            gm, constant_linears(gm), batches, teacher, cfg.finetune_rank, cfg.finetune_steps,
+            cfg.finetune_lr, ctx.seed)
     if ctx._counts:
         gm.recompile()
         refresh_meta(gm, *ctx.example_inputs, fake=True)

@@ -228,3 +228,18 @@ def test_shipped_yaml_pipeline_runs(tmp_path):
         assert layer["fit"]["relative_mse_fitted"] < layer["fit"]["relative_mse_initial"]
         assert layer["state_values_per_sequence"] < layer["kv_cache_values_per_sequence"]
     assert (tmp_path / "long_context_linear-cpu.html").exists()
+
+
+def test_low_rank_finetune_cuts_output_error_and_folds_away(zoo_model):
+    """LoLCATs stage 2 on real weights: the output error drops, and no adapter op remains."""
+    z = zoo_model("digits_vit")
+    base = {"method": "elu", "gate": False}
+    plain = _linearize(z, base)
+    tuned = _linearize(z, {**base, "finetune_steps": 30, "finetune_lr": 1e-2})
+    ft = tuned.report.pass_result("linearize_attention")["details"]["finetune"]
+    assert ft["kept"] and ft["relative_error_after"] < 0.7 * ft["relative_error_before"]
+    assert tuned.report["graph"]["after"] == plain.report["graph"]["after"]  # same ops
+    ref = optim.numerics.tensor_leaves(z.model(*z.example_args, **z.example_kwargs))[0]
+    err = {name: float((optim.numerics.tensor_leaves(om(*z.example_args, **z.example_kwargs))[0]
+                        - ref).norm()) for name, om in (("plain", plain), ("tuned", tuned))}
+    assert err["tuned"] < err["plain"]

@@ -1,0 +1,87 @@
+"""Low-rank output distillation: fit rank-r corrections of a graph's linear weights so that its
+outputs match a teacher's on calibration data, then fold them into the weights (no run-time
+cost). LoLCATs' stage 2 after attention transfer, done on the FX graph itself.
+
+Each chosen linear's weight W is read during training as W + B·A (A [r, in], B [out, r],
+B = 0 at the start, so training starts from the graph as it is). The loss is the outputs' mean
+squared error against the teacher's, relative to the teacher's energy. Afterwards W + B·A
+becomes the weight constant and nothing else remains of the adapters.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from optim.ir import flatten_inputs, get_constant, replace_constant
+from optim.linears import weight_and_bias, weight_axis
+from optim.numerics import tensor_leaves
+
+
+def run(gm: torch.fx.GraphModule, batch) -> list[torch.Tensor]:
+    """The graph's floating-point outputs on one (args, kwargs) batch."""
+    out = torch.fx.Interpreter(gm).run(*flatten_inputs(gm, *batch))
+    return [t for t in tensor_leaves(out) if t.is_floating_point()]
+
+
+def distill(gm: torch.fx.GraphModule, linears: list, batches: list, teacher: list,
+            rank: int, steps: int, lr: float, seed: int = 0) -> dict:
+    """Fit and fold rank-`rank` corrections of `linears`' weights (in place, new constants);
+    returns the relative output error on `batches` before and after."""
+    g = torch.Generator().manual_seed(seed)
+    adapters = []
+    for n in linears:
+        w_node = weight_and_bias(n)[0]
+        w = get_constant(gm, w_node)
+        rows_out = weight_axis(n, "in") == 1  # W [out, in] (linear) or [in, out] (addmm)
+        out_f, in_f = (w.shape[0], w.shape[1]) if rows_out else (w.shape[1], w.shape[0])
+        a = (torch.randn(rank, in_f, generator=g) / in_f ** 0.5).requires_grad_(True)
+        b = torch.zeros(out_f, rank, requires_grad=True)
+        adapters.append((w_node, w.detach().float(), a, b, rows_out))
+
+    def weights(with_grad: bool) -> None:
+        for w_node, w0, a, b, rows_out in adapters:
+            delta = b @ a if rows_out else (b @ a).T
+            _swap(gm, w_node.target, (w0 + delta) if with_grad else (w0 + delta).detach())
+
+    def error() -> float:
+        weights(False)
+        with torch.no_grad():
+            num = den = 0.0
+            for batch, ref in zip(batches, teacher):
+                for got, want in zip(run(gm, batch), ref):
+                    num += float((got - want).pow(2).sum())
+                    den += float(want.pow(2).sum())
+        return num / max(den, 1e-30)
+
+    before = error()
+    params = [p for _, _, a, b, _ in adapters for p in (a, b)]
+    with torch.inference_mode(False), torch.enable_grad():
+        opt = torch.optim.Adam(params, lr=lr)
+        for step in range(steps):
+            batch, ref = batches[step % len(batches)], teacher[step % len(batches)]
+            weights(True)
+            outs = run(gm, batch)
+            loss = sum(((o - r).pow(2).mean() / r.pow(2).mean().clamp_min(1e-30))
+                       for o, r in zip(outs, ref)) / max(len(ref), 1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    after = error()
+    for w_node, w0, a, b, rows_out in adapters:  # fold: only W + B·A remains
+        delta = (b @ a if rows_out else (b @ a).T).detach()
+        value = w0 + delta if after < before else w0
+        _swap(gm, w_node.target, w0)
+        replace_constant(gm, w_node, value)
+    return {"relative_error_before": before, "relative_error_after": min(before, after),
+            "kept": after < before, "rank": rank, "steps": steps, "linears": len(adapters)}
+
+
+def _swap(gm: torch.fx.GraphModule, target: str, value: torch.Tensor) -> None:
+    """Put `value` (possibly a non-leaf tensor carrying gradients) behind a get_attr target."""
+    *path, leaf = target.split(".")
+    mod = gm
+    for p in path:
+        mod = getattr(mod, p)
+    mod._parameters.pop(leaf, None)
+    mod._buffers[leaf] = value
