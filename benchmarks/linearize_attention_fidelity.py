@@ -34,8 +34,10 @@ METHODS = ["hedgehog", "elu", "performer", "flow", "ecoformer"]
 
 
 def _pipeline(method: str, steps: int) -> list:
-    return ["cleanup", "fuse_attention",
-            {"linearize_attention": {"method": method, "gate": False, "fit_steps": steps}}]
+    """`method`, or `method+ftN`: the same with N steps of LoLCATs stage 2 (`finetune_steps`)."""
+    name, _, ft = method.partition("+ft")
+    opts = {"method": name, "gate": False, "fit_steps": steps, "finetune_steps": int(ft or 0)}
+    return ["cleanup", "fuse_attention", {"linearize_attention": opts}]
 
 
 def _layer_summary(om) -> dict:
@@ -86,7 +88,8 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/linearize_attention_fidelity.json")
     ap.add_argument("--sentences", type=int, default=256)
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help="comma-separated subset; `hedgehog+ft60` adds 60 stage-2 steps")
     args = ap.parse_args()
     METHODS[:] = args.methods.split(",")
     warnings.filterwarnings("ignore")

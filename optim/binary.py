@@ -100,10 +100,11 @@ class _SignSTE(torch.autograd.Function):
         return g * (x.abs() <= ctx.clip).to(g.dtype), None
 
 
-def ste_sign(x: torch.Tensor, clip: float | None = None) -> torch.Tensor:
+def ste_sign(x: torch.Tensor) -> torch.Tensor:
+    """sign(x), with gradients passed straight through when x requires them."""
     if not x.requires_grad:
         return signs(x)
-    return _SignSTE.apply(x, clip if clip is not None else float(x.detach().abs().max()))
+    return _SignSTE.apply(x, float(x.detach().abs().max()))
 
 
 def groups_for(k: int, group: int) -> int:
@@ -153,7 +154,11 @@ def fit(w: torch.Tensor, b: torch.Tensor | None, x: torch.Tensor, target: torch.
     layer = BinaryLinear(pack_bits(sign_w).T.contiguous(), alpha.float().contiguous(), folded,
                          None if tau is None else tau.float().contiguous(), k)
     return layer, {"rel_mse_before": before, "rel_mse_after": after,
-                   "sqnr_db": -10 * math.log10(max(after, 1e-30))}
+                   "sqnr_db_before": _db(before), "sqnr_db": _db(after)}
+
+
+def _db(rel_mse: float) -> float:
+    return -10 * math.log10(max(rel_mse, 1e-30))
 
 
 def _distill(latent, alpha, tau, b, x, y, steps: int, lr: float, scale: float):
@@ -167,7 +172,7 @@ def _distill(latent, alpha, tau, b, x, y, steps: int, lr: float, scale: float):
     norm = y.pow(2).mean().clamp_min(1e-30)
     for _ in range(steps):
         idx = torch.randint(0, len(x), (batch,))
-        sw = _SignSTE.apply(latent, float(latent.detach().abs().max()))
+        sw = ste_sign(latent)
         loss = (simulate(x[idx], sw, alpha, b, tau) - y[idx]).pow(2).mean() / norm
         opt.zero_grad()
         loss.backward()

@@ -100,13 +100,7 @@ def binarize(gm: torch.fx.GraphModule, cfg: BinarizeConfig, ctx: PassContext) ->
         gm.graph.erase_node(n)
         ctx.record("linear_binary")
         layers.append({"where": where, "shape": f"{w.shape[0]}x{w.shape[1]}",
-                       "sqnr_db_training_free": round(_db(fit["rel_mse_before"]), 2),
+                       "sqnr_db_training_free": round(fit["sqnr_db_before"], 2),
                        "sqnr_db": round(fit["sqnr_db"], 2)})
     ctx.details.update(activations=cfg.activations, group_size=cfg.group_size,
                        distill_steps=cfg.distill_steps, layers=layers)
-
-
-def _db(rel_mse: float) -> float:
-    import math
-
-    return -10 * math.log10(max(rel_mse, 1e-30))
