@@ -42,7 +42,7 @@ def distill(gm: torch.fx.GraphModule, linears: list, batches: list, teacher: lis
     def weights(with_grad: bool) -> None:
         for w_node, w0, a, b, rows_out in adapters:
             delta = b @ a if rows_out else (b @ a).T
-            _swap(gm, w_node.target, (w0 + delta) if with_grad else (w0 + delta).detach())
+            swap_constant(gm, w_node.target, (w0 + delta) if with_grad else (w0 + delta).detach())
 
     def error() -> float:
         weights(False)
@@ -71,13 +71,13 @@ def distill(gm: torch.fx.GraphModule, linears: list, batches: list, teacher: lis
     for w_node, w0, a, b, rows_out in adapters:  # fold: only W + B·A remains
         delta = (b @ a if rows_out else (b @ a).T).detach()
         value = w0 + delta if after < before else w0
-        _swap(gm, w_node.target, w0)
+        swap_constant(gm, w_node.target, w0)
         replace_constant(gm, w_node, value)
     return {"relative_error_before": before, "relative_error_after": min(before, after),
             "kept": after < before, "rank": rank, "steps": steps, "linears": len(adapters)}
 
 
-def _swap(gm: torch.fx.GraphModule, target: str, value: torch.Tensor) -> None:
+def swap_constant(gm: torch.fx.GraphModule, target: str, value: torch.Tensor) -> None:
     """Put `value` (possibly a non-leaf tensor carrying gradients) behind a get_attr target."""
     *path, leaf = target.split(".")
     mod = gm

@@ -118,10 +118,13 @@ def _narrow(gm: torch.fx.GraphModule, proj: torch.fx.Node, side: str, keep: int,
         t = t.detach().narrow(dim, 0, keep)
         return t.contiguous().clone() if materialize else t
 
+    narrowed = gm.meta.setdefault("narrowed_constants", {})  # new target -> (full, dim, keep)
     new_w = add_constant(gm, f"{w_node.target}_w{keep}", part(get_constant(gm, w_node), axis),
                          proj)
+    narrowed[new_w.target] = (w_node.target, axis, keep)
     proj.replace_input_with(w_node, new_w)
     if side == "out" and b_node is not None:
         new_b = add_constant(gm, f"{b_node.target}_w{keep}", part(get_constant(gm, b_node), 0),
                              proj)
+        narrowed[new_b.target] = (b_node.target, 0, keep)
         proj.replace_input_with(b_node, new_b)

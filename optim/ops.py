@@ -42,6 +42,28 @@ def _(q, k, v, mask, scale, causal):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
+def _attention_setup(ctx, inputs, output):
+    q, k, v, mask, scale, causal = inputs
+    ctx.save_for_backward(q, k, v, mask)
+    ctx.scale, ctx.causal = scale, causal
+
+
+def _attention_backward(ctx, grad):
+    """Gradients by recomputing SDPA under autograd (passes that train through attention:
+    distill_widths); the mask is a constant and gets none."""
+    q, k, v, mask = ctx.saved_tensors
+    with torch.enable_grad():
+        q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=ctx.scale,
+                                             is_causal=ctx.causal,
+                                             enable_gqa=k.shape[1] != q.shape[1])
+        gq, gk, gv = torch.autograd.grad(out, (q, k, v), grad)
+    return gq, gk, gv, None, None, None
+
+
+attention.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
 # ---- optim::linear_int8: int8 weights, dynamic per-token int8 activations ----
 #
 # y = s_x[m] · w_scale[n] · Σ_k q_x[m, k] · w_q[n, k] + bias[n]

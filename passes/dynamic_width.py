@@ -54,6 +54,7 @@ def dynamic_width(gm: torch.fx.GraphModule, cfg: DynamicWidthConfig, ctx: PassCo
     after = gm(*ctx.example_inputs[0], **ctx.example_inputs[1])
     err = max(float((a - b).abs().max()) for a, b in zip(leaves(before), leaves(after)))
     ctx.record("layers_nested", len(plan["layers"]))
+    gm.meta["width_plan"] = plan  # for distill_widths
     ctx.details.update(plan=plan, permutation_max_abs_error=err,
                        widths=_measure_widths(gm, plan, cfg.widths, after, ctx))
 

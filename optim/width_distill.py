@@ -1,0 +1,90 @@
+"""Width-aware distillation of a nested-width graph (DynaBERT / MatFormer style).
+
+`dynamic_width` orders a model trained at one width, so its narrow prefixes lose a lot. Here
+every linear's weight and bias is trained so that several nested widths at once match the
+original (full-width) model's outputs on calibration data: each step runs the widest and the
+narrowest width plus one other drawn at random (the "sandwich rule" of slimmable networks) on
+one batch, and the loss is the sum of their relative output errors. The width graphs read
+views of the same full weights (`optim.nested_width` records which constant is which prefix),
+so one set of weights serves every width, as at run time.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.fx
+
+from optim.ir import get_constant, replace_constant
+from optim.linears import constant_linears, weight_and_bias
+from optim.lora_distill import run, swap_constant
+from optim.nested_width import at_width
+
+
+def distill(gm: torch.fx.GraphModule, plan: dict, widths: list[float], batches: list,
+            held_out: list, steps: int, lr: float, seed: int = 0) -> dict:
+    """Train `gm`'s linear weights in place so that every width in `widths` matches `gm`'s
+    current full-width outputs. Returns the relative output error per width on `held_out`
+    before and after; the trained weights are kept only if their mean error is lower."""
+    args, kwargs = batches[0]
+    teacher = {id(b): [t.detach().clone() for t in run(gm, b)] for b in (*batches, *held_out)}
+    nodes = {w.target: w for n in constant_linears(gm) for w in weight_and_bias(n)
+             if w is not None}
+    full = {t: get_constant(gm, node).detach().float().clone() for t, node in nodes.items()}
+    graphs = {w: gm if w == 1.0 else at_width(gm, plan, w, args, kwargs) for w in widths}
+
+    def install(weights: dict) -> None:
+        for g in graphs.values():
+            names = g.meta.get("narrowed_constants", {})
+            for name in _get_attrs(g):
+                if name in weights:
+                    swap_constant(g, name, weights[name])
+                elif name in names:
+                    src, dim, keep = names[name]
+                    swap_constant(g, name, weights[src].narrow(dim, 0, keep))
+
+    def errors() -> dict[float, float]:
+        out = {}
+        with torch.no_grad():
+            for w, g in graphs.items():
+                num = den = 0.0
+                for b in held_out:
+                    for got, want in zip(run(g, b), teacher[id(b)]):
+                        num += float((got - want).pow(2).sum())
+                        den += float(want.pow(2).sum())
+                out[w] = num / max(den, 1e-30)
+        return out
+
+    install(full)
+    before = errors()
+    rng = random.Random(seed)
+    wide, narrow = max(widths), min(widths)
+    middle = [w for w in widths if w not in (wide, narrow)]
+    with torch.inference_mode(False), torch.enable_grad():
+        params = {t: v.clone().requires_grad_(True) for t, v in full.items()}
+        opt = torch.optim.Adam(params.values(), lr=lr)
+        for step in range(steps):
+            batch = batches[step % len(batches)]
+            install(params)
+            opt.zero_grad()
+            for w in dict.fromkeys([wide, narrow, *([rng.choice(middle)] if middle else [])]):
+                outs, ref = run(graphs[w], batch), teacher[id(batch)]
+                loss = sum((o - r).pow(2).mean() / r.pow(2).mean().clamp_min(1e-30)
+                           for o, r in zip(outs, ref)) / max(len(ref), 1)
+                loss.backward()
+            opt.step()
+        trained = {t: p.detach().clone() for t, p in params.items()}
+    install(trained)
+    after = errors()
+    kept = sum(after.values()) < sum(before.values())
+    install(full)
+    for node in gm.graph.nodes:  # the graph owns its constants again, trained or not
+        if node.op == "get_attr" and node.target in full:
+            replace_constant(gm, node, trained[node.target] if kept else full[node.target])
+    return {"relative_error_before": before, "relative_error_after": after, "kept": kept,
+            "steps": steps, "weights_trained": len(full)}
+
+
+def _get_attrs(gm: torch.fx.GraphModule) -> list[str]:
+    return [n.target for n in gm.graph.nodes if n.op == "get_attr"]
