@@ -8,7 +8,8 @@ the same functions train the learned maps, check the graph rewrite, and (traced 
 
 Feature maps (`feature_map(method, x, params, role)`):
 - `elu`: elu(x) + 1 (Katharopoulos et al. 2020).
-- `performer`: FAVOR+ positive random features exp(w·x − ‖x‖²/2)/√m, orthogonal Gaussian w
+- `performer`: FAVOR+ positive random features exp(w·x − ‖x‖²/2) (up to factors that cancel),
+  orthogonal Gaussian w
   (Choromanski et al. 2021), on x·s^½ so that φ(q)·φ(k) estimates exp(q·k·s).
 - `hedgehog`: [softmax(x·W + b), softmax(−(x·W + b))] per head, W and b fitted to the layer's
   softmax attention output on calibration data (`fit_hedgehog`, LoLCATs stage 1).
@@ -37,6 +38,7 @@ METHODS = ("elu", "performer", "flow", "hedgehog", "ecoformer")
 ECO_ANCHORS = 20  # EcoFormer's defaults: 20 RBF anchors, 16-bit codes
 EPS = 1e-6
 TINY = 1e-30  # normalizer floor: performer features are tiny by design (a shared shift)
+CHUNK = 128  # causal form: positions per chunk (128 measured faster than 64 for d′ = 64…256)
 
 
 # ---- feature maps ----
@@ -61,18 +63,23 @@ def feature_map(method: str, x: Tensor, params: dict[str, Tensor], role: str,
     if method == "flow":
         return torch.sigmoid(x)
     if method == "performer":
-        x = x * math.sqrt(scale)
-        w = params["w"]  # [m, D]
-        proj = x @ w.transpose(0, 1)
-        # a per-row (queries) or per-head (keys) shift: it cancels in the normalization and
-        # keeps exp() in range
-        shift = proj.amax(-1, keepdim=True) if role == "q" else \
-            proj.amax(dim=(-2, -1), keepdim=True)
-        sq = (x * x).sum(-1, keepdim=True) * 0.5
-        return torch.exp(proj - sq - shift) / math.sqrt(w.shape[0])
+        # φ(x)_r ∝ exp(w_r·x·s^½ − ‖x‖²·s/2). Factors shared by a query's features, or by all
+        # keys of a head, cancel in the normalization, so FAVOR+'s 1/√m and any shift can go:
+        # queries take a softmax over their features (its max keeps exp() in range and the
+        # ‖x‖² term cancels); keys keep their ‖k‖² term (fused into the GEMM) and take one
+        # softmax over all of a head's features.
+        w = params["w"] * math.sqrt(scale)  # [m, D]
+        if role == "q":
+            return torch.softmax(x @ w.transpose(0, 1), -1)
+        sq = (x * x).sum(-1, keepdim=True) * (scale / 2)  # as one more input column
+        z = torch.cat([x, sq], -1) @ torch.cat([w, -torch.ones_like(w[:, :1])], -1).T
+        return torch.softmax(z.flatten(-2), -1).view(z.shape)
     if method == "hedgehog":
-        z = x @ params[f"w_{role}"] + params[f"b_{role}"][:, None]  # per head: [H, D, D′]
-        return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], -1)
+        # [softmax(z), softmax(−z)] for z = x·W + b, as one softmax over [z, −z] viewed as two
+        # rows: one GEMM with [W, −W], no negation or concatenation of the big features
+        w, b = params[f"w_{role}"], params[f"b_{role}"]  # [H, D, D′], [H, D′]
+        z = x @ torch.cat([w, -w], -1) + torch.cat([b, -b], -1)[:, None]
+        return torch.softmax(z.unflatten(-1, (2, -1)), -1).flatten(-2)
     if method == "ecoformer":
         return hash_codes(x, params)
     raise ValueError(f"unknown linear attention method {method!r}; valid: {METHODS}")
@@ -111,7 +118,7 @@ def ecoformer_init(keys: list[Tensor], bits: int, seed: int = 0) -> dict[str, Te
 
 # ---- kernelized attention ----
 
-def linear_attention(fq: Tensor, fk: Tensor, v: Tensor, causal: bool, chunk: int = 64) -> Tensor:
+def linear_attention(fq: Tensor, fk: Tensor, v: Tensor, causal: bool, chunk: int = CHUNK) -> Tensor:
     """φ(q)·(φ(k)ᵀ·v) / φ(q)·(φ(k)ᵀ·1). Causal: numerator and normalizer in one chunked
     product (v gets a column of ones); bidirectional: a [d′, d] and a [d′] summary of the keys."""
     if causal:
@@ -135,9 +142,31 @@ def causal_product(a: Tensor, b: Tensor, v: Tensor, chunk: int) -> Tensor:
     tril = torch.ones(chunk, chunk, dtype=a.dtype, device=a.device).tril()
     intra = ((a @ b.transpose(-2, -1)) * tril) @ v
     states = b.transpose(-2, -1) @ v  # [B, H, C, D′, Dv]: one state per chunk
-    before = torch.cumsum(states, 2) - states  # the state entering each chunk
+    before = prefix_sum(states.flatten(-2), exclusive=True).view(states.shape)  # entering each
     out = intra + a @ before
     return out.reshape(bsz, h, c * chunk, -1)[:, :, :n]
+
+
+def prefix_sum(x: Tensor, exclusive: bool = False, block: int = 64) -> Tensor:
+    """Running sum of x [..., L, D] along L (exclusive: of the positions before each).
+
+    torch.cumsum over a non-innermost axis runs a strided scalar scan (10× slower than a pass
+    over the data here); this is a lower-triangular GEMM within blocks of `block` positions
+    plus a cumsum over the small [..., L/block, D] block totals."""
+    n = x.shape[-2]
+    if x.shape[-1] == 1 or n == 1:  # one column: cumsum scans contiguous memory already
+        return torch.cumsum(x, -2) - x if exclusive else torch.cumsum(x, -2)
+    if n <= block:
+        tri = torch.ones(n, n, dtype=x.dtype, device=x.device).tril(-1 if exclusive else 0)
+        return tri @ x
+    pad = (-n) % block
+    xb = F.pad(x, (0, 0, 0, pad)) if pad else x
+    xb = xb.unflatten(-2, (-1, block))  # [..., nb, block, D]
+    tri = torch.ones(block, block, dtype=x.dtype, device=x.device).tril(-1 if exclusive else 0)
+    totals = xb.sum(-2)  # [..., nb, D]
+    entering = torch.cumsum(totals, -2) - totals
+    out = (tri @ xb + entering.unsqueeze(-2)).flatten(-3, -2)
+    return out[..., :n, :] if pad else out
 
 
 def recurrent_step(state: Tensor | None, fq: Tensor, fk: Tensor, v: Tensor
@@ -156,7 +185,7 @@ def recurrent_step(state: Tensor | None, fq: Tensor, fk: Tensor, v: Tensor
 # ---- Flowformer flow attention ----
 
 def flow_attention(fq: Tensor, fk: Tensor, v: Tensor, valid: Tensor | None, causal: bool,
-                   chunk: int = 64) -> Tensor:
+                   chunk: int = CHUNK) -> Tensor:
     """Flow attention on sigmoid features (flow conservation, competition, allocation).
 
     Sinks are queries, sources keys. Incoming flow I_i = φq_i·Σ_j φk_j, outgoing
@@ -170,14 +199,14 @@ def flow_attention(fq: Tensor, fk: Tensor, v: Tensor, valid: Tensor | None, caus
         fk = fk * valid
     if causal:
         count = torch.arange(1, n + 1, dtype=fq.dtype, device=fq.device)[:, None]
-        k_sum, q_sum = torch.cumsum(fk, -2) / count, torch.cumsum(fq, -2) / count
+        k_sum, q_sum = prefix_sum(fk) / count, prefix_sum(fq) / count
     else:
         k_sum, q_sum = fk.sum(-2, keepdim=True), fq.sum(-2, keepdim=True)
     incoming = 1.0 / ((fq + EPS) * (k_sum + EPS)).sum(-1, keepdim=True)  # [B, H, n, 1]
     outgoing = 1.0 / ((fk + EPS) * (q_sum + EPS)).sum(-1, keepdim=True)  # [B, H, m, 1]
     if causal:
-        k_flow = torch.cumsum(fk * outgoing, -2) / count
-        q_flow = torch.cumsum(fq * incoming, -2) / count
+        k_flow = prefix_sum(fk * outgoing) / count
+        q_flow = prefix_sum(fq * incoming) / count
     else:
         k_flow = (fk * outgoing).sum(-2, keepdim=True)
         q_flow = (fq * incoming).sum(-2, keepdim=True)
@@ -185,7 +214,7 @@ def flow_attention(fq: Tensor, fk: Tensor, v: Tensor, valid: Tensor | None, caus
     source = ((fk + EPS) * (q_flow + EPS)).sum(-1, keepdim=True).clamp(-1.0, 1.0)  # Ô
     if causal:
         e = torch.exp(source)
-        competition = e / torch.cumsum(e, -2) * count
+        competition = e / prefix_sum(e) * count
         allocation = torch.sigmoid(sink)
     else:
         if valid is not None:
@@ -208,7 +237,7 @@ def flow_attention(fq: Tensor, fk: Tensor, v: Tensor, valid: Tensor | None, caus
 # ---- one attention, any method ----
 
 def attend(method: str, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, causal: bool,
-           scale: float, params: dict[str, Tensor], chunk: int = 64) -> Tensor:
+           scale: float, params: dict[str, Tensor], chunk: int = CHUNK) -> Tensor:
     """Linear attention replacing softmax(q·kᵀ·scale)·v; q [B, H, Lq, D], k/v [B, Hkv, Lk, D]
     (grouped-query heads are repeated); `valid` [B, 1, Lk, 1] marks real (unpadded) keys."""
     if k.shape[1] != q.shape[1]:

@@ -51,7 +51,7 @@ class LinearizeAttentionConfig:
     fit_steps: int = 300  # hedgehog, ecoformer: Adam steps of attention transfer per layer
     fit_lr: float = 1e-2
     fit_batches: int = 4  # hedgehog: calibration batches the maps are fitted on
-    chunk: int = 64  # causal form: positions per chunk
+    chunk: int = la.CHUNK  # causal form: positions per chunk
     seed: int = 0  # performer: random projection seed
     # LoLCATs stage 2: rank-r corrections of every linear, fitted so the whole model's outputs
     # match the original's on the calibration batches, then folded into the weights (0: off)

@@ -41,6 +41,36 @@ def test_chunked_causal_product_matches_the_quadratic_form():
         torch.testing.assert_close(la.causal_product(a, b, v, chunk), naive, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 300, 7), (1, 2, 64, 5), (3, 40, 1), (2, 1, 9),
+                                   (4, 130, 6)])
+@pytest.mark.parametrize("exclusive", [False, True])
+def test_blocked_prefix_sum_is_cumsum(shape, exclusive):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    want = torch.cumsum(x, -2) - (x if exclusive else 0)
+    torch.testing.assert_close(la.prefix_sum(x, exclusive, block=64), want)
+
+
+def test_performer_features_are_favor_plus_up_to_cancelling_factors():
+    # FAVOR+ as published: φ(x) = exp(w·x' − ‖x'‖²/2)/√m, x' = x·s^½, the attention
+    # φ(q)·Σφ(k)vᵀ / φ(q)·Σφ(k); the graph's features drop factors that cancel in that ratio
+    torch.manual_seed(6)
+    q, k, v = (0.5 * torch.randn(3, 2, 3, 40, 16, dtype=torch.float64)).unbind(0)
+    s, w = 0.25, la.performer_projection(16, 64, 0).double()
+
+    def favor(x):
+        x = x * s ** 0.5
+        return torch.exp(x @ w.T - (x * x).sum(-1, keepdim=True) / 2) / w.shape[0] ** 0.5
+
+    fq, fk = favor(q), favor(k)
+    want = (fq @ (fk.transpose(-2, -1) @ v)) / (fq @ fk.sum(-2).unsqueeze(-1))
+    for causal in (False, True):
+        if causal:
+            want = (fq @ fk.transpose(-2, -1)).tril() @ v / \
+                (fq @ fk.transpose(-2, -1)).tril().sum(-1, keepdim=True)
+        got = la.attend("performer", q, k, v, None, causal, s, {"w": w}, chunk=16)
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("method", ["elu", "performer", "hedgehog"])
 def test_recurrent_state_decodes_what_the_causal_form_computes(method):
     # a decoder keeps a fixed [H, d', d+1] state per sequence instead of a growing KV cache
