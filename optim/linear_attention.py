@@ -38,6 +38,7 @@ METHODS = ("elu", "performer", "flow", "hedgehog", "ecoformer")
 ECO_ANCHORS = 20  # EcoFormer's defaults: 20 RBF anchors, 16-bit codes
 EPS = 1e-6
 TINY = 1e-30  # normalizer floor: performer features are tiny by design (a shared shift)
+SEGMENT = 4096  # longer sequences run a segment at a time (`_segmented`)
 CHUNK = 128  # causal form: positions per chunk (128 measured faster than 64 for d′ = 64…256)
 
 
@@ -243,6 +244,8 @@ def attend(method: str, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, c
     if k.shape[1] != q.shape[1]:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    if method != "flow" and max(q.shape[-2], k.shape[-2]) > SEGMENT:
+        return _segmented(method, q, k, v, valid, causal, scale, params, chunk)
     fq = feature_map(method, q, params, "q", scale)
     fk = feature_map(method, k, params, "k", scale)
     if method == "flow":
@@ -250,6 +253,34 @@ def attend(method: str, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, c
     if valid is not None:
         fk = fk * valid
     return linear_attention(fq, fk, v, causal, chunk)
+
+
+def _segmented(method: str, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None,
+               causal: bool, scale: float, params: dict[str, Tensor], chunk: int) -> Tensor:
+    """`attend` over SEGMENT positions at a time, carrying the keys' [d′, d+1] summary from
+    segment to segment, so that no op touches an [L, d′] tensor larger than one segment's (at
+    16384 tokens those leave the last-level cache and latency grows faster than L). Performer's
+    key features share one normalization over the whole sequence, so they are computed whole."""
+    whole_keys = feature_map(method, k, params, "k", scale) if method == "performer" else None
+    segments = [(i, min(i + SEGMENT, k.shape[-2])) for i in range(0, k.shape[-2], SEGMENT)]
+    outs, state = [], None
+    for i, j in segments:
+        fk = whole_keys[..., i:j, :] if whole_keys is not None else \
+            feature_map(method, k[..., i:j, :], params, "k", scale)
+        if valid is not None:
+            fk = fk * valid[..., i:j, :]
+        va = torch.cat([v[..., i:j, :], torch.ones_like(v[..., i:j, :1])], -1)
+        if causal:  # self-attention: query segment = key segment
+            fq = feature_map(method, q[..., i:j, :], params, "q", scale)
+            out = causal_product(fq, fk, va, chunk)
+            outs.append(out if state is None else out + fq @ state)
+        update = fk.transpose(-2, -1) @ va  # [B, H, d′, d+1]
+        state = update if state is None else state + update
+    if not causal:
+        for i in range(0, q.shape[-2], SEGMENT):
+            outs.append(feature_map(method, q[..., i:i + SEGMENT, :], params, "q", scale) @ state)
+    out = torch.cat(outs, -2)
+    return out[..., :-1] / out[..., -1:].clamp_min(TINY)
 
 
 def softmax_reference(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, causal: bool,

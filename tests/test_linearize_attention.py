@@ -50,6 +50,20 @@ def test_blocked_prefix_sum_is_cumsum(shape, exclusive):
     torch.testing.assert_close(la.prefix_sum(x, exclusive, block=64), want)
 
 
+@pytest.mark.parametrize("method", ["elu", "hedgehog", "performer", "ecoformer"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_long_sequences_run_in_segments_with_the_same_result(method, causal, monkeypatch):
+    torch.manual_seed(7)
+    q, k, v = torch.randn(3, 2, 3, 300, 16, dtype=torch.float64).unbind(0)
+    valid = torch.ones(2, 1, 300, 1, dtype=torch.float64)
+    valid[1, :, 250:] = 0
+    p = {name: t.double() for name, t in _params(method, 3, 16, 0.25).items()}
+    whole = la.attend(method, q, k, v, valid, causal, 0.25, p, chunk=32)
+    monkeypatch.setattr(la, "SEGMENT", 64)  # 300 positions: four segments and a partial one
+    torch.testing.assert_close(la.attend(method, q, k, v, valid, causal, 0.25, p, chunk=32),
+                               whole)
+
+
 def test_performer_features_are_favor_plus_up_to_cancelling_factors():
     # FAVOR+ as published: φ(x) = exp(w·x' − ‖x'‖²/2)/√m, x' = x·s^½, the attention
     # φ(q)·Σφ(k)vᵀ / φ(q)·Σφ(k); the graph's features drop factors that cancel in that ratio
