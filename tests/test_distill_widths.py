@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import optim
-import optim.ops
+import optim.ops  # registers torch.ops.optim
+from optim.render import to_html
 
 
 def _batches(z, n, seed=0):
@@ -37,6 +38,7 @@ def test_training_lowers_the_error_of_every_narrow_width(zoo_model):
     for w in ("0.5", "0.25"):
         assert after[w] < 0.7 * before[w], (w, before[w], after[w])
     assert res["counts"]["weights_trained"] == d["weights_trained"] > 0
+    assert "distill_widths" in to_html(om.report.data, plots=False)
     # the trained weights are what every width runs: the held-out error is reproduced
     held = batches[-1][0][0]
     with torch.no_grad():

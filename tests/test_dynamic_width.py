@@ -163,4 +163,8 @@ def test_shipped_yaml_pipeline_runs(tmp_path):
     assert res["counts"] == {"attention_heads_ordered": 6, "mlp_neurons_ordered": 6,
                              "layers_nested": 6}
     assert [w["width"] for w in res["details"]["widths"]] == [1.0, 0.75, 0.5]
-    assert report["fidelity"]["outputs"]["max_abs_error"] < 1e-4  # exact at full width
+    assert res["details"]["permutation_max_abs_error"] < 1e-4  # exact at full width
+    trained = next(p for p in report["passes"] if p["name"] == "distill_widths")["details"]
+    assert trained["kept"] and trained["held_out_batches"] == 1
+    for w in ("0.75", "0.5"):  # held-out sentences
+        assert trained["relative_error_after"][w] < trained["relative_error_before"][w]
