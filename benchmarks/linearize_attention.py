@@ -10,6 +10,7 @@ Two tables, each measured interleaved in one run per length:
 The scaling exponent is the slope of log(latency) over log(L), least squares over all lengths.
 
 Usage: python benchmarks/linearize_attention.py [--lengths 512,1024,...] [--out ...json]
+       [--no-encoder]
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ def main() -> None:
     ap.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
     ap.add_argument("--out", default="benchmarks/linearize_attention.json")
     ap.add_argument("--budget", type=float, default=8.0, help="seconds of timing per length")
+    ap.add_argument("--no-encoder", action="store_true", help="time the attention alone only")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
@@ -133,6 +135,9 @@ def main() -> None:
         slopes = _table(f"one attention, {kind} ({HEADS}×{HEAD_DIM}, batch 1; "
                         f"{machine()['cpu']}, 2 threads)", rows, names, console)
         result[f"attention_{kind}"] = {"ms": rows, "exponent": slopes}
+    if args.no_encoder:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        return
     enc = encoder(lengths, args.budget)
     rows = {n: e["measured_ms"] for n, e in enc.items()}
     slopes = _table("2-layer BERT-base encoder (768 wide), optimized graphs, torch backend",

@@ -6,6 +6,7 @@ Fidelity is the output cosine against the unmerged model on the same (random) in
 on real data is in `benchmarks/merge_tokens_accuracy.py`.
 
 Usage: python benchmarks/merge_tokens.py [--batch 4] [--out benchmarks/merge_tokens.json]
+       [--r 4,8,13,16] [--min-runs 5] [--no-dit]
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ DIT = dict(sample_size=32, patch_size=2, num_layers=8, num_attention_heads=16,
            attention_head_dim=72)
 
 
-def run_model(name: str, cfg: dict, schedules: dict, batch: int, console: Console) -> list[dict]:
+def run_model(name: str, cfg: dict, schedules: dict, batch: int, console: Console,
+              min_runs: int = 5) -> list[dict]:
     z = zoo.load(name, batch=batch, **cfg)
     a, k = z.example_args, z.example_kwargs
     console.print(f"[bold]{name}[/] {cfg}: batch {batch}")
@@ -47,7 +49,7 @@ def run_model(name: str, cfg: dict, schedules: dict, batch: int, console: Consol
         ref = variants["unmerged"](*a, **k)
     console.print("  timing (interleaved)")
     stats = measure({lbl: (lambda om=om: om(*a, **k)) for lbl, om in variants.items()},
-                    min_runs=5, max_runs=30, budget_s=60)
+                    min_runs=min_runs, max_runs=max(30, min_runs), budget_s=60)
     base = stats["unmerged"]["median_ms"]
     rows = []
     for label, om in variants.items():
@@ -70,14 +72,18 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--dit-batch", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/merge_tokens.json")
+    ap.add_argument("--r", default="4,8,13,16", help="ViT merge schedules (r per block) to time")
+    ap.add_argument("--min-runs", type=int, default=5)
+    ap.add_argument("--no-dit", action="store_true")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
     console = Console(width=150)
-    vit = {"unmerged": None, **{f"r={r}": {"r": r} for r in (4, 8, 13, 16)}}
+    vit = {"unmerged": None, **{f"r={r}": {"r": int(r)} for r in args.r.split(",")}}
     dit = {"unmerged": None, **{f"r={r}": {"r": r} for r in (64, 128, 192)}}
-    rows = run_model("vit", VIT_B16, vit, args.batch, console)
-    rows += run_model("dit", DIT, dit, args.dit_batch, console)
+    rows = run_model("vit", VIT_B16, vit, args.batch, console, args.min_runs)
+    if not args.no_dit:
+        rows += run_model("dit", DIT, dit, args.dit_batch, console, args.min_runs)
     t = Table(title=f"merge_tokens throughput vs unmerged, one interleaved run per model "
                     f"({machine()['cpu']}, {torch.get_num_threads()} threads)")
     for c in ("model", "variant", "mode", "tokens at last block", "median ms (p10-p90)",
