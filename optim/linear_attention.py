@@ -123,12 +123,22 @@ def linear_attention(fq: Tensor, fk: Tensor, v: Tensor, causal: bool, chunk: int
     """φ(q)·(φ(k)ᵀ·v) / φ(q)·(φ(k)ᵀ·1). Causal: numerator and normalizer in one chunked
     product (v gets a column of ones); bidirectional: a [d′, d] and a [d′] summary of the keys."""
     if causal:
-        va = torch.cat([v, torch.ones_like(v[..., :1])], -1)
+        va = with_ones(v)
         out = causal_product(fq, fk, va, chunk)
-        return out[..., :-1] / out[..., -1:].clamp_min(TINY)
+        return normalized(out)
     num = fq @ (fk.transpose(-2, -1) @ v)
     den = fq @ fk.sum(-2).unsqueeze(-1)
     return num / den.clamp_min(TINY)
+
+
+def with_ones(v: Tensor) -> Tensor:
+    """v with a column of ones: one product then carries numerator and normalizer."""
+    return torch.cat([v, torch.ones_like(v[..., :1])], -1)
+
+
+def normalized(out: Tensor) -> Tensor:
+    """Numerator columns over the normalizer column (from a `with_ones` product)."""
+    return out[..., :-1] / out[..., -1:].clamp_min(TINY)
 
 
 def causal_product(a: Tensor, b: Tensor, v: Tensor, chunk: int) -> Tensor:
@@ -176,11 +186,11 @@ def recurrent_step(state: Tensor | None, fq: Tensor, fk: Tensor, v: Tensor
 
     The state is [B, H, D′, Dv + 1] whatever the length so far; a KV cache grows by
     2·H·D values per token."""
-    va = torch.cat([v, torch.ones_like(v[..., :1])], -1)
+    va = with_ones(v)
     update = fk.transpose(-2, -1) @ va
     state = update if state is None else state + update
     out = fq @ state
-    return out[..., :-1] / out[..., -1:].clamp_min(TINY), state
+    return normalized(out), state
 
 
 # ---- Flowformer flow attention ----
@@ -269,7 +279,7 @@ def _segmented(method: str, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | Non
             feature_map(method, k[..., i:j, :], params, "k", scale)
         if valid is not None:
             fk = fk * valid[..., i:j, :]
-        va = torch.cat([v[..., i:j, :], torch.ones_like(v[..., i:j, :1])], -1)
+        va = with_ones(v[..., i:j, :])
         if causal:  # self-attention: query segment = key segment
             fq = feature_map(method, q[..., i:j, :], params, "q", scale)
             out = causal_product(fq, fk, va, chunk)
@@ -279,8 +289,7 @@ def _segmented(method: str, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | Non
     if not causal:
         for i in range(0, q.shape[-2], SEGMENT):
             outs.append(feature_map(method, q[..., i:i + SEGMENT, :], params, "q", scale) @ state)
-    out = torch.cat(outs, -2)
-    return out[..., :-1] / out[..., -1:].clamp_min(TINY)
+    return normalized(torch.cat(outs, -2))
 
 
 def softmax_reference(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, causal: bool,

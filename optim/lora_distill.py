@@ -24,6 +24,23 @@ def run(gm: torch.fx.GraphModule, batch) -> list[torch.Tensor]:
     return [t for t in tensor_leaves(out) if t.is_floating_point()]
 
 
+def output_error(gm: torch.fx.GraphModule, batches: list, teacher: list) -> float:
+    """Σ‖out − teacher‖² / Σ‖teacher‖² over `batches` (teacher: one output list per batch)."""
+    num = den = 0.0
+    with torch.no_grad():
+        for batch, ref in zip(batches, teacher):
+            for got, want in zip(run(gm, batch), ref):
+                num += float((got - want).pow(2).sum())
+                den += float(want.pow(2).sum())
+    return num / max(den, 1e-30)
+
+
+def output_loss(outs: list, ref: list) -> torch.Tensor:
+    """The training loss: each output's relative mean squared error, averaged."""
+    return sum((o - r).pow(2).mean() / r.pow(2).mean().clamp_min(1e-30)
+               for o, r in zip(outs, ref)) / max(len(ref), 1)
+
+
 def distill(gm: torch.fx.GraphModule, linears: list, batches: list, teacher: list,
             rank: int, steps: int, lr: float, seed: int = 0) -> dict:
     """Fit and fold rank-`rank` corrections of `linears`' weights (in place, new constants);
@@ -46,13 +63,7 @@ def distill(gm: torch.fx.GraphModule, linears: list, batches: list, teacher: lis
 
     def error() -> float:
         weights(False)
-        with torch.no_grad():
-            num = den = 0.0
-            for batch, ref in zip(batches, teacher):
-                for got, want in zip(run(gm, batch), ref):
-                    num += float((got - want).pow(2).sum())
-                    den += float(want.pow(2).sum())
-        return num / max(den, 1e-30)
+        return output_error(gm, batches, teacher)
 
     before = error()
     params = [p for _, _, a, b, _ in adapters for p in (a, b)]
@@ -61,9 +72,7 @@ def distill(gm: torch.fx.GraphModule, linears: list, batches: list, teacher: lis
         for step in range(steps):
             batch, ref = batches[step % len(batches)], teacher[step % len(batches)]
             weights(True)
-            outs = run(gm, batch)
-            loss = sum(((o - r).pow(2).mean() / r.pow(2).mean().clamp_min(1e-30))
-                       for o, r in zip(outs, ref)) / max(len(ref), 1)
+            loss = output_loss(run(gm, batch), ref)
             opt.zero_grad()
             loss.backward()
             opt.step()

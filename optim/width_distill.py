@@ -18,7 +18,7 @@ import torch.fx
 
 from optim.ir import get_constant, replace_constant
 from optim.linears import constant_linears, weight_and_bias
-from optim.lora_distill import run, swap_constant
+from optim.lora_distill import output_error, output_loss, run, swap_constant
 from optim.nested_width import at_width
 
 
@@ -45,16 +45,8 @@ def distill(gm: torch.fx.GraphModule, plan: dict, widths: list[float], batches: 
                     swap_constant(g, name, weights[src].narrow(dim, 0, keep))
 
     def errors() -> dict[float, float]:
-        out = {}
-        with torch.no_grad():
-            for w, g in graphs.items():
-                num = den = 0.0
-                for b in held_out:
-                    for got, want in zip(run(g, b), teacher[id(b)]):
-                        num += float((got - want).pow(2).sum())
-                        den += float(want.pow(2).sum())
-                out[w] = num / max(den, 1e-30)
-        return out
+        return {w: output_error(g, held_out, [teacher[id(b)] for b in held_out])
+                for w, g in graphs.items()}
 
     install(full)
     before = errors()
@@ -69,10 +61,7 @@ def distill(gm: torch.fx.GraphModule, plan: dict, widths: list[float], batches: 
             install(params)
             opt.zero_grad()
             for w in dict.fromkeys([wide, narrow, *([rng.choice(middle)] if middle else [])]):
-                outs, ref = run(graphs[w], batch), teacher[id(batch)]
-                loss = sum((o - r).pow(2).mean() / r.pow(2).mean().clamp_min(1e-30)
-                           for o, r in zip(outs, ref)) / max(len(ref), 1)
-                loss.backward()
+                output_loss(run(graphs[w], batch), teacher[id(batch)]).backward()
             opt.step()
         trained = {t: p.detach().clone() for t, p in params.items()}
     install(trained)
