@@ -1,4 +1,4 @@
-"""Linear-complexity attention: feature maps, the kernelized forms, flow attention, and fitting.
+"""Linear-complexity attention: feature maps, the kernelized forms and flow attention.
 
     softmax(q·kᵀ·s)·v  ≈  φ(q)·(φ(k)ᵀ·v) / φ(q)·(φ(k)ᵀ·1)
 
@@ -9,15 +9,16 @@ the same functions train the learned maps, check the graph rewrite, and (traced 
 Feature maps (`feature_map(method, x, params, role)`):
 - `elu`: elu(x) + 1 (Katharopoulos et al. 2020).
 - `performer`: FAVOR+ positive random features exp(w·x − ‖x‖²/2) (up to factors that cancel),
-  orthogonal Gaussian w
-  (Choromanski et al. 2021), on x·s^½ so that φ(q)·φ(k) estimates exp(q·k·s).
+  orthogonal Gaussian w (Choromanski et al. 2021), on x·s^½ so that φ(q)·φ(k) estimates
+  exp(q·k·s).
 - `hedgehog`: [softmax(x·W + b), softmax(−(x·W + b))] per head, W and b fitted to the layer's
-  softmax attention output on calibration data (`fit_hedgehog`, LoLCATs stage 1).
+  softmax attention output on calibration data (`optim.feature_map_fit`, LoLCATs stage 1).
 - `ecoformer`: binary hash codes h(x) = [ (κ(x, anchors) − μ)·A ≥ 0 ] ∈ {0, 1}^b per head
   (EcoFormer's kernelized hashing, 2022: RBF features to anchors drawn from the calibration
   keys, a projection A), shared by queries and keys, so φ(q)·φ(k) counts shared bits and the
   attention is accumulations of v. A is fitted by attention transfer with a straight-through
-  sign (`fit_feature_map`), where EcoFormer fits it by supervised hashing on attention pairs.
+  sign (`optim.feature_map_fit`), where EcoFormer fits it by supervised hashing on attention
+  pairs.
 `flow` is Flowformer's flow attention (sigmoid map, conservation, competition, allocation).
 
 Forms: bidirectional; causal, computed in chunks (within a chunk a masked L_c×L_c product,
@@ -64,17 +65,9 @@ def feature_map(method: str, x: Tensor, params: dict[str, Tensor], role: str,
     if method == "flow":
         return torch.sigmoid(x)
     if method == "performer":
-        # φ(x)_r ∝ exp(w_r·x·s^½ − ‖x‖²·s/2). Factors shared by a query's features, or by all
-        # keys of a head, cancel in the normalization, so FAVOR+'s 1/√m and any shift can go:
-        # queries take a softmax over their features (its max keeps exp() in range and the
-        # ‖x‖² term cancels); keys keep their ‖k‖² term (fused into the GEMM) and take one
-        # softmax over all of a head's features.
-        w = params["w"] * math.sqrt(scale)  # [m, D]
-        if role == "q":
-            return torch.softmax(x @ w.transpose(0, 1), -1)
-        sq = (x * x).sum(-1, keepdim=True) * (scale / 2)  # as one more input column
-        z = torch.cat([x, sq], -1) @ torch.cat([w, -torch.ones_like(w[:, :1])], -1).T
-        return torch.softmax(z.flatten(-2), -1).view(z.shape)
+        z = performer_logits(x, params, role, scale)
+        shift = z.amax(-1, keepdim=True) if role == "q" else z.amax((-2, -1), keepdim=True)
+        return torch.exp(z - shift)
     if method == "hedgehog":
         # [softmax(z), softmax(−z)] for z = x·W + b, as one softmax over [z, −z] viewed as two
         # rows: one GEMM with [W, −W], no negation or concatenation of the big features
@@ -84,6 +77,21 @@ def feature_map(method: str, x: Tensor, params: dict[str, Tensor], role: str,
     if method == "ecoformer":
         return hash_codes(x, params)
     raise ValueError(f"unknown linear attention method {method!r}; valid: {METHODS}")
+
+
+def performer_logits(x: Tensor, params: dict[str, Tensor], role: str, scale: float) -> Tensor:
+    """log φ(x) up to a shared shift, for FAVOR+ features φ(x)_r ∝ exp(w_r·x·s^½ − ‖x‖²·s/2).
+
+    Factors shared by all of a query's features, or by all keys of a head, cancel in the
+    normalization, so FAVOR+'s 1/√m and any shift can go, and so can the queries' ‖q‖² term.
+    The keys' −‖k‖²·s/2 enters the GEMM as its starting value (baddbmm)."""
+    w = params["w"] * math.sqrt(scale)  # [m, D]
+    if role == "q":
+        return x @ w.transpose(0, 1)
+    bsz, h, n, d = x.shape
+    sq = (x * x).sum(-1, keepdim=True).reshape(bsz * h, n, 1) * (-scale / 2)
+    z = torch.baddbmm(sq, x.reshape(bsz * h, n, d), w.transpose(0, 1).expand(bsz * h, d, -1))
+    return z.view(bsz, h, n, -1)
 
 
 def hash_codes(x: Tensor, params: dict[str, Tensor]) -> Tensor:
@@ -99,22 +107,6 @@ def hash_codes(x: Tensor, params: dict[str, Tensor]) -> Tensor:
         return hard
     soft = torch.sigmoid(4 * z / (z.detach().abs().mean() + 1e-12))
     return soft + (hard - soft).detach()
-
-
-def ecoformer_init(keys: list[Tensor], bits: int, seed: int = 0) -> dict[str, Tensor]:
-    """Anchors drawn from each head's calibration keys, γ = 1 / mean squared key-anchor
-    distance, μ = the keys' mean RBF features, A Gaussian (random-hyperplane hashing of the
-    kernel features before any fitting). keys: [B, H, L, D] tensors."""
-    g = torch.Generator().manual_seed(seed)
-    k = torch.cat([t.transpose(0, 1).reshape(t.shape[1], -1, t.shape[-1]) for t in keys], 1)
-    heads, rows, _ = k.shape
-    idx = torch.randperm(rows, generator=g)[:ECO_ANCHORS]
-    anchors = k[:, idx].clone()  # [H, m, D]
-    d2 = torch.cdist(k, anchors).pow(2)  # [H, rows, m]
-    gamma = 1.0 / d2.mean((1, 2)).clamp_min(1e-12)
-    mu = torch.exp(-d2 * gamma[:, None, None]).mean(1)
-    proj = torch.randn(heads, anchors.shape[1], bits, generator=g)
-    return {"anchors": anchors, "proj": proj, "mu": mu, "gamma": gamma}
 
 
 # ---- kernelized attention ----
@@ -141,21 +133,30 @@ def normalized(out: Tensor) -> Tensor:
     return out[..., :-1] / out[..., -1:].clamp_min(TINY)
 
 
-def causal_product(a: Tensor, b: Tensor, v: Tensor, chunk: int) -> Tensor:
-    """out[i] = Σ_{j ≤ i} (a[i]·b[j]) v[j], in chunks of `chunk` positions."""
+def causal_product(a: Tensor, b: Tensor, v: Tensor, chunk: int, state: Tensor | None = None,
+                   with_state: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """out[i] = Σ_{j ≤ i} (a[i]·b[j]) v[j] (+ a[i]·state), in chunks of `chunk` positions.
+
+    `state` [B, H, D′, Dv] is what earlier positions contributed (a segment's carried keys);
+    `with_state` also returns the state after the last position (for the next segment)."""
     bsz, h, n, _ = a.shape
     chunk = min(chunk, n)
     pad = (-n) % chunk
     if pad:
         a, b, v = (F.pad(t, (0, 0, 0, pad)) for t in (a, b, v))
     c = (n + pad) // chunk
-    a, b, v = (t.reshape(bsz, h, c, chunk, t.shape[-1]) for t in (a, b, v))
+    a, b, v = (t.reshape(bsz * h * c, chunk, t.shape[-1]) for t in (a, b, v))
     tril = torch.ones(chunk, chunk, dtype=a.dtype, device=a.device).tril()
     intra = ((a @ b.transpose(-2, -1)) * tril) @ v
-    states = b.transpose(-2, -1) @ v  # [B, H, C, D′, Dv]: one state per chunk
-    before = prefix_sum(states.flatten(-2), exclusive=True).view(states.shape)  # entering each
-    out = intra + a @ before
-    return out.reshape(bsz, h, c * chunk, -1)[:, :, :n]
+    states = (b.transpose(-2, -1) @ v).view(bsz, h, c, -1)  # one [D′, Dv] state per chunk
+    before = prefix_sum(states, exclusive=True)  # the state entering each chunk
+    if state is not None:
+        before = before + state.reshape(bsz, h, 1, -1)
+    out = torch.baddbmm(intra, a, before.reshape(bsz * h * c, a.shape[-1], -1))
+    out = out.view(bsz, h, c * chunk, -1)[:, :, :n]
+    if not with_state:
+        return out
+    return out, (before[:, :, -1] + states[:, :, -1]).view(bsz, h, a.shape[-1], -1)
 
 
 def prefix_sum(x: Tensor, exclusive: bool = False, block: int = 64) -> Tensor:
@@ -202,47 +203,73 @@ def flow_attention(fq: Tensor, fk: Tensor, v: Tensor, valid: Tensor | None, caus
     Sinks are queries, sources keys. Incoming flow I_i = φq_i·Σ_j φk_j, outgoing
     O_j = φk_j·Σ_i φq_i; conserved flows Î_i = φq_i·Σ_j φk_j/O_j and Ô_j = φk_j·Σ_i φq_i/I_i;
     sources compete (softmax of Ô over keys, times their count), sinks are gated by
-    sigmoid(Î·n/m). Causal: sums become prefix sums divided by the number of terms.
+    sigmoid(Î·n/m). Causal: see `flow_causal`.
     `valid` [B, 1, Lk, 1] (1 = real key) keeps padded keys out of every sum and the softmax.
     """
+    if causal:
+        return flow_causal(fq, fk, v, valid, chunk)[0]
     n, m = fq.shape[-2], fk.shape[-2]
     if valid is not None:
         fk = fk * valid
-    if causal:
-        count = torch.arange(1, n + 1, dtype=fq.dtype, device=fq.device)[:, None]
-        k_sum, q_sum = prefix_sum(fk) / count, prefix_sum(fq) / count
-    else:
-        k_sum, q_sum = fk.sum(-2, keepdim=True), fq.sum(-2, keepdim=True)
+    k_sum, q_sum = fk.sum(-2, keepdim=True), fq.sum(-2, keepdim=True)
     incoming = 1.0 / ((fq + EPS) * (k_sum + EPS)).sum(-1, keepdim=True)  # [B, H, n, 1]
     outgoing = 1.0 / ((fk + EPS) * (q_sum + EPS)).sum(-1, keepdim=True)  # [B, H, m, 1]
-    if causal:
-        k_flow = prefix_sum(fk * outgoing) / count
-        q_flow = prefix_sum(fq * incoming) / count
-    else:
-        k_flow = (fk * outgoing).sum(-2, keepdim=True)
-        q_flow = (fq * incoming).sum(-2, keepdim=True)
+    k_flow = (fk * outgoing).sum(-2, keepdim=True)
+    q_flow = (fq * incoming).sum(-2, keepdim=True)
     sink = ((fq + EPS) * (k_flow + EPS)).sum(-1, keepdim=True)  # Î
     source = ((fk + EPS) * (q_flow + EPS)).sum(-1, keepdim=True).clamp(-1.0, 1.0)  # Ô
-    if causal:
-        e = torch.exp(source)
-        competition = e / prefix_sum(e) * count
-        allocation = torch.sigmoid(sink)
+    if valid is not None:
+        source = source.masked_fill(valid == 0, -1e9)
+        m_eff = valid.sum(-2, keepdim=True)
     else:
-        if valid is not None:
-            source = source.masked_fill(valid == 0, -1e9)
-            m_eff = valid.sum(-2, keepdim=True)
-        else:
-            m_eff = float(m)
-        competition = torch.softmax(source, -2) * m_eff
-        allocation = torch.sigmoid(sink * (n / m_eff))
+        m_eff = float(m)
+    competition = torch.softmax(source, -2) * m_eff
+    allocation = torch.sigmoid(sink * (n / m_eff))
     vc = v * competition
     if valid is not None:
         vc = vc * valid
-    if causal:
-        agg = causal_product(fq, fk, vc, chunk) / count
-    else:
-        agg = fq @ (fk.transpose(-2, -1) @ vc)
+    agg = fq @ (fk.transpose(-2, -1) @ vc)
     return agg * incoming * allocation
+
+
+def flow_causal(fq: Tensor, fk: Tensor, v: Tensor, valid: Tensor | None, chunk: int,
+                start: int = 0, carry: dict[str, Tensor] | None = None
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+    """Causal flow attention for positions start … start + n − 1 of a sequence: every sum over
+    keys or queries becomes a running sum divided by its number of terms.
+
+    `carry` holds the running sums (and the [D′, Dv] product state) of the positions before
+    `start`; the returned dict holds them after the last position, so a long sequence runs
+    a segment at a time with the same result."""
+    n = fq.shape[-2]
+    if valid is not None:
+        fk = fk * valid
+    count = torch.arange(start + 1, start + n + 1, dtype=fq.dtype, device=fq.device)[:, None]
+    after: dict[str, Tensor] = {}
+
+    def running(name: str, x: Tensor) -> Tensor:
+        total = prefix_sum(x)
+        if carry is not None:
+            total = total + carry[name]
+        after[name] = total[..., -1:, :]
+        return total
+
+    fq_e, fk_e = fq + EPS, fk + EPS
+    k_sum, q_sum = running("k", fk) / count, running("q", fq) / count
+    incoming = 1.0 / (fq_e * (k_sum + EPS)).sum(-1, keepdim=True)
+    outgoing = 1.0 / (fk_e * (q_sum + EPS)).sum(-1, keepdim=True)
+    k_flow = running("k_flow", fk * outgoing) / count
+    q_flow = running("q_flow", fq * incoming) / count
+    sink = (fq_e * (k_flow + EPS)).sum(-1, keepdim=True)
+    source = (fk_e * (q_flow + EPS)).sum(-1, keepdim=True).clamp(-1.0, 1.0)
+    e = torch.exp(source)
+    competition = e / running("e", e) * count
+    vc = v * competition
+    if valid is not None:
+        vc = vc * valid
+    agg, after["state"] = causal_product(fq, fk, vc, chunk, None if carry is None
+                                         else carry["state"], with_state=True)
+    return agg / count * incoming * torch.sigmoid(sink), after
 
 
 # ---- one attention, any method ----
@@ -254,6 +281,8 @@ def attend(method: str, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, c
     if k.shape[1] != q.shape[1]:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    if method == "flow" and causal and q.shape[-2] > SEGMENT:
+        return _flow_segmented(q, k, v, valid, chunk)
     if method != "flow" and max(q.shape[-2], k.shape[-2]) > SEGMENT:
         return _segmented(method, q, k, v, valid, causal, scale, params, chunk)
     fq = feature_map(method, q, params, "q", scale)
@@ -270,26 +299,48 @@ def _segmented(method: str, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | Non
     """`attend` over SEGMENT positions at a time, carrying the keys' [d′, d+1] summary from
     segment to segment, so that no op touches an [L, d′] tensor larger than one segment's (at
     16384 tokens those leave the last-level cache and latency grows faster than L). Performer's
-    key features share one normalization over the whole sequence, so they are computed whole."""
-    whole_keys = feature_map(method, k, params, "k", scale) if method == "performer" else None
+    key features share one shift over the whole sequence: each segment's keys take the largest
+    logit so far, and the carried summary is rescaled when it grows (as online softmax does)."""
     segments = [(i, min(i + SEGMENT, k.shape[-2])) for i in range(0, k.shape[-2], SEGMENT)]
-    outs, state = [], None
+    outs, state, shift = [], None, None
     for i, j in segments:
-        fk = whole_keys[..., i:j, :] if whole_keys is not None else \
-            feature_map(method, k[..., i:j, :], params, "k", scale)
+        if method == "performer":  # keys share one shift: keep the largest so far, rescale
+            z = performer_logits(k[..., i:j, :], params, "k", scale)
+            top = z.amax((-2, -1), keepdim=True)
+            if shift is not None:
+                top = torch.maximum(top, shift)
+                state = state * torch.exp(shift - top)
+            fk, shift = torch.exp(z - top), top
+        else:
+            fk = feature_map(method, k[..., i:j, :], params, "k", scale)
         if valid is not None:
             fk = fk * valid[..., i:j, :]
         va = with_ones(v[..., i:j, :])
         if causal:  # self-attention: query segment = key segment
             fq = feature_map(method, q[..., i:j, :], params, "q", scale)
-            out = causal_product(fq, fk, va, chunk)
-            outs.append(out if state is None else out + fq @ state)
-        update = fk.transpose(-2, -1) @ va  # [B, H, d′, d+1]
-        state = update if state is None else state + update
+            out, state = causal_product(fq, fk, va, chunk, state, with_state=True)
+            outs.append(normalized(out))
+        else:
+            update = fk.transpose(-2, -1) @ va  # [B, H, d′, d+1]
+            state = update if state is None else state + update
     if not causal:
         for i in range(0, q.shape[-2], SEGMENT):
-            outs.append(feature_map(method, q[..., i:i + SEGMENT, :], params, "q", scale) @ state)
-    return normalized(torch.cat(outs, -2))
+            fq = feature_map(method, q[..., i:i + SEGMENT, :], params, "q", scale)
+            outs.append(normalized(fq @ state))
+    return torch.cat(outs, -2)
+
+
+def _flow_segmented(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, chunk: int
+                    ) -> Tensor:
+    """Causal flow attention SEGMENT positions at a time, carrying its running sums."""
+    outs, carry = [], None
+    for i in range(0, q.shape[-2], SEGMENT):
+        j = min(i + SEGMENT, q.shape[-2])
+        out, carry = flow_causal(torch.sigmoid(q[..., i:j, :]), torch.sigmoid(k[..., i:j, :]),
+                                 v[..., i:j, :], None if valid is None else valid[..., i:j, :],
+                                 chunk, i, carry)
+        outs.append(out)
+    return torch.cat(outs, -2)
 
 
 def softmax_reference(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, causal: bool,
@@ -303,73 +354,3 @@ def softmax_reference(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, cau
             causal = False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
                                           enable_gqa=k.shape[1] != q.shape[1])
-
-
-# ---- learned feature maps: attention transfer (Hedgehog map, LoLCATs stage 1) ----
-
-def hedgehog_init(heads: int, head_dim: int, features: int, scale: float) -> dict[str, Tensor]:
-    """W = s^½·[I | 0] per head (softmax(x·W) starts as a tempered softmax over x's
-    coordinates), b = 0."""
-    w = torch.zeros(heads, head_dim, features)
-    eye = torch.eye(head_dim, features) * math.sqrt(scale) * math.sqrt(head_dim)
-    w += eye
-    b = torch.zeros(heads, features)
-    return {"w_q": w.clone(), "b_q": b.clone(), "w_k": w.clone(), "b_k": b.clone()}
-
-
-def fit_hedgehog(samples: list[tuple[Tensor, Tensor, Tensor, Tensor | None]], causal: bool,
-                 scale: float, features: int, steps: int, lr: float = 1e-2, seed: int = 0
-                 ) -> tuple[dict[str, Tensor], dict[str, float]]:
-    """Fit one layer's q and k Hedgehog maps (see `fit_feature_map`)."""
-    torch.manual_seed(seed)
-    heads, head_dim = samples[0][0].shape[1], samples[0][0].shape[-1]
-    return fit_feature_map("hedgehog", hedgehog_init(heads, head_dim, features, scale), samples,
-                           causal, scale, steps, lr)
-
-
-def fit_ecoformer(samples: list[tuple[Tensor, Tensor, Tensor, Tensor | None]], causal: bool,
-                  scale: float, bits: int, steps: int, lr: float = 1e-2, seed: int = 0
-                  ) -> tuple[dict[str, Tensor], dict[str, float]]:
-    """Fit one layer's hash projection A and offsets μ (anchors and γ stay as drawn)."""
-    torch.manual_seed(seed)
-    init = ecoformer_init([k for _, k, _, _ in samples], bits, seed)
-    return fit_feature_map("ecoformer", init, samples, causal, scale, steps, lr,
-                           trainable=("proj", "mu"))
-
-
-def fit_feature_map(method: str, init: dict[str, Tensor],
-                    samples: list[tuple[Tensor, Tensor, Tensor, Tensor | None]], causal: bool,
-                    scale: float, steps: int, lr: float = 1e-2, trainable: tuple = ()
-                    ) -> tuple[dict[str, Tensor], dict[str, float]]:
-    """Fit one layer's feature-map parameters (all, or those named in `trainable`) so that
-    linear attention reproduces the layer's softmax attention output on `samples`
-    [(q, k, v, valid)], by MSE (other weights frozen).
-
-    Returns the parameters and the fit: relative MSE of the attention output before and after
-    (initial map vs fitted map), on the samples."""
-    params = {k: p.clone().requires_grad_(not trainable or k in trainable)
-              for k, p in init.items()}
-    with torch.no_grad():
-        targets = [softmax_reference(q, k, v, m, causal, scale) for q, k, v, m in samples]
-        energy = sum(float((t * t).mean()) for t in targets) / len(targets)
-
-    def loss_fn() -> Tensor:
-        total = 0.0
-        for (q, k, v, m), t in zip(samples, targets):
-            out = attend(method, q, k, v, m, causal, scale, params)
-            total = total + F.mse_loss(out, t)
-        return total / len(samples)
-
-    with torch.enable_grad():
-        opt = torch.optim.Adam([p for p in params.values() if p.requires_grad], lr=lr)
-        with torch.no_grad():
-            before = float(loss_fn()) / energy
-        for _ in range(steps):
-            opt.zero_grad()
-            loss = loss_fn()
-            loss.backward()
-            opt.step()
-    with torch.no_grad():
-        after = float(loss_fn()) / energy
-    return ({k: p.detach() for k, p in params.items()},
-            {"relative_mse_initial": before, "relative_mse_fitted": after, "steps": steps})

@@ -29,6 +29,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
+import optim.feature_map_fit as feature_fit
 import optim.linear_attention as la
 import optim.lora_distill as lora_distill
 import optim.ops  # noqa: F401  (registers torch.ops.optim)
@@ -112,7 +113,7 @@ def linearize_attention(gm: torch.fx.GraphModule, cfg: LinearizeAttentionConfig,
             continue
         data = [_layer_sample(s, q, k, v, mask if padded else None) for s in samples]
         if cfg.method in ("hedgehog", "ecoformer"):
-            fit_fn = la.fit_hedgehog if cfg.method == "hedgehog" else la.fit_ecoformer
+            fit_fn = feature_fit.fit_hedgehog if cfg.method == "hedgehog" else feature_fit.fit_ecoformer
             fitted, fit = fit_fn(data, causal, float(scale), _features(cfg, shape(q)),
                                  cfg.fit_steps, cfg.fit_lr, ctx.seed + len(layers))
             params.update(fitted)
@@ -187,7 +188,7 @@ def _initial_params(cfg: LinearizeAttentionConfig, q_shape, scale: float) -> dic
     if cfg.method == "performer":
         return {"w": la.performer_projection(q_shape[-1], _features(cfg, q_shape), cfg.seed)}
     if cfg.method == "hedgehog":
-        return la.hedgehog_init(q_shape[1], q_shape[-1], _features(cfg, q_shape), scale)
+        return feature_fit.hedgehog_init(q_shape[1], q_shape[-1], _features(cfg, q_shape), scale)
     if cfg.method == "ecoformer":  # shapes only: drawn from the layer's keys before fitting
         h, d, m = q_shape[1], q_shape[-1], la.ECO_ANCHORS
         return {"anchors": torch.zeros(h, m, d), "proj": torch.zeros(h, m, _features(cfg, q_shape)),
