@@ -2,12 +2,13 @@
 masks and binarization (`--only binarize --backend torch`: its packed kernel runs on torch).
 
 Heads and MLP neurons (sparsify) and input-channel RMS (low_rank) come from 64 calibration
-sentences; 256 other real sentences measure
+sentences (`--calib`); 256 other real sentences measure
 fidelity (mean-pooled embedding cosine, nearest-neighbour agreement) against the original
 model. Latency: batch 8 × 128, every variant on the same backend, all timed in ONE interleaved
 run; the ratio is against the unpruned graph (`cleanup,fuse_attention`) in that run.
 
-Usage: python benchmarks/sparsify.py [--backend onnxruntime|torch] [--out ...json]
+Usage: python benchmarks/compression_minilm.py [--backend onnxruntime|torch] [--out ...json]
+       [--only prefix,...] [--calib N] [--qat-lr LR]
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ VARIANTS = {"dense": None,
             "binarize W1A1, training-free": {"binarize": {"distill_steps": 0}},
             "binarize W1A1 + distill 100": {"binarize": {"distill_steps": 100}},
             "binarize W1A1 + distill 300": {"binarize": {"distill_steps": 300}},
+            "binarize W1A1 + distill 100 + QAT 100": {"binarize": {"distill_steps": 100,
+                                                                    "qat_steps": 100}},
+            "binarize W1A1 + distill 100 + QAT 400": {"binarize": {"distill_steps": 100,
+                                                                    "qat_steps": 400}},
             "binarize W1A32, training-free": {"binarize": {"activations": "float",
                                                            "distill_steps": 0}},
             "binarize W1A32 + distill 100": {"binarize": {"activations": "float",
@@ -55,6 +60,8 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/compression_minilm.json")
     ap.add_argument("--budget", type=float, default=30.0)
     ap.add_argument("--only", default="", help="comma-separated name prefixes to run (and dense)")
+    ap.add_argument("--calib", type=int, default=64, help="calibration sentences (8 per batch)")
+    ap.add_argument("--qat-lr", type=float, default=None, help="binarize qat_lr for QAT rows")
     args = ap.parse_args()
     only = [p for p in args.only.split(",") if p]
     variants = {k: v for k, v in VARIANTS.items()
@@ -62,11 +69,13 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
     z = zoo.load("minilm", batch=8, seq=128)
-    pool = sentences(256 + 64)
+    pool = sentences(256 + args.calib)
     calib = sentence_batches(z.tokenizer, pool[256:], 8, 128)
     evals = sentence_batches(z.tokenizer, pool[:256], 8, 128)
     models = {}
     for name, opts in variants.items():
+        if args.qat_lr and opts and opts.get("binarize", {}).get("qat_steps"):
+            opts = {"binarize": {**opts["binarize"], "qat_lr": args.qat_lr}}
         pipe = ["cleanup", "fuse_attention"] + ([opts] if opts else [])
         models[name] = optim.optimize(copy.deepcopy(z.model), "cpu", (), pipe,
                                       example_kwargs=evals[0][1], calibration=calib,

@@ -35,6 +35,13 @@ def output_error(gm: torch.fx.GraphModule, batches: list, teacher: list) -> floa
     return num / max(den, 1e-30)
 
 
+def split_held_out(batches: list) -> tuple[list, list]:
+    """(train, held-out) calibration batches: a quarter held out (one of 2–3; none of 1, and
+    then the error is measured on the training batch itself)."""
+    n_held = len(batches) // 4 if len(batches) >= 4 else int(len(batches) >= 2)
+    return batches[:len(batches) - n_held], batches[len(batches) - n_held:] or batches
+
+
 def output_loss(outs: list, ref: list) -> torch.Tensor:
     """The training loss: each output's relative mean squared error, averaged."""
     return sum((o - r).pow(2).mean() / r.pow(2).mean().clamp_min(1e-30)

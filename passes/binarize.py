@@ -9,8 +9,11 @@ exactly). Embeddings, norms, softmax and linears outside the blocks (patch embed
 embedders, heads) stay float. Training-free binarization of a pretrained transformer loses a
 lot; `distill_steps` fits each binary layer (latent weights, scales, τ; straight-through
 estimator) to the float layer's output on calibration data, in graph order and fed by the
-already-binarized layers before it, so each layer also absorbs the error upstream. Numerics:
-lossy; each layer's held-out SQNR before and after distillation is reported.
+already-binarized layers before it, so each layer also absorbs the error upstream. Then
+`qat_steps` trains all binary layers at once against the float model's outputs
+(`optim.binary_qat`; kept only if the held-out output error falls). Numerics: lossy; each
+layer's held-out SQNR before and after distillation, and the end-to-end output error before and
+after training, are reported.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ import torch
 import torch.fx
 
 import optim.ops  # noqa: F401  (registers torch.ops.optim)
-from optim import binary
+from optim import binary, binary_qat
 from optim.ir import add_constant, get_constant, module_path
 from optim.linears import constant_linears, input_rows, linear_input, weight_and_bias, weight_axis
+from optim.lora_distill import run, split_held_out
 from optim.pass_base import Lossy, PassContext, register_pass
 
 BLOCK = re.compile(r"(^|\.)\d+(\.|$)")  # a numbered container: a transformer block
@@ -40,6 +44,8 @@ class BinarizeConfig:
     distill_steps: int = 100  # Adam steps per layer of output matching (0: training-free)
     lr: float = 1e-3
     rows: int = 4096  # calibration rows per layer used for thresholds and distillation
+    qat_steps: int = 0  # then Adam steps training all binary layers at once against the model
+    qat_lr: float = 1e-3
     skip: tuple[str, ...] = ("classifier", "lm_head", "pooler", "head", "proj_out")
 
     def validate(self) -> None:
@@ -49,6 +55,10 @@ class BinarizeConfig:
             raise ValueError("distill_steps must be >= 0")
         if not 0 < self.lr < 1:
             raise ValueError("lr must be in (0, 1)")
+        if self.qat_steps < 0:
+            raise ValueError("qat_steps must be >= 0")
+        if not 0 < self.qat_lr < 1:
+            raise ValueError("qat_lr must be in (0, 1)")
         if self.rows < 16:
             raise ValueError("rows must be >= 16")
 
@@ -72,7 +82,8 @@ def binarize(gm: torch.fx.GraphModule, cfg: BinarizeConfig, ctx: PassContext) ->
             chosen.append(n)
     batches = ctx.calibration or [ctx.example_inputs]
     reference = input_rows(gm, chosen, batches, limit=cfg.rows)  # the float model's inputs
-    layers = []
+    teacher = {id(b): run(gm, b) for b in batches} if cfg.qat_steps else {}  # float outputs
+    layers, magnitudes = [], {}
     for n in chosen:  # graph order: each layer sees the binarized layers before it
         w_node, b_node = weight_and_bias(n)
         w = get_constant(gm, w_node).float()
@@ -96,6 +107,7 @@ def binarize(gm: torch.fx.GraphModule, cfg: BinarizeConfig, ctx: PassContext) ->
             new = gm.graph.call_function(torch.ops.optim.linear_binary.default,
                                          (linear_input(n), *consts, layer.in_features))
         new.meta = dict(n.meta)
+        magnitudes[new.name] = w.abs()
         n.replace_all_uses_with(new)
         gm.graph.erase_node(n)
         ctx.record("linear_binary")
@@ -104,3 +116,16 @@ def binarize(gm: torch.fx.GraphModule, cfg: BinarizeConfig, ctx: PassContext) ->
                        "sqnr_db": round(fit["sqnr_db"], 2)})
     ctx.details.update(activations=cfg.activations, group_size=cfg.group_size,
                        distill_steps=cfg.distill_steps, layers=layers)
+    if cfg.qat_steps and layers:
+        train, held = split_held_out(batches)
+        if len(batches) == 1:
+            ctx.skip("qat", "only one calibration batch: the end-to-end error is measured on "
+                            "the batch it was trained on (give more batches to hold some out)")
+        result = binary_qat.distill(gm, magnitudes, train, held, teacher, cfg.qat_steps,
+                                    cfg.qat_lr, seed=0)
+        if not result["kept"]:
+            ctx.skip("qat", "end-to-end training did not lower the held-out output error; the "
+                            "per-layer fit is kept (try more steps, another qat_lr, or more "
+                            "calibration data)")
+        ctx.details.update(qat={**result, "train_batches": len(train),
+                                "held_out_batches": len(held)})

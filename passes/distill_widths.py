@@ -18,6 +18,7 @@ import torch
 import torch.fx
 
 from optim.errors import ConfigError
+from optim.lora_distill import split_held_out
 from optim.pass_base import Lossy, PassContext, register_pass
 from optim.width_distill import distill
 
@@ -50,9 +51,8 @@ def distill_widths(gm: torch.fx.GraphModule, cfg: DistillWidthsConfig, ctx: Pass
                           "in the same pipeline (and check its report: it may have found no "
                           "heads or MLPs to nest)")
     batches = ctx.calibration or [ctx.example_inputs]
-    n_held = len(batches) // 4 if len(batches) >= 4 else int(len(batches) >= 2)
-    train, held = batches[:len(batches) - n_held], batches[len(batches) - n_held:] or batches
-    if n_held == 0:
+    train, held = split_held_out(batches)
+    if len(batches) == 1:
         ctx.skip("calibration", "only one calibration batch: the error is measured on the "
                                 "batch it was trained on (give more batches to hold some out)")
     widths = sorted(set(cfg.widths) | {1.0}, reverse=True)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 import optim
 import optim.ops  # noqa: F401
-from optim import binary
+from optim import binary, binary_qat
 from optim.errors import BackendError
 from optim.ir import get_constant
+from optim.lora_distill import run
 
 
 @pytest.mark.parametrize("m,n,k,group", [(9, 24, 100, 0), (16, 32, 384, 128), (3, 5, 64, 0)])
@@ -130,3 +133,69 @@ def test_binarized_model_saves_and_loads(zoo_model, tmp_path):
     a = om(*z.example_args, **z.example_kwargs).last_hidden_state
     b = again(*z.example_args, **z.example_kwargs).last_hidden_state
     torch.testing.assert_close(b, a)
+
+
+def _image_batches(z, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    (x,) = z.example_args
+    return [((torch.randn(x.shape, generator=g),), {}) for _ in range(n)]
+
+
+def _binarize_vit(z, batches, **opts):
+    return optim.optimize(copy.deepcopy(z.model), "cpu", z.example_args,
+                          ["cleanup", {"binarize": {"distill_steps": 20, **opts}}],
+                          calibration=batches, backend="torch", measure_latency=False)
+
+
+def test_training_copy_computes_what_the_packed_graph_computes(zoo_model):
+    """Before any step, the float simulation (unfolded bias, latent signs) is the kernel graph."""
+    z = zoo_model("vit")
+    batches = _image_batches(z, 4)
+    om = _binarize_vit(z, batches)
+    gm = om.graph
+    teacher = {id(b): [t + 0.1 for t in run(gm, b)] for b in batches}
+    mags = {n.name: torch.rand(get_constant(gm, n.args[2]).shape[0], n.args[5])
+            for n in gm.graph.nodes if n.target is torch.ops.optim.linear_binary.default}
+    res = binary_qat.distill(gm, mags, batches[:3], batches[3:], teacher, steps=0, lr=1e-3)
+    assert res["linears_trained"] == len(mags) > 0
+    assert res["relative_error_after"] == pytest.approx(res["relative_error_before"], rel=1e-3)
+
+
+def test_end_to_end_training_lowers_the_held_out_output_error(zoo_model):
+    z = zoo_model("vit")
+    batches = _image_batches(z, 4)
+    om = _binarize_vit(z, batches, qat_steps=60, qat_lr=1e-2)
+    qat = om.report.pass_result("binarize")["details"]["qat"]
+    assert qat["kept"] and qat["held_out_batches"] == 1 and qat["train_batches"] == 3
+    assert qat["relative_error_after"] < 0.8 * qat["relative_error_before"]
+    # the packed graph itself now has that error on the held-out batch
+    held = batches[3]
+    want = run(_float_graph(z), held)
+    got = run(om.graph, held)
+    err = sum(float((g - w).pow(2).sum()) for g, w in zip(got, want)) / \
+        sum(float(w.pow(2).sum()) for w in want)
+    assert err == pytest.approx(qat["relative_error_after"], rel=0.05)
+
+
+def test_training_that_does_not_help_leaves_the_graph_as_it_was(zoo_model):
+    """Held-out targets the graph already meets exactly: no training can lower that error, so
+    the packed constants must stay as they were, bit for bit."""
+    z = zoo_model("vit")
+    batches = _image_batches(z, 4)
+    gm = _binarize_vit(z, batches).graph
+    teacher = {id(b): [-t for t in run(gm, b)] for b in batches[:3]}
+    teacher[id(batches[3])] = run(gm, batches[3])
+    ops = [n for n in gm.graph.nodes if n.target is torch.ops.optim.linear_binary.default]
+    before = {n.name: [get_constant(gm, a).clone() for a in n.args[1:5] if a is not None]
+              for n in ops}
+    mags = {n.name: torch.rand(get_constant(gm, n.args[2]).shape[0], n.args[5]) for n in ops}
+    res = binary_qat.distill(gm, mags, batches[:3], batches[3:], teacher, steps=5, lr=1e-2)
+    assert res["relative_error_before"] == 0.0 and not res["kept"]
+    for n in ops:
+        for old, a in zip(before[n.name], [a for a in n.args[1:5] if a is not None]):
+            assert torch.equal(old, get_constant(gm, a))
+
+
+def _float_graph(z):
+    return optim.optimize(copy.deepcopy(z.model), "cpu", z.example_args, ["cleanup"],
+                          backend="torch", measure_latency=False).graph
