@@ -1,5 +1,7 @@
 """Compression on the real all-MiniLM-L6-v2: structured sparsity (30%, 50%), low rank, weight
-masks and binarization (`--only binarize --backend torch`: its packed kernel runs on torch).
+masks and binarization (`--only binarize --backend torch`: its packed kernel runs on torch),
+each alone and followed by `distill_outputs` (output-matching training on the calibration
+batches).
 
 Heads and MLP neurons (sparsify) and input-channel RMS (low_rank) come from 64 calibration
 sentences (`--calib`); 256 other real sentences measure
@@ -29,18 +31,24 @@ from optim.data import sentences
 from optim.measure import machine, measure
 from optim.tasks import sentence_batches, sentence_embedding_fidelity
 
+DISTILL = {"distill_outputs": {"steps": 200, "lr": 1e-4}}
 VARIANTS = {"dense": None,
             "sparsify 30%": {"sparsify": {"sparsity": 0.3, "reconstruct": False}},
             "sparsify 30% + refit": {"sparsify": {"sparsity": 0.3}},
             "sparsify 50%": {"sparsify": {"sparsity": 0.5, "reconstruct": False}},
             "sparsify 50% + refit": {"sparsify": {"sparsity": 0.5}},
+            "sparsify 30% + refit + distill 200": [{"sparsify": {"sparsity": 0.3}}, DISTILL],
+            "sparsify 50% + refit + distill 200": [{"sparsify": {"sparsity": 0.5}}, DISTILL],
             "low_rank energy 0.9": {"low_rank": {"energy": 0.9}},
             "low_rank flops 0.5": {"low_rank": {"flops": 0.5}},
             "low_rank flops 0.5, plain SVD": {"low_rank": {"flops": 0.5,
                                                            "activation_aware": False}},
+            "low_rank flops 0.5 + distill 200": [{"low_rank": {"flops": 0.5}}, DISTILL],
             "prune_weights 50% wanda": {"prune_weights": {}},
             "prune_weights 50% magnitude": {"prune_weights": {"score": "magnitude"}},
             "prune_weights 2:4 wanda": {"prune_weights": {"pattern": "2:4"}},
+            "prune_weights 2:4 wanda + distill 200": [{"prune_weights": {"pattern": "2:4"}},
+                                                      DISTILL],
             "binarize W1A1, training-free": {"binarize": {"distill_steps": 0}},
             "binarize W1A1 + distill 100": {"binarize": {"distill_steps": 100}},
             "binarize W1A1 + distill 300": {"binarize": {"distill_steps": 300}},
@@ -74,9 +82,11 @@ def main() -> None:
     evals = sentence_batches(z.tokenizer, pool[:256], 8, 128)
     models = {}
     for name, opts in variants.items():
-        if args.qat_lr and opts and opts.get("binarize", {}).get("qat_steps"):
-            opts = {"binarize": {**opts["binarize"], "qat_lr": args.qat_lr}}
-        pipe = ["cleanup", "fuse_attention"] + ([opts] if opts else [])
+        steps = opts if isinstance(opts, list) else [opts] if opts else []
+        if args.qat_lr:
+            steps = [{"binarize": {**s["binarize"], "qat_lr": args.qat_lr}}
+                     if s.get("binarize", {}).get("qat_steps") else s for s in steps]
+        pipe = ["cleanup", "fuse_attention", *steps]
         models[name] = optim.optimize(copy.deepcopy(z.model), "cpu", (), pipe,
                                       example_kwargs=evals[0][1], calibration=calib,
                                       backend=args.backend, measure_latency=False)

@@ -23,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from optim import numerics
 from optim.errors import CaptureError, ConfigError, NumericsError
 from optim.ir import capture, op_histogram
+from optim.lora_distill import run as run_graph
 from optim.measure import measure
 from optim.pass_base import Exact, PassContext
 from optim.pipeline import Pipeline
@@ -301,6 +302,8 @@ def optimize(model: torch.nn.Module, target: str = "cpu", example_inputs: Any = 
 
     say(f"running passes: {', '.join(pipe.names) or '(none)'}")
     with torch.no_grad():
+        if any(step.spec.teacher for step in pipe.steps):  # outputs before any pass ran
+            ctx.teacher = {id(b): run_graph(gm, b) for b in ctx.calibration}
         results = pipe.run(gm, ctx, after_each=check)
     say(f"lowering to {backend_name}")
     t0 = time.perf_counter()

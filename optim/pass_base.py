@@ -87,6 +87,9 @@ class PassContext:
         self.example_inputs = example_inputs  # (args, kwargs)
         self.calibration = calibration or []  # list of (args, kwargs) batches
         self.seed = seed
+        # the captured model's outputs per calibration batch (keyed by id(batch)), recorded
+        # before the first pass for pipelines with a pass registered with `teacher=True`
+        self.teacher: dict[int, list] = {}
         self._counts: Counter = Counter()
         self._skips: list[Skip] = []
         self.details: dict[str, Any] = {}
@@ -110,6 +113,7 @@ class PassSpec:
     requires: tuple[str, ...]
     expects: tuple[str, ...]  # count keys that must be > 0 when the pass runs (zero is an error)
     summary: str
+    teacher: bool = False  # reads ctx.teacher: the original model's calibration outputs
 
     def make_config(self, options: Any = None, where: str = "") -> Any:
         return config_from_dict(self.config, options, where or f"pass {self.name!r}")
@@ -129,13 +133,15 @@ class PassSpec:
 
 
 def register_pass(name: str, *, config: type, numerics: Exact | Lossy,
-                  requires: tuple[str, ...] = (), expects: tuple[str, ...] = ()):
-    """Register `fn(gm, cfg, ctx)` as pass `name`. The docstring's first line is its summary."""
+                  requires: tuple[str, ...] = (), expects: tuple[str, ...] = (),
+                  teacher: bool = False):
+    """Register `fn(gm, cfg, ctx)` as pass `name`. The docstring's first line is its summary.
+    `teacher`: the pass reads `ctx.teacher`, the original model's outputs on calibration."""
 
     def deco(fn):
         summary = (fn.__doc__ or config.__doc__ or "").strip().splitlines()[0]
         PASSES.add(name, PassSpec(name, fn, config, numerics, tuple(requires), tuple(expects),
-                                  summary))
+                                  summary, teacher))
         return fn
 
     return deco

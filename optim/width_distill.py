@@ -22,19 +22,25 @@ from optim.lora_distill import output_error, output_loss, run, swap_constant
 from optim.nested_width import at_width
 
 
-def distill(gm: torch.fx.GraphModule, plan: dict, widths: list[float], batches: list,
-            held_out: list, steps: int, lr: float, seed: int = 0) -> dict:
-    """Train `gm`'s linear weights in place so that every width in `widths` matches `gm`'s
-    current full-width outputs. Returns the relative output error per width on `held_out`
-    before and after; the trained weights are kept only if their mean error is lower."""
+def distill(gm: torch.fx.GraphModule, plan: dict | None, widths: list[float], batches: list,
+            held_out: list, steps: int, lr: float, seed: int = 0,
+            teacher: dict[int, list] | None = None) -> dict:
+    """Train `gm`'s linear weights in place so that every width in `widths` matches the
+    `teacher` outputs (per batch, keyed by `id(batch)`; default: `gm`'s current full-width
+    outputs). Weights that are mostly exact zeros (a sparsity mask) keep their zeros. Returns
+    the relative output error per width on `held_out` before and after; the trained weights are
+    kept only if their summed error is lower."""
     args, kwargs = batches[0]
-    teacher = {id(b): [t.detach().clone() for t in run(gm, b)] for b in (*batches, *held_out)}
+    teacher = teacher or {id(b): [t.detach().clone() for t in run(gm, b)]
+                          for b in (*batches, *held_out)}
     nodes = {w.target: w for n in constant_linears(gm) for w in weight_and_bias(n)
              if w is not None}
     full = {t: get_constant(gm, node).detach().float().clone() for t, node in nodes.items()}
+    masks = {t: w != 0 for t, w in full.items() if w.dim() == 2 and (w == 0).float().mean() > 0.2}
     graphs = {w: gm if w == 1.0 else at_width(gm, plan, w, args, kwargs) for w in widths}
 
     def install(weights: dict) -> None:
+        weights = {t: w * masks[t] if t in masks else w for t, w in weights.items()}
         for g in graphs.values():
             names = g.meta.get("narrowed_constants", {})
             for name in _get_attrs(g):
@@ -63,7 +69,8 @@ def distill(gm: torch.fx.GraphModule, plan: dict, widths: list[float], batches: 
             for w in dict.fromkeys([wide, narrow, *([rng.choice(middle)] if middle else [])]):
                 output_loss(run(graphs[w], batch), teacher[id(batch)]).backward()
             opt.step()
-        trained = {t: p.detach().clone() for t, p in params.items()}
+        trained = {t: (p * masks[t] if t in masks else p).detach().clone()
+                   for t, p in params.items()}
     install(trained)
     after = errors()
     kept = sum(after.values()) < sum(before.values())

@@ -3,6 +3,7 @@
 from passes import (  # noqa: F401
     binarize,
     cleanup,
+    distill_outputs,
     distill_widths,
     dynamic_width,
     fuse_attention,

@@ -123,6 +123,22 @@ def test_this_cpu_has_a_measured_binary_peak():
     assert gpu.peak_dtype != "binary" and "binary" in gpu.note
 
 
+def test_fpga_binary_rate_comes_from_the_finn_r_lut_cost():
+    """U280: binary math in LUTs at the FINN-R cost (6.6 LUTs per MAC lane), derived from an
+    assumed LUT count, so labelled derived; the VHK158 has no LUT count and says so."""
+    from hardware.capability import place
+    from hardware.spec import load_spec
+
+    u280 = load_spec("alveo-u280")
+    p = place(u280, "binary", weight_format="binary")
+    assert p.peak_dtype == "binary" and not p.note
+    assert u280.peak["binary"].provenance == "derived"
+    assert u280.peak["binary"].value == pytest.approx(1.304e6 * 0.5 / 6.6 * 2 * 225e6, rel=0.01)
+    assert u280.peak["binary"].value > 5 * u280.peak["int8"].value
+    vhk = place(load_spec("versal-vhk158"), "binary", weight_format="binary")
+    assert vhk.peak_dtype != "binary" and "no sourced binary" in vhk.note
+
+
 def test_binarized_model_saves_and_loads(zoo_model, tmp_path):
     z = zoo_model("bert")
     om = optim.optimize(z.model, "cpu", z.example_args, example_kwargs=z.example_kwargs,

@@ -10,8 +10,14 @@ from optim.registry import PASSES
 from tests.conftest import SMALL
 
 
+# passes that only do something after a lossy one: what runs before them in the contract
+BEFORE = {"distill_outputs": ["cleanup", "prune_weights"]}
+
+
 def _pipeline(name: str) -> list[str]:
     """`name` preceded by everything it requires, transitively, in order."""
+    if name in BEFORE:
+        return BEFORE[name] + [name]
     out = []
     for req in PASSES.get(name).requires:
         out += [p for p in _pipeline(req) if p not in out]
@@ -24,7 +30,8 @@ REFUSES = {("merge_tokens", m): "causal mask" for m in ("gpt2", "llama")} | \
 # options the contract runs with: the zoo's tiny models are below linear attention's and token
 # merging's break-even, so their cost-model gates are off here (their own tests test them)
 OPTIONS = {"linearize_attention": {"gate": False, "fit_steps": 40},
-           "merge_tokens": {"gate": False}, "binarize": {"distill_steps": 10}}
+           "merge_tokens": {"gate": False}, "binarize": {"distill_steps": 10},
+           "distill_outputs": {"steps": 20, "lr": 1e-3}}
 
 
 @pytest.mark.parametrize("model_name", SMALL)
