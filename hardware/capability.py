@@ -77,7 +77,10 @@ def place(spec: HardwareSpec, dtype: str, *, weight_format: str = "dense",
         peak_dtype = dtype
     else:
         peak_dtype = best_float(spec, allow_reduced=dtype != "fp32")
-        if dtype in ("int8", "int4", "fp8", "binary"):
+        if dtype == "binary" and spec.kind == "fpga":  # LUT logic could; no sourced rate
+            note = (f"{spec.name} has no sourced binary (LUT XNOR/popcount) rate; binary math "
+                    f"is estimated at its {peak_dtype} peak")
+        elif dtype in ("int8", "int4", "fp8", "binary"):
             note = (f"{spec.name} has no {dtype} peak; math runs at {peak_dtype} after "
                     f"dequantization, only the weight bytes shrink")
         elif dtype not in ("fp32",):
