@@ -47,8 +47,9 @@ def distill(gm: torch.fx.GraphModule, magnitudes: dict[str, torch.Tensor], batch
     torch.manual_seed(seed)
     with torch.inference_mode(False), torch.enable_grad():
         train = copy.deepcopy(gm)
-        layers = {n.name: _trainable(train, n, magnitudes[n.name])
-                  for n in train.graph.nodes if n.name in {o.name for o in ops}}
+        names = {o.name for o in ops}
+        copies = [n for n in train.graph.nodes if n.name in names]  # collected, then replaced
+        layers = {n.name: _trainable(train, n, magnitudes[n.name]) for n in copies}
         groups = []
         for p in layers.values():
             scale = float(p["latent"].detach().abs().mean())

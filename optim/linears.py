@@ -50,14 +50,14 @@ def input_rows(gm: torch.fx.GraphModule, nodes: list, batches: list,
     """Each layer's inputs on `batches` as [rows, in_features] fp32 (the first `limit` rows)."""
     xs = {n: linear_input(n) for n in nodes}
     out: dict = {n: [] for n in nodes}
-    rows = 0
+    rows = 0  # every layer sees the same tokens, so one count serves all
     for batch in batches:
-        if limit is not None and rows >= limit:  # enough rows: the rest would be cut anyway
+        if not xs or (limit is not None and rows >= limit):  # the rest would be cut anyway
             break
         values = evaluate_nodes(gm, list(set(xs.values())), *batch)
         for n, x in xs.items():
             out[n].append(values[x].reshape(-1, values[x].shape[-1]).float())
-        rows += len(next(iter(out.values()))[-1]) if out else 0
+        rows += len(out[n][-1])
     return {n: torch.cat(v)[:limit] for n, v in out.items()}
 
 

@@ -10,8 +10,9 @@ embedders, heads) stay float. Training-free binarization of a pretrained transfo
 lot; `distill_steps` fits each binary layer (latent weights, scales, τ; straight-through
 estimator) to the float layer's output on calibration data, in graph order and fed by the
 already-binarized layers before it, so each layer also absorbs the error upstream. Then
-`qat_steps` trains all binary layers at once against the float model's outputs
-(`optim.binary_qat`; kept only if the held-out output error falls). Numerics: lossy; each
+`qat_steps` trains all binary layers at once against the original model's outputs, as
+`optimize` recorded them before the first pass (`optim.binary_qat`; kept only if the held-out
+output error falls). Numerics: lossy; each
 layer's held-out SQNR before and after distillation, and the end-to-end output error before and
 after training, are reported.
 """
@@ -64,7 +65,7 @@ class BinarizeConfig:
 
 
 @register_pass("binarize", config=BinarizeConfig, numerics=Lossy("cosine_min", 0.0),
-               requires=("cleanup",), expects=("linear_binary",))
+               requires=("cleanup",), expects=("linear_binary",), teacher=True)
 def binarize(gm: torch.fx.GraphModule, cfg: BinarizeConfig, ctx: PassContext) -> None:
     """Binarize block linears (sign × scale weights; binary activations on packed kernels)."""
     chosen = []
@@ -82,7 +83,10 @@ def binarize(gm: torch.fx.GraphModule, cfg: BinarizeConfig, ctx: PassContext) ->
             chosen.append(n)
     batches = ctx.calibration or [ctx.example_inputs]
     reference = input_rows(gm, chosen, batches, limit=cfg.rows)  # the float model's inputs
-    teacher = {id(b): run(gm, b) for b in batches} if cfg.qat_steps else {}  # float outputs
+    teacher = {}  # the original model's outputs (recorded by optimize), else this graph's
+    if cfg.qat_steps:
+        teacher = ctx.teacher if all(id(b) in ctx.teacher for b in batches) else \
+            {id(b): run(gm, b) for b in batches}
     layers, magnitudes = [], {}
     for n in chosen:  # graph order: each layer sees the binarized layers before it
         w_node, b_node = weight_and_bias(n)

@@ -113,7 +113,8 @@ def linearize_attention(gm: torch.fx.GraphModule, cfg: LinearizeAttentionConfig,
             continue
         data = [_layer_sample(s, q, k, v, mask if padded else None) for s in samples]
         if cfg.method in ("hedgehog", "ecoformer"):
-            fit_fn = feature_fit.fit_hedgehog if cfg.method == "hedgehog" else feature_fit.fit_ecoformer
+            fit_fn = (feature_fit.fit_hedgehog if cfg.method == "hedgehog"
+                      else feature_fit.fit_ecoformer)
             fitted, fit = fit_fn(data, causal, float(scale), _features(cfg, shape(q)),
                                  cfg.fit_steps, cfg.fit_lr, ctx.seed + len(layers))
             params.update(fitted)
