@@ -1,29 +1,93 @@
-"""torch backend: runs the rewritten FX graph eagerly (optim's ops run their CPU kernels)."""
+"""torch backend: runs the rewritten FX graph eagerly (optim's ops run their CPU kernels).
+
+By default on the CPU in fp32, on the graph itself. With `device="cuda"` (and optionally
+`dtype="float16"`/`"bfloat16"`) it runs a copy of the graph on the GPU; in fp16/bf16 the linears
+`prune_weights` masked 2:4 run on sparse tensor cores (`semi_structured`). Calls take and return
+CPU tensors, as every backend's do.
+"""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.fx
+from torch.utils import _pytree as pytree
 
+from optim.errors import BackendError
 from optim.ir import op_histogram
 from optim.registry import BACKENDS
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
 
 class TorchArtifact:
-    def __init__(self, gm: torch.fx.GraphModule):
-        self.gm = gm
+    def __init__(self, gm: torch.fx.GraphModule, device: str = "cpu", dtype: str = "float32",
+                 sparse: dict | None = None):
+        self.gm, self.device, self.dtype, self.sparse = gm, torch.device(device), dtype, sparse
+
+    def to_device(self, tree):
+        """Inputs as the graph runs them: on its device, floating tensors in its dtype."""
+        dt = DTYPES[self.dtype]
+        return pytree.tree_map_only(
+            torch.Tensor, lambda t: t.to(self.device, dt if t.is_floating_point() else None), tree)
 
     def __call__(self, *args, **kwargs):
         with torch.inference_mode():
-            return self.gm(*args, **kwargs)
+            if self.device.type == "cpu" and self.dtype == "float32":
+                return self.gm(*args, **kwargs)
+            args, kwargs = self.to_device((args, kwargs))
+            out = self.gm(*args, **kwargs)
+            return pytree.tree_map_only(
+                torch.Tensor, lambda t: t.cpu().float() if t.is_floating_point() else t.cpu(), out)
 
     def info(self) -> dict:
+        where = (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
+                 else "cpu")
         return {"runtime": f"torch {torch.__version__}", "threads": torch.get_num_threads(),
-                "ops": op_histogram(self.gm)}
+                "device": where, "dtype": self.dtype, "ops": op_histogram(self.gm),
+                **({"semi_structured_2_4": self.sparse} if self.sparse is not None else {})}
 
 
-def lower(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> TorchArtifact:
-    return TorchArtifact(gm)
+def lower(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, *, device: str = "cpu",
+          dtype: str = "float32") -> TorchArtifact:
+    """`device`: "cpu" or "cuda"; `dtype`: float32, float16 or bfloat16 for the weights and
+    floating inputs (anything but CPU fp32 runs on a copy of the graph)."""
+    if dtype not in DTYPES:
+        raise BackendError(f"torch backend: dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    dev = torch.device(device)
+    if dev.type not in ("cpu", "cuda"):
+        raise BackendError(f"torch backend: device {device!r} must be 'cpu' or 'cuda'")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BackendError("torch backend: device 'cuda' was asked for but this PyTorch sees no "
+                           "CUDA GPU (a CPU-only build, or no driver); use device='cpu'")
+    if dev.type == "cpu" and dtype == "float32":
+        return TorchArtifact(gm)
+    run = copy.deepcopy(gm).to(dev)
+    run = run.to(DTYPES[dtype])
+    _retarget(run, DTYPES[dtype], dev)
+    sparse = None
+    if dev.type == "cuda" and dtype != "float32":
+        from backends.semi_structured import convert
+
+        sparse = convert(run)
+    return TorchArtifact(run, device, dtype, sparse)
+
+
+def _retarget(gm: torch.fx.GraphModule, dtype: torch.dtype, device: torch.device) -> None:
+    """Casts and factories traced in fp32 on the CPU (`_to_copy(dtype=float32)`,
+    `full(..., dtype=float32, device=cpu)`: RoPE tables, mask fills) produce `dtype` on `device`
+    instead, or they would mix precisions and devices the ops after them reject."""
+    def swap(a):
+        if a is torch.float32:
+            return dtype
+        return device if isinstance(a, torch.device) and a.type == "cpu" else a
+
+    for n in gm.graph.nodes:
+        if n.op == "call_function":
+            n.args = tuple(swap(a) for a in n.args)
+            n.kwargs = {k: swap(v) for k, v in n.kwargs.items()}
+    gm.recompile()
 
 
 BACKENDS.add("torch", lower)

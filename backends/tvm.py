@@ -42,17 +42,28 @@ def host_target() -> dict:
             "num-cores": len(os.sched_getaffinity(0))}
 
 
+def save_executable(executable, params: list, directory) -> dict:
+    """Write a compiled Relax executable (a shared library) and its weights (safetensors, in
+    call order) into `directory`; the manifest entries `TvmArtifact.load_from` reads."""
+    from safetensors.numpy import save_file
+
+    executable.export_library(str(directory / "model.so"))
+    save_file({f"p{i}": np.ascontiguousarray(p) for i, p in enumerate(params)},
+              str(directory / "params.safetensors"))
+    return {"artifact": "model.so", "params": "params.safetensors"}
+
+
 class TvmArtifact:
     def __init__(self, executable, params: list, target: dict, in_spec=None, out_spec=None,
                  compile_s: float = 0.0, schedule: str = "untuned", tuning: dict | None = None):
         import tvm
-        from tvm import relax
+        from tvm.runtime.vm import VirtualMachine  # the runtime's: no compiler needed to run
 
         self.executable, self.target = executable, target
         self.in_spec, self.out_spec = in_spec, out_spec
         self.compile_s, self.schedule, self.tuning = compile_s, schedule, tuning or {}
-        self.device = tvm.cpu()
-        self.vm = relax.VirtualMachine(executable, self.device)
+        self.device = tvm.cuda(0) if target.get("kind") == "cuda" else tvm.cpu()
+        self.vm = VirtualMachine(executable, self.device)
         self.raw_params = [np.ascontiguousarray(p) for p in params]
         self.params = [tvm.runtime.tensor(p, self.device) for p in self.raw_params]
         try:
@@ -62,7 +73,8 @@ class TvmArtifact:
         if transform is not None:  # weight-only work (transposes) lifted out of `main`: run once
             self.params = list(transform(self.params))
 
-    def __call__(self, *args, **kwargs):
+    def device_inputs(self, args: tuple, kwargs: dict) -> list:
+        """The call's tensor inputs, in the compiled function's order, on the artifact's device."""
         import tvm
 
         if self.in_spec is not None:
@@ -71,21 +83,18 @@ class TvmArtifact:
             flat = list(tree_flatten_spec((args, kwargs), self.in_spec))
         else:
             flat = list(args) + list(kwargs.values())
-        inputs = [tvm.runtime.tensor(t.detach().cpu().contiguous().numpy(), self.device)
-                  for t in flat if isinstance(t, torch.Tensor)]
-        out = self.vm["main"](*inputs, *self.params)
+        return [tvm.runtime.tensor(t.detach().cpu().contiguous().numpy(), self.device)
+                for t in flat if isinstance(t, torch.Tensor)]
+
+    def __call__(self, *args, **kwargs):
+        out = self.vm["main"](*self.device_inputs(args, kwargs), *self.params)
         leaves = [torch.from_numpy(o.numpy()) for o in _leaves(out)]
         return pytree.tree_unflatten(leaves, self.out_spec) if self.out_spec else tuple(leaves)
 
     def save_to(self, directory) -> dict:
         """Write the compiled library and the weights (safetensors, in call order)."""
-        from safetensors.numpy import save_file
-
-        self.executable.export_library(str(directory / "model.so"))
-        save_file({f"p{i}": p for i, p in enumerate(self.raw_params)},
-                  str(directory / "params.safetensors"))
-        return {"artifact": "model.so", "params": "params.safetensors", "target": self.target,
-                "schedule": self.schedule, "tuning": self.tuning,
+        return {**save_executable(self.executable, self.raw_params, directory),
+                "target": self.target, "schedule": self.schedule, "tuning": self.tuning,
                 "compile_seconds": self.compile_s}
 
     @classmethod
@@ -174,58 +183,6 @@ def lower(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, *, tune: bool = F
     return TvmArtifact(ex, flat_params, target, info.in_spec if info else None,
                        info.out_spec if info else None, time.perf_counter() - t0,
                        schedule=tuning["state"], tuning=tuning)
-
-
-def build_cuda(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, arch: str) -> dict:
-    """CUDA code for a GPU target: dlight's GPU rules (matmul, GEMV, reduction, general
-    fallback) schedule every kernel; nvcc compiles them for `arch` when it is installed. The
-    kernels cannot run here (no GPU); the result carries the generated source."""
-    import hashlib
-    import shutil
-
-    import tvm
-    from tvm import relax
-    from tvm.s_tir import dlight as dl
-
-    t0 = time.perf_counter()
-    mod, _ = to_relax(gm, args, kwargs)
-    target = {"kind": "cuda", "arch": arch, "max_threads_per_block": 1024,
-              "max_shared_memory_per_block": 49152, "thread_warp_size": 32}
-    tgt = tvm.target.Target(target, host=host_target())
-    with tgt:
-        mod = relax.get_pipeline("zero")(mod)
-        mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
-                                      dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
-    nvcc = shutil.which("nvcc")
-    original = tvm.get_global_func("tvm_callback_cuda_compile", True)
-    try:
-        if not nvcc:  # no CUDA compiler: keep the generated source, skip the PTX step
-            tvm.register_global_func("tvm_callback_cuda_compile", lambda code, target: code,
-                                     override=True)
-        source = _cuda_source(tvm.compile(mod, target=tgt))
-    except Exception as e:
-        raise BackendError(f"CUDA build for {arch} failed: {type(e).__name__}: "
-                           f"{str(e)[:400]}") from e
-    finally:
-        if not nvcc and original is not None:
-            tvm.register_global_func("tvm_callback_cuda_compile", original, override=True)
-    return {"target": target, "compiled": bool(nvcc), "compiler": nvcc or "none (source only)",
-            "kernels": source.count("__global__"), "source_bytes": len(source),
-            "source_sha256": hashlib.sha256(source.encode()).hexdigest(), "source": source,
-            "ran": False, "compile_seconds": round(time.perf_counter() - t0, 2)}
-
-
-def _cuda_source(ex) -> str:
-    from tvm import relax
-
-    lib = ex.mod if isinstance(ex, relax.VMExecutable) else ex
-    stack = [lib]
-    while stack:
-        m = stack.pop()
-        if "cuda" in str(m.kind):
-            return m.inspect_source()
-        stack += list(m.imports)
-    raise BackendError("the build produced no CUDA module")
 
 
 class _TensorsOnly(torch.nn.Module):

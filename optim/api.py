@@ -47,6 +47,7 @@ class OptimizedModel:
         self.example = example  # the (args, kwargs) it was traced with
         self.stages = stages or {}  # kernels after capture and after each pass (cost model)
         self.cuda_source: str | None = None  # tvm backend on a GPU target: the generated CUDA
+        self.cuda_build = None  # ... and the build itself (backends.tvm_cuda.CudaBuild)
         self._widths: dict = {}  # nested width -> artifact (dynamic_width)
         self.width_plan: dict | None = None  # dynamic_width's plan, when not the report's
 
@@ -312,10 +313,14 @@ def optimize(model: torch.nn.Module, target: str = "cpu", example_inputs: Any = 
     lower_s = time.perf_counter() - t0
     cuda = None
     if backend_name == "tvm" and load_spec(target).cuda_arch:
-        from backends.tvm import build_cuda
+        from backends import tvm_cuda
 
         say(f"generating CUDA code for {target} ({load_spec(target).cuda_arch})")
-        cuda = build_cuda(gm, args, kwargs, load_spec(target).cuda_arch)
+        cuda = tvm_cuda.build_cuda(gm, args, kwargs, load_spec(target).cuda_arch)
+        if cuda.executable is not None and tvm_cuda.gpu_available():
+            say("running the CUDA build on this machine's GPU")
+            cuda.info.update(tvm_cuda.run_on_gpu(cuda.artifact(), args, kwargs, refs[0],
+                                                 _token_mask(kwargs)))
 
     with torch.inference_mode():
         outs = [artifact(*a, **k) for a, k in evals]
@@ -356,6 +361,9 @@ def optimize(model: torch.nn.Module, target: str = "cpu", example_inputs: Any = 
                  "target": target,
                  "median_ms": main_est["bound_ms"],
                  "by": "datasheet peaks and bandwidth at 100%, no overhead: a lower bound"}]
+    if cuda is not None and cuda.info["ran"]:
+        latency.append({"label": f"optimized @ {target} (measured: TVM CUDA, this machine's GPU)",
+                        "backend": "tvm cuda", **cuda.info["latency"]})
 
     report = Report({
         "schema": "optim.report/1",
@@ -370,8 +378,7 @@ def optimize(model: torch.nn.Module, target: str = "cpu", example_inputs: Any = 
         "backend": {"name": backend_name, "lower_seconds": round(lower_s, 3),
                     **({"chosen_because": tgt.backend_reason} if backend is None else {}),
                     **getattr(artifact, "info", lambda: {})(),
-                    **({"cuda": {k: v for k, v in cuda.items() if k != "source"}}
-                       if cuda else {})},
+                    **({"cuda": cuda.info} if cuda else {})},
         "pipeline": pipe.to_list(),
         "passes": [{**r.to_dict(), "numerics": s.spec.numerics.describe(),
                     "fidelity": r.details.pop("fidelity", None)}
@@ -389,7 +396,8 @@ def optimize(model: torch.nn.Module, target: str = "cpu", example_inputs: Any = 
     if warnings and fidelity_budget and fidelity_budget.get("enforce", True):
         raise NumericsError("fidelity budget not met: " + "; ".join(warnings))
     om = OptimizedModel(artifact, report, gm, (args, kwargs), stages)
-    om.cuda_source = cuda["source"] if cuda else None
+    om.cuda_source = cuda.source if cuda else None
+    om.cuda_build = cuda
     return om
 
 

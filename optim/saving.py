@@ -61,9 +61,13 @@ def save(om, directory: Path) -> Path:
             # the width plan names FX nodes; export renames them, so keep the names in order
             manifest["graph_nodes"] = [[n.name, str(n.target)] for n in om.graph.graph.nodes
                                        if n.op == "call_function"]
-        if getattr(om, "cuda_source", None):  # generated for a GPU target, not runnable here
+        if getattr(om, "cuda_source", None):  # generated for a GPU target
             (tmp / "kernels.cu").write_text(om.cuda_source)
             manifest["cuda_source"] = "kernels.cu"
+        build = getattr(om, "cuda_build", None)
+        if build is not None and build.executable is not None:  # runnable on a GPU machine
+            (tmp / "cuda").mkdir()
+            manifest["cuda"] = {"directory": "cuda", **build.save_to(tmp / "cuda")}
         om.report.save(tmp / "report.json")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         if directory.exists():

@@ -1,0 +1,392 @@
+"""GPU checks, run on a lent NVIDIA machine in one call: TVM's CUDA build of a MiniLM-shaped BERT
+(numerics against PyTorch, latency next to the cost model's estimate), 2:4 semi-structured sparse
+GEMMs against dense ones (per shape, and end to end through optim's torch backend), the chip's
+measured ceilings, and eager PyTorch latencies of zoo models that the cost model is scored on.
+
+Three steps; the GPU machine has PyTorch but not TVM's 260 MB compiler, so the CUDA library is
+built here and only TVM's runtime travels:
+
+    python benchmarks/gpu_check.py prepare             # here: build, references, estimates
+    python benchmarks/gpu_check.py device --out DIR     # there: runs everything, writes JSON
+    python benchmarks/gpu_check.py report               # here: tables and the calibration fit
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE.parent))
+WORK = HERE.parent / ".gpu" / "work"
+DATA = HERE / "gpu_check.json"
+# all-MiniLM-L6-v2's shape; vocab cut to 1024 so the weights travel (the gather's cost is the same)
+MINILM_SHAPE = {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
+                "intermediate_size": 1536, "vocab_size": 1024}
+TVM_BATCH, TVM_SEQ = 8, 128
+# (zoo name, config overrides, batch, seq): eager PyTorch on the GPU, scored by the cost model
+COST_CONFIGS = [
+    ("bert", MINILM_SHAPE, 8, 128),
+    ("bert", MINILM_SHAPE, 64, 128),
+    ("bert", {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+              "intermediate_size": 3072, "vocab_size": 8000}, 32, 128),
+    ("bert", {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+              "intermediate_size": 3072, "vocab_size": 8000}, 8, 512),
+    ("gpt2", {"n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 8000,
+              "n_positions": 1024}, 8, 256),
+    ("gpt2", {"n_embd": 1536, "n_layer": 8, "n_head": 12, "vocab_size": 8000}, 1, 4),
+    ("llama", {"hidden_size": 2048, "num_hidden_layers": 8, "num_attention_heads": 16,
+               "num_key_value_heads": 4, "intermediate_size": 5632, "vocab_size": 8000}, 4, 512),
+    ("llama", {"hidden_size": 2048, "num_hidden_layers": 8, "num_attention_heads": 16,
+               "num_key_value_heads": 4, "intermediate_size": 5632, "vocab_size": 8000}, 1, 4),
+    ("vit", {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+             "intermediate_size": 3072, "image_size": 224, "patch_size": 16}, 32, 0),
+]
+# (tokens, in, out): MiniLM FFN, BERT-base FFN, Llama-7B projections, one decode-sized GEMM
+SPARSE_SHAPES = [(1024, 384, 1536), (1024, 1536, 384), (4096, 768, 3072), (4096, 3072, 768),
+                 (8192, 4096, 4096), (8192, 4096, 11008), (8192, 11008, 4096), (16, 4096, 4096)]
+E2E = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+       "intermediate_size": 3072, "vocab_size": 8000}
+
+
+def _zoo(name, overrides, batch, seq):
+    from optim import zoo
+
+    o = dict(overrides)
+    if name == "vit":
+        return zoo.load("vit", batch=batch, **o)
+    return zoo.load(name, batch=batch, seq=seq, **o)
+
+
+# ---------------------------------------------------------------- here: prepare
+
+
+def prepare(work: Path) -> None:
+    """The MiniLM-shaped BERT with weights rounded to fp16 (they travel as fp16 and are widened
+    to the same fp32 values there), its TVM CUDA build for sm_90, inputs, PyTorch's outputs, and
+    the cost model's h200 estimates of its graph."""
+    import torch
+    from safetensors.numpy import save_file
+
+    from backends import tvm_cuda
+    from hardware.estimate import estimate
+    from hardware.spec import load_spec
+    from optim.ir import capture
+
+    work.mkdir(parents=True, exist_ok=True)
+    z = _zoo("bert", MINILM_SHAPE, TVM_BATCH, TVM_SEQ)
+    with torch.no_grad():
+        for p in z.model.parameters():
+            p.copy_(p.half().float())
+        ref = z.model(*z.example_args, **z.example_kwargs)
+    cap = capture(z.model, z.example_args, z.example_kwargs)
+    build = tvm_cuda.build_cuda(cap.gm, z.example_args, z.example_kwargs,
+                                load_spec("h200").cuda_arch)
+    d = work / "tvm_minilm"
+    d.mkdir(exist_ok=True)
+    manifest = build.save_to(d)
+    # weights travel as fp16 (exact: they were rounded above); `device` widens them back
+    save_file({f"p{i}": p.astype("float16") for i, p in enumerate(build.params)},
+              str(d / "params_fp16.safetensors"))
+    (d / "params.safetensors").unlink()
+    from torch.utils._pytree import treespec_dumps
+
+    info = cap.gm._graph._codegen.pytree_info
+    manifest.update(in_spec=treespec_dumps(info.in_spec), out_spec=treespec_dumps(info.out_spec),
+                    kernels=build.info["kernels"], source_sha256=build.info["source_sha256"])
+    (d / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    torch.save({"args": z.example_args, "kwargs": z.example_kwargs,
+                "ref": ref.last_hidden_state}, d / "io.pt")
+    est = {p: estimate(cap.gm, "h200", precision=p, backend="torch").seconds * 1e3
+           for p in ("fp32", "fp16")}
+    meta = {"model": f"BERT {MINILM_SHAPE} (random weights, fp16-rounded), batch {TVM_BATCH} x "
+                     f"seq {TVM_SEQ}", "estimate_ms_h200": est,
+            "build": {k: v for k, v in build.info.items()}}
+    (work / "meta.json").write_text(json.dumps(meta, indent=1))
+    size = sum(f.stat().st_size for f in d.iterdir())
+    print(f"prepared {d} ({size / 1e6:.1f} MB), estimates {est}")
+
+
+# ---------------------------------------------------------------- there: device
+
+
+def _timer(fn, warmup=3, reps=20):
+    """Median milliseconds of `fn` over `reps` calls, timed by CUDA events, after warm-up."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b))
+    ts.sort()
+    return {"median_ms": ts[len(ts) // 2], "p10_ms": ts[len(ts) // 10],
+            "p90_ms": ts[(9 * len(ts)) // 10], "runs": reps}
+
+
+def _env() -> dict:
+    import torch
+
+    p = torch.cuda.get_device_properties(0)
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.sm,clocks.mem,"
+                          "clocks.max.sm,power.draw,temperature.gpu", "--format=csv"],
+                         capture_output=True, text=True).stdout.strip()
+    try:
+        import torch.backends.cusparselt as csl
+        cusparselt = csl.version() if csl.is_available() else None
+    except Exception:
+        cusparselt = None
+    return {"device": p.name, "sms": p.multi_processor_count,
+            "memory_gb": round(p.total_memory / 1e9, 1), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "cusparselt": cusparselt, "nvidia_smi": smi,
+            "python": sys.version.split()[0]}
+
+
+def _ceilings() -> dict:
+    import torch
+
+    out = {}
+    n = 1 << 28  # 1 GiB of fp32 each way
+    x, y = torch.randn(n, device="cuda"), torch.empty(n, device="cuda")
+    t = _timer(lambda: y.copy_(x))
+    out["copy_gbs"] = 2 * n * 4 / (t["median_ms"] / 1e3) / 1e9
+    for name, dtype, tf32 in (("fp16", torch.float16, False), ("bf16", torch.bfloat16, False),
+                              ("fp32", torch.float32, False), ("tf32", torch.float32, True)):
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+        b = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+        t = _timer(lambda: a @ b, reps=10)
+        out[f"gemm_{name}_tflops"] = 2 * 8192 ** 3 / (t["median_ms"] / 1e3) / 1e12
+    torch.backends.cuda.matmul.allow_tf32 = False
+    s = torch.zeros(256, device="cuda")
+    for _ in range(100):
+        s.add_(1)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(2000):
+        s.add_(1)
+    torch.cuda.synchronize()
+    out["eager_op_us"] = (time.perf_counter() - t0) / 2000 * 1e6
+    return out
+
+
+def _sparse_shapes() -> list:
+    import torch
+    import torch.nn.functional as F
+    from torch.sparse import to_sparse_semi_structured
+
+    rows = []
+    for tokens, k, n in SPARSE_SHAPES:
+        w = torch.randn(n, k, device="cuda", dtype=torch.float16)
+        g = w.reshape(n, -1, 4)
+        keep = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, g.abs().topk(2, -1).indices, True)
+        w = (g * keep).reshape(n, k)
+        x = torch.randn(tokens, k, device="cuda", dtype=torch.float16)
+        ws = to_sparse_semi_structured(w)
+        dense, sparse = F.linear(x, w), F.linear(x, ws)
+        err = float((sparse.float() - dense.float()).norm() / dense.float().norm())
+        td = _timer(lambda: F.linear(x, w))
+        ts = _timer(lambda: F.linear(x, ws))
+        rows.append({"tokens": tokens, "in": k, "out": n, "dense_ms": td["median_ms"],
+                     "sparse_ms": ts["median_ms"], "speedup": td["median_ms"] / ts["median_ms"],
+                     "rel_error": err, "dense_tflops": 2 * tokens * k * n / td["median_ms"] / 1e9,
+                     "kernel": type(ws).__name__})
+    return rows
+
+
+def _sparse_end_to_end() -> dict:
+    """BERT-base shape, batch 32 x 128: optim's torch backend on the GPU in fp16, the 2:4 pruned
+    graph with semi-structured weights against the same graph dense (masked zeros kept) and the
+    unpruned model, timed interleaved on GPU-resident inputs."""
+    import copy
+
+    import torch
+
+    import optim
+
+    z = _zoo("bert", E2E, 32, 128)
+    opts = {"backend": "torch", "backend_options": {"device": "cuda", "dtype": "float16"},
+            "example_kwargs": z.example_kwargs, "measure_latency": False}
+    dense = optim.optimize(copy.deepcopy(z.model), "h200", z.example_args, "cleanup", **opts)
+    pruned = optim.optimize(copy.deepcopy(z.model), "h200", z.example_args,
+                            "cleanup,prune_weights", prune_weights={"pattern": "2:4"}, **opts)
+    masked = optim.optimize(copy.deepcopy(z.model), "h200", z.example_args,
+                            "cleanup,prune_weights", prune_weights={"pattern": "2:4"},
+                            **{**opts, "backend_options": {"device": "cuda", "dtype": "float32"}})
+    masked_fp16 = copy.deepcopy(masked.artifact.gm).half()  # the same zeros, dense fp16 GEMMs
+    from backends.pytorch import _retarget
+
+    _retarget(masked_fp16, torch.float16, torch.device("cuda"))
+    art = pruned.artifact
+    args, kwargs = art.to_device((z.example_args, z.example_kwargs))
+    times = {}
+    with torch.inference_mode():
+        for name, gm in (("dense fp16", dense.artifact.gm), ("2:4 masked, dense fp16", masked_fp16),
+                         ("2:4 semi-structured fp16", art.gm)):
+            times[name] = _timer(lambda gm=gm: gm(*args, **kwargs))
+        same = float((art.gm(*args, **kwargs).last_hidden_state.float()
+                      - masked_fp16(*args, **kwargs).last_hidden_state.float()).norm()
+                     / masked_fp16(*args, **kwargs).last_hidden_state.float().norm())
+    base = times["dense fp16"]["median_ms"]
+    return {"model": f"BERT {E2E}, batch 32 x 128", "times": times,
+            "speedup_vs_dense": {k: base / v["median_ms"] for k, v in times.items()},
+            "semi_structured": art.sparse,
+            "fidelity_pruned_vs_original": pruned.report["fidelity"]["outputs"],
+            "fidelity_dense_fp16_vs_original": dense.report["fidelity"]["outputs"],
+            "sparse_vs_masked_dense_rel_error": same}
+
+
+def _tvm_cuda(work: Path) -> dict:
+    import torch
+    from safetensors.numpy import load_file, save_file
+    from torch.utils._pytree import treespec_loads
+
+    import transformers.modeling_outputs  # noqa: F401  (registers the output pytree)
+    from backends import tvm_cuda
+
+    d = work / "tvm_minilm"
+    manifest = json.loads((d / "manifest.json").read_text())
+    save_file({k: v.astype("float32") for k, v in
+               load_file(str(d / "params_fp16.safetensors")).items()},
+              str(d / "params.safetensors"))
+    io = torch.load(d / "io.pt", weights_only=False)
+    if not tvm_cuda.gpu_available():  # say why TVM's CUDA runtime did not load
+        import ctypes
+
+        import tvm.base
+
+        lib = Path(tvm.base._LOADED_LIBS["tvm_runtime"]._name).parent / "libtvm_runtime_cuda.so"
+        try:
+            ctypes.CDLL(str(lib))
+            why = "its CUDA runtime loads, but it sees no device"
+        except OSError as e:
+            why = str(e)
+        raise RuntimeError(f"TVM sees no GPU: {why}")
+    t0 = time.perf_counter()
+    art = tvm_cuda.load_cuda(d, manifest, treespec_loads(manifest["in_spec"]),
+                             treespec_loads(manifest["out_spec"]))
+    load_s = time.perf_counter() - t0
+    got = tvm_cuda.run_on_gpu(art, io["args"], io["kwargs"], io["ref"],
+                              io["kwargs"]["attention_mask"])
+    out = art(*io["args"], **io["kwargs"]).last_hidden_state
+    keep = io["kwargs"]["attention_mask"].bool()
+    rel = float((out[keep] - io["ref"][keep]).norm() / io["ref"][keep].norm())
+    # eager PyTorch on the same GPU, same shape (random weights: latency only)
+    z = _zoo("bert", MINILM_SHAPE, TVM_BATCH, TVM_SEQ)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    eager = {}
+    for name, dt in (("torch eager fp32", torch.float32), ("torch eager fp16", torch.float16)):
+        m = z.model.to("cuda", dt)
+        kw = {k: v.cuda() for k, v in z.example_kwargs.items()}
+        with torch.inference_mode():
+            eager[name] = _timer(lambda m=m: m(**kw))
+    return {"load_seconds": load_s, "ran": got["ran"], "fidelity": got["fidelity"],
+            "rel_error": rel, "tvm_cuda": got["latency"], "eager": eager,
+            "tvm_version": __import__("tvm").__version__}
+
+
+def _cost_configs() -> list:
+    import torch
+
+    rows = []
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for name, o, batch, seq in COST_CONFIGS:
+        z = _zoo(name, o, batch, seq)
+        for label, dt in (("fp16", torch.float16), ("fp32", torch.float32)):
+            m = z.model.to("cuda", dt)
+            conv = lambda t: t.to("cuda", dt if t.is_floating_point() else None)  # noqa: E731
+            args = tuple(conv(a) for a in z.example_args)
+            kw = {k: conv(v) if isinstance(v, torch.Tensor) else v
+                  for k, v in z.example_kwargs.items()}
+            with torch.inference_mode():
+                t = _timer(lambda: m(*args, **kw), warmup=3, reps=15)
+            rows.append({"family": name, "config": o, "batch": batch, "seq": seq,
+                         "precision": label, **t})
+            print(f"  {name} b={batch} s={seq} {label}: {t['median_ms']:.3f} ms", flush=True)
+        del z
+        torch.cuda.empty_cache()
+    return rows
+
+
+def device(work: Path, out: Path) -> int:
+    import torch
+
+    out.mkdir(parents=True, exist_ok=True)
+    if not torch.cuda.is_available():
+        print("no CUDA GPU visible to PyTorch", file=sys.stderr)
+        return 2
+    res: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    stages = [("env", _env), ("ceilings", _ceilings), ("tvm_cuda", lambda: _tvm_cuda(work)),
+              ("sparse_shapes", _sparse_shapes), ("sparse_end_to_end", _sparse_end_to_end),
+              ("cost_configs", _cost_configs)]
+    for name, fn in stages:
+        t0 = time.perf_counter()
+        print(f"== {name}", flush=True)
+        try:
+            res[name] = fn()
+        except Exception:
+            res[name] = {"error": traceback.format_exc()[-3000:]}
+            print(res[name]["error"], flush=True)
+        res.setdefault("stage_seconds", {})[name] = round(time.perf_counter() - t0, 1)
+        (out / "gpu_check.json").write_text(json.dumps(res, indent=1, default=str))
+    _summary(res)
+    return 0
+
+
+def _summary(res: dict) -> None:
+    c = res.get("ceilings", {})
+    if "copy_gbs" in c:
+        print(f"copy {c['copy_gbs']:.0f} GB/s; GEMM fp16 {c['gemm_fp16_tflops']:.0f} "
+              f"bf16 {c['gemm_bf16_tflops']:.0f} tf32 {c['gemm_tf32_tflops']:.0f} "
+              f"fp32 {c['gemm_fp32_tflops']:.1f} TFLOP/s; eager op {c['eager_op_us']:.1f} us")
+    t = res.get("tvm_cuda", {})
+    if "tvm_cuda" in t:
+        print(f"TVM CUDA: rel err {t['rel_error']:.2e}, {t['tvm_cuda']['median_ms']:.3f} ms; "
+              + ", ".join(f"{k} {v['median_ms']:.3f} ms" for k, v in t["eager"].items()))
+    for r in res.get("sparse_shapes", []) if isinstance(res.get("sparse_shapes"), list) else []:
+        print(f"2:4 {r['tokens']}x{r['in']}->{r['out']}: dense {r['dense_ms']:.3f} ms, sparse "
+              f"{r['sparse_ms']:.3f} ms, {r['speedup']:.2f}x, err {r['rel_error']:.1e}")
+    e = res.get("sparse_end_to_end", {})
+    if "speedup_vs_dense" in e:
+        print("end to end:", {k: round(v, 3) for k, v in e["speedup_vs_dense"].items()},
+              e["semi_structured"]["converted"], "converted")
+    print("stage seconds:", res.get("stage_seconds"))
+
+
+# ---------------------------------------------------------------- here: report
+
+
+def report(data: Path, work: Path) -> None:
+    print(json.dumps(json.loads(data.read_text()), indent=1)[:4000])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("step", choices=("prepare", "device", "report"))
+    ap.add_argument("--work", type=Path, default=WORK)
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/gpu_out")))
+    ap.add_argument("--data", type=Path, default=DATA)
+    a = ap.parse_args()
+    if a.step == "prepare":
+        prepare(a.work)
+    elif a.step == "device":
+        return device(a.work, a.out)
+    else:
+        report(a.data, a.work)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
