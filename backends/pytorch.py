@@ -50,9 +50,16 @@ class TorchArtifact:
 
 
 def lower(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, *, device: str = "cpu",
-          dtype: str = "float32") -> TorchArtifact:
+          dtype: str = "float32", semi_structured: str = "auto") -> TorchArtifact:
     """`device`: "cpu" or "cuda"; `dtype`: float32, float16 or bfloat16 for the weights and
-    floating inputs (anything but CPU fp32 runs on a copy of the graph)."""
+    floating inputs (anything but CPU fp32 runs on a copy of the graph); `semi_structured`
+    (CUDA, fp16/bf16): 2:4 linears run sparse where measured faster ("auto"), wherever a sparse
+    kernel takes them ("always"), or never."""
+    from backends.semi_structured import MODES, convert
+
+    if semi_structured not in MODES:
+        raise BackendError(f"torch backend: semi_structured {semi_structured!r} is not one of "
+                           f"{MODES}")
     if dtype not in DTYPES:
         raise BackendError(f"torch backend: dtype {dtype!r} is not one of {sorted(DTYPES)}")
     dev = torch.device(device)
@@ -68,9 +75,7 @@ def lower(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, *, device: str = 
     _retarget(run, DTYPES[dtype], dev)
     sparse = None
     if dev.type == "cuda" and dtype != "float32":
-        from backends.semi_structured import convert
-
-        sparse = convert(run)
+        sparse = convert(run, semi_structured)
     return TorchArtifact(run, device, dtype, sparse)
 
 

@@ -10,6 +10,7 @@ runs the code, checks it against the PyTorch outputs and times it with TVM's tim
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import statistics
 import time
@@ -57,6 +58,7 @@ class CudaBuild:
         from backends.tvm import TvmArtifact
 
         _require_gpu()
+        _use_nvcc_at_load()
         return TvmArtifact(self.executable, self.params, self.info["target"], self.in_spec,
                            self.out_spec, self.info["compile_seconds"],
                            schedule="dlight GPU rules (untuned)")
@@ -80,28 +82,70 @@ def build_cuda(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, arch: str) -
         mod = relax.get_pipeline("zero")(mod)
         mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                       dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
-    nvcc = shutil.which("nvcc")
-    original = tvm.get_global_func("tvm_callback_cuda_compile", True)
     try:
-        if not nvcc:  # no CUDA compiler: keep the generated source, skip the PTX step
-            tvm.register_global_func("tvm_callback_cuda_compile", lambda code, target: code,
-                                     override=True)
         ex = tvm.compile(mod, target=tgt)
         source = _cuda_source(ex)
     except Exception as e:
         raise BackendError(f"CUDA build for {arch} failed: {type(e).__name__}: "
                            f"{str(e)[:400]}") from e
-    finally:
-        if not nvcc and original is not None:
-            tvm.register_global_func("tvm_callback_cuda_compile", original, override=True)
+    nvcc = shutil.which("nvcc")
+    binary = nvcc_compile(source, arch) if nvcc else b""  # proves the source compiles
     report = {"target": target, "host": PORTABLE_HOST, "compiled": bool(nvcc),
               "compiler": nvcc or "none (source only)", "kernels": source.count("__global__"),
-              "source_bytes": len(source),
+              "source_bytes": len(source), "fatbin_bytes": len(binary),
               "source_sha256": hashlib.sha256(source.encode()).hexdigest(), "ran": False,
               "compile_seconds": round(time.perf_counter() - t0, 2)}
     return CudaBuild(report, source, ex if nvcc else None,
                      [p.numpy() for p in params.get("main", [])],
                      info.in_spec if info else None, info.out_spec if info else None)
+
+
+def nvcc_compile(source: str, arch: str) -> bytes:
+    """CUDA C → a fatbin for `arch` (sm_XY) with nvcc, with the flags TVM's own nvcc path uses."""
+    import subprocess
+    import tempfile
+
+    cc = arch.removeprefix("sm_")
+    with tempfile.TemporaryDirectory(prefix="optim-nvcc-") as tmp:
+        src, out = Path(tmp) / "kernels.cu", Path(tmp) / "kernels.fatbin"
+        src.write_text(source)
+        cmd = ["nvcc", "--fatbin", "-O3", "-gencode", f"arch=compute_{cc},code=sm_{cc}",
+               "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+               "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+               "--expt-relaxed-constexpr", "--use_fast_math", "-o", str(out), str(src)]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode:
+            raise BackendError(f"nvcc could not compile the generated CUDA for {arch}: "
+                               f"{run.stderr[-800:]}")
+        return out.read_bytes()
+
+
+def _use_nvcc_at_load() -> None:
+    """TVM stores CUDA source in the built module and compiles it when the module is loaded,
+    through the global `tvm_callback_cuda_compile(code)`. TVM's own callback needs its compiler
+    library (and NVRTC's Python bindings); with TVM's runtime alone, nvcc does it here, for
+    this machine's GPU."""
+    import tvm
+    from tvm import base
+
+    if not base._RUNTIME_ONLY:
+        if not _has_nvrtc() and shutil.which("nvcc"):
+            os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
+        return
+    if not shutil.which("nvcc"):
+        raise BackendError("loading a CUDA build compiles its kernels, and with TVM's runtime "
+                           "alone that needs nvcc on PATH: install the CUDA toolkit")
+    arch = "sm_" + tvm.cuda(0).compute_version.replace(".", "")
+    tvm.register_global_func("tvm_callback_cuda_compile", lambda code: nvcc_compile(code, arch),
+                             override=True)
+
+
+def _has_nvrtc() -> bool:
+    try:
+        import cuda.bindings.nvrtc  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _cuda_source(ex) -> str:
@@ -158,6 +202,7 @@ def load_cuda(directory, manifest: dict, in_spec=None, out_spec=None):
     from backends.tvm import TvmArtifact
 
     _require_gpu()
+    _use_nvcc_at_load()
     return TvmArtifact.load_from(Path(directory), manifest, in_spec, out_spec)
 
 

@@ -14,4 +14,5 @@ export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linu
 nvidia-smi -L
 python3 benchmarks/gpu_check.py device --out "$OUT" 2>&1 | tee "$OUT/log.txt"
 # the GPU-marked tests that need no TVM compiler
-python3 -m pytest -q -m gpu tests/test_torch_backend.py -p no:cacheprovider 2>&1 | tail -5
+python3 -m pytest -q -m gpu tests/test_torch_backend.py -p no:cacheprovider >"$OUT/pytest.txt" 2>&1
+tail -3 "$OUT/pytest.txt"

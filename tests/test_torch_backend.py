@@ -12,8 +12,8 @@ from backends import semi_structured
 from optim.errors import BackendError
 
 
-def _opt(z, pipeline="cleanup", **kw):
-    return optim.optimize(copy.deepcopy(z.model), "cpu", z.example_args, pipeline,
+def _opt(z, pipeline="cleanup", target="cpu", **kw):
+    return optim.optimize(copy.deepcopy(z.model), target, z.example_args, pipeline,
                           example_kwargs=z.example_kwargs, backend="torch",
                           measure_latency=False, **kw)
 
@@ -39,6 +39,8 @@ def test_bad_device_or_dtype_is_refused_with_the_fix(zoo_model):
     z = zoo_model("bert")
     with pytest.raises(BackendError, match="dtype 'int8'"):
         _opt(z, backend_options={"dtype": "int8"})
+    with pytest.raises(BackendError, match="semi_structured 'yes'"):
+        _opt(z, backend_options={"semi_structured": "yes"})
     with pytest.raises(BackendError, match="must be 'cpu' or 'cuda'"):
         _opt(z, backend_options={"device": "mps"})
     if not torch.cuda.is_available():
@@ -76,16 +78,25 @@ def test_convert_keeps_unconvertible_linears_dense_and_says_why(zoo_model):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
-def test_2_4_linears_run_semi_structured_on_the_gpu():
+@pytest.mark.parametrize("mode", ["always", "auto"])
+def test_2_4_linears_run_semi_structured_on_the_gpu(mode):
     from optim import zoo
 
     z = zoo.load("bert", batch=4, seq=64, hidden_size=128, intermediate_size=512)
-    dense = _opt(z, "cleanup,prune_weights", prune_weights={"pattern": "2:4"},
+    opts = {"prune_weights": {"pattern": "2:4"}}
+    dense = _opt(z, "cleanup,prune_weights", "h100", **opts,
                  backend_options={"device": "cuda", "dtype": "float32"})
-    sparse = _opt(z, "cleanup,prune_weights", prune_weights={"pattern": "2:4"},
-                  backend_options={"device": "cuda", "dtype": "float16"})
+    sparse = _opt(z, "cleanup,prune_weights", "h100", **opts,
+                  backend_options={"device": "cuda", "dtype": "float16",
+                                   "semi_structured": mode})
     info = sparse.report["backend"]["semi_structured_2_4"]
-    assert info["converted"] > 0
+    marked = sum(r["density"] == 0.5 for r in sparse.report["passes"][1]["details"]["layers"])
+    assert info["converted"] + len(info["kept_dense"]) == marked > 0
+    assert info["timings"]  # every decision rests on a timing on this GPU
+    if mode == "always":
+        assert info["converted"] == marked
+    else:  # each linear left dense says what was measured
+        assert all(d["why"].startswith("measured slower") for d in info["kept_dense"])
     a = sparse(*z.example_args, **z.example_kwargs).last_hidden_state
     b = dense(*z.example_args, **z.example_kwargs).last_hidden_state
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
