@@ -31,8 +31,9 @@ def _with(cal: Calibration, x: np.ndarray) -> Calibration:
 
 
 def fit(spec: HardwareSpec, graphs: list[list[Kernel]], measured_s: list[float],
-        source: str) -> Calibration:
-    """Calibration minimising the log error of `estimate` over the given graphs."""
+        source: str, precisions: list[str] | None = None) -> Calibration:
+    """Calibration minimising the log error of `estimate` over the given graphs (each run in
+    its `precisions` entry, default the graph's own dtypes)."""
     from scipy.optimize import least_squares
 
     base = default_calibration(spec)
@@ -40,16 +41,20 @@ def fit(spec: HardwareSpec, graphs: list[list[Kernel]], measured_s: list[float],
                  base.mem_eff, max(base.b_half, 1e3), base.launch_s, 1.0, 0.1])
     y = np.log(measured_s)
 
+    prec = precisions or ["graph"] * len(graphs)
+
+    def predict(cal):
+        return [estimate_kernels(g, spec, cal, p).seconds for g, p in zip(graphs, prec)]
+
     def resid(x):
-        cal = _with(base, x)
-        return np.log([estimate_kernels(g, spec, cal).seconds for g in graphs]) - y
+        return np.log(predict(_with(base, x))) - y
 
     # bounds keep every parameter physical: efficiencies in (0, 1.2], positive fall-offs
     lo = np.log([1e-3, 1e-3, 0.5, 1e-2, 1e2, 1e-7, 0.05, 1e-3])
     hi = np.log([1.2, 1.2, 4096, 1.5, 1e9, 1e-3, 5.0, 1.0])
     res = least_squares(resid, np.clip(x0, lo + 1e-9, hi - 1e-9), bounds=(lo, hi))
     cal = _with(base, res.x)
-    train = score([estimate_kernels(g, spec, cal).seconds for g in graphs], measured_s)
+    train = score(predict(cal), measured_s)
     return replace(cal, source=source,
                    fit={"configs": len(graphs), "train": train,
                         "params": dict(zip(_PARAMS, map(float, np.exp(res.x))))})

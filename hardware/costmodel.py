@@ -125,7 +125,8 @@ def kernel_time(k: Kernel, spec: HardwareSpec, cal: Calibration,
         dtype = "fp32" if "fp32" in spec.peak else next(iter(spec.peak))
         peak, eff, note = spec.peak[dtype].value, cal.gemm_eff.get("*", 0.5), ""
     compute = k.flops / (peak * max(eff, 1e-6)) if k.flops else 0.0
-    b = k.total_bytes
+    # a 16-bit deployment of an fp32 graph stores its float tensors in 16 bits: half the bytes
+    b = k.total_bytes * (0.5 if precision in ("fp16", "bf16") and k.dtype == "fp32" else 1.0)
     memory = b / (spec.mem_bandwidth.value * cal.mem_eff * _s(b, cal.b_half)) if b else 0.0
     overhead = (k.launches + cal.unfused * max(0, len(k.nodes) - k.launches)) * cal.launch_s
     body = max(compute, memory)

@@ -32,14 +32,18 @@ def calibration_path(spec: HardwareSpec, backend: str) -> Path:
     return cache_dir() / "calibration" / f"{spec.name}-{backend}-{key}.json"
 
 
+SHIPPED = Path(__file__).parent / "calibrations"  # fitted on real hardware, one per target
+
+
 def calibration_for(spec: HardwareSpec, backend: str = "onnxruntime") -> Calibration:
-    """A fitted calibration for this target and backend when one was saved, else spec defaults."""
-    path = calibration_path(spec, backend)
-    if path.exists():
-        try:
-            return load_calibration(path)
-        except (ValueError, TypeError, KeyError):
-            pass  # an unreadable calibration falls back to defaults; the report names which
+    """A calibration fitted for this target and backend on this machine when one was saved,
+    else one shipped with optim for the target (fitted on that hardware), else spec defaults."""
+    for path in (calibration_path(spec, backend), SHIPPED / f"{spec.name}.json"):
+        if path.exists():
+            try:
+                return load_calibration(path)
+            except (ValueError, TypeError, KeyError):
+                pass  # an unreadable calibration falls back; the report names which was used
     return default_calibration(spec)
 
 
