@@ -25,6 +25,28 @@ class TorchArtifact:
     def __init__(self, gm: torch.fx.GraphModule, device: str = "cpu", dtype: str = "float32",
                  sparse: dict | None = None):
         self.gm, self.device, self.dtype, self.sparse = gm, torch.device(device), dtype, sparse
+        self.graph = None  # a CUDA graph of one call, replayed (`capture`)
+
+    def capture(self, args: tuple, kwargs: dict) -> None:
+        """Record one call on the example inputs as a CUDA graph; later calls copy their inputs
+        into its buffers and replay it: one launch instead of one per op."""
+        self.static_in = self.to_device((args, kwargs))
+        self.graph, self.static_out = cuda_graph(lambda: self.gm(*self.static_in[0],
+                                                                **self.static_in[1]))
+
+    def run_on_device(self, args: tuple, kwargs: dict):
+        """One call on device-resident inputs; outputs stay on the device."""
+        if self.graph is None:
+            return self.gm(*args, **kwargs)
+        for dst, src in zip(pytree.tree_leaves(self.static_in), pytree.tree_leaves((args, kwargs))):
+            if isinstance(dst, torch.Tensor):
+                if dst.shape != src.shape:
+                    raise BackendError(f"this artifact replays a CUDA graph recorded for inputs "
+                                       f"of shape {tuple(dst.shape)}, got {tuple(src.shape)}; "
+                                       f"lower again with these shapes or cuda_graph=False")
+                dst.copy_(src)
+        self.graph.replay()
+        return self.static_out
 
     def to_device(self, tree):
         """Inputs as the graph runs them: on its device, floating tensors in its dtype."""
@@ -36,8 +58,7 @@ class TorchArtifact:
         with torch.inference_mode():
             if self.device.type == "cpu" and self.dtype == "float32":
                 return self.gm(*args, **kwargs)
-            args, kwargs = self.to_device((args, kwargs))
-            out = self.gm(*args, **kwargs)
+            out = self.run_on_device(*self.to_device((args, kwargs)))
             return pytree.tree_map_only(
                 torch.Tensor, lambda t: t.cpu().float() if t.is_floating_point() else t.cpu(), out)
 
@@ -45,16 +66,19 @@ class TorchArtifact:
         where = (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
                  else "cpu")
         return {"runtime": f"torch {torch.__version__}", "threads": torch.get_num_threads(),
-                "device": where, "dtype": self.dtype, "ops": op_histogram(self.gm),
+                "device": where, "dtype": self.dtype, "cuda_graph": self.graph is not None,
+                "ops": op_histogram(self.gm),
                 **({"semi_structured_2_4": self.sparse} if self.sparse is not None else {})}
 
 
 def lower(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, *, device: str = "cpu",
-          dtype: str = "float32", semi_structured: str = "auto") -> TorchArtifact:
+          dtype: str = "float32", semi_structured: str = "auto",
+          cuda_graph: bool = False) -> TorchArtifact:
     """`device`: "cpu" or "cuda"; `dtype`: float32, float16 or bfloat16 for the weights and
     floating inputs (anything but CPU fp32 runs on a copy of the graph); `semi_structured`
     (CUDA, fp16/bf16): 2:4 linears run sparse where measured faster ("auto"), wherever a sparse
-    kernel takes them ("always"), or never."""
+    kernel takes them ("always"), or never; `cuda_graph` (CUDA): record a call on the example
+    inputs and replay it (calls must then have the example's shapes)."""
     from backends.semi_structured import MODES, convert
 
     if semi_structured not in MODES:
@@ -65,6 +89,8 @@ def lower(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, *, device: str = 
     dev = torch.device(device)
     if dev.type not in ("cpu", "cuda"):
         raise BackendError(f"torch backend: device {device!r} must be 'cpu' or 'cuda'")
+    if cuda_graph and dev.type != "cuda":
+        raise BackendError("torch backend: cuda_graph needs device='cuda'")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BackendError("torch backend: device 'cuda' was asked for but this PyTorch sees no "
                            "CUDA GPU (a CPU-only build, or no driver); use device='cpu'")
@@ -75,8 +101,27 @@ def lower(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, *, device: str = 
     _retarget(run, DTYPES[dtype], dev)
     sparse = None
     if dev.type == "cuda" and dtype != "float32":
-        sparse = convert(run, semi_structured)
-    return TorchArtifact(run, device, dtype, sparse)
+        sparse = convert(run, semi_structured, graphed=cuda_graph)
+    art = TorchArtifact(run, device, dtype, sparse)
+    if cuda_graph:
+        with torch.inference_mode():
+            art.capture(args, kwargs)
+    return art
+
+
+def cuda_graph(fn):
+    """(graph, outputs): `fn` warmed up on a side stream, then recorded as a CUDA graph whose
+    replay recomputes `outputs` in place."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
 
 
 def _retarget(gm: torch.fx.GraphModule, dtype: torch.dtype, device: torch.device) -> None:

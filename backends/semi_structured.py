@@ -44,7 +44,12 @@ def _kernels() -> dict:
     return out
 
 
-def _median_ms(fn, reps: int = 10) -> float:
+def _median_ms(fn, reps: int = 10, graphed: bool = False) -> float:
+    """Median CUDA-event time of `fn`, or of replays of its CUDA graph when `graphed`."""
+    if graphed:
+        from backends.pytorch import cuda_graph
+
+        fn = cuda_graph(fn)[0].replay
     for _ in range(3):
         fn()
     ts = []
@@ -58,17 +63,20 @@ def _median_ms(fn, reps: int = 10) -> float:
     return sorted(ts)[reps // 2]
 
 
-def _choose(w: torch.Tensor, rows: int, mode: str, timed: dict) -> tuple[object, str, dict]:
-    """(sparse weight or None, reason when None, timings) for weight `w` fed `rows` rows."""
+def _choose(w: torch.Tensor, rows: int, mode: str, timed: dict,
+            graphed: bool) -> tuple[object, str, dict]:
+    """(sparse weight or None, reason when None, timings) for weight `w` fed `rows` rows, timed
+    as the artifact will run (eagerly, or replayed from a CUDA graph)."""
     key = (rows, *w.shape, w.dtype)
     if key not in timed:
         x = torch.randn(rows, w.shape[1], device=w.device, dtype=w.dtype)
-        t = {"rows": rows, "in": w.shape[1], "out": w.shape[0],
-             "dense_ms": _median_ms(lambda: F.linear(x, w)) if mode == "auto" else None}
+        t = {"rows": rows, "in": w.shape[1], "out": w.shape[0], "graphed": graphed,
+             "dense_ms": _median_ms(lambda: F.linear(x, w), graphed=graphed)
+             if mode == "auto" else None}
         for name, make in _kernels().items():
             try:
                 s = make(w)
-                t[f"{name}_ms"] = _median_ms(lambda s=s: F.linear(x, s))
+                t[f"{name}_ms"] = _median_ms(lambda s=s: F.linear(x, s), graphed=graphed)
             except (RuntimeError, ValueError) as e:  # a shape or dtype it does not take
                 t[f"{name}_error"] = str(e).splitlines()[0][:160]
         timed[key] = t
@@ -84,11 +92,13 @@ def _choose(w: torch.Tensor, rows: int, mode: str, timed: dict) -> tuple[object,
     return _kernels()[best](w), best, t
 
 
-def convert(gm: torch.fx.GraphModule, mode: str = "auto") -> dict:
+def convert(gm: torch.fx.GraphModule, mode: str = "auto", graphed: bool = False) -> dict:
     """Swap the 2:4-marked `aten.linear` weights of `gm` (already on the GPU, in fp16/bf16) for
     semi-structured sparse tensors where `mode` says so, in place: "auto" where a sparse kernel
     measured faster than dense for that shape, "always" wherever one takes it, "never" nowhere.
-    Returns what was converted, what was not and why, and the timings per shape."""
+    `graphed`: time as replays of CUDA graphs (the artifact will be replayed; host-side setup
+    per call then drops out). Returns what was converted, what was not and why, and the
+    timings per shape."""
     if mode not in MODES:
         raise ValueError(f"semi_structured mode {mode!r} is not one of {MODES}")
     converted, dense, timed = [], [], {}
@@ -112,7 +122,7 @@ def convert(gm: torch.fx.GraphModule, mode: str = "auto") -> dict:
         if why is None:
             val = n.args[0].meta.get("val")
             rows = math.prod(val.shape[:-1]) if val is not None else 1
-            sparse, why, _ = _choose(w.detach(), rows, mode, timed)
+            sparse, why, _ = _choose(w.detach(), rows, mode, timed, graphed)
             if sparse is not None:
                 owner, _, name = w_node.target.rpartition(".")
                 # the documented form: a Parameter wrapping the sparse tensor subclass

@@ -256,6 +256,75 @@ def _sparse_end_to_end() -> dict:
             "sparse_vs_masked_dense_rel_error": same}
 
 
+def _graphed_shapes() -> list:
+    """Dense against cuSPARSELt per shape, both replayed from CUDA graphs (no host setup)."""
+    import torch
+    import torch.nn.functional as F
+
+    from backends.semi_structured import _kernels, _median_ms
+
+    rows = []
+    for tokens, k, n in SPARSE_SHAPES:
+        w = torch.randn(n, k, device="cuda", dtype=torch.float16)
+        g = w.reshape(n, -1, 4)
+        keep = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, g.abs().topk(2, -1).indices, True)
+        w = (g * keep).reshape(n, k)
+        x = torch.randn(tokens, k, device="cuda", dtype=torch.float16)
+        td = _median_ms(lambda: F.linear(x, w), reps=20, graphed=True)
+        row = {"tokens": tokens, "in": k, "out": n, "dense_graph_ms": td}
+        for name, make in _kernels().items():
+            try:
+                ws = make(w)
+                ts = _median_ms(lambda ws=ws: F.linear(x, ws), reps=20, graphed=True)
+                row[name] = {"graph_ms": ts, "speedup": td / ts}
+            except Exception as e:
+                row[name] = {"error": str(e)[:300]}
+        rows.append(row)
+    return rows
+
+
+def _cuda_graphs() -> dict:
+    """optim's torch backend with cuda_graph=True against eager, on a launch-bound model
+    (MiniLM shape, batch 8) and on BERT-base batch 32 dense and 2:4 (auto and always)."""
+    import copy
+
+    import optim
+
+    out = {}
+    for label, cfg, batch, pipes in (
+            ("minilm b8", MINILM_SHAPE, 8, {"dense": ("cleanup", {})}),
+            ("bert-base b32", E2E, 32, {
+                "dense": ("cleanup", {}),
+                "2:4 auto": ("cleanup,prune_weights", {"semi_structured": "auto"}),
+                "2:4 always": ("cleanup,prune_weights", {"semi_structured": "always"})})):
+        z = _zoo("bert", cfg, batch, 128)
+        times, info = {}, {}
+        for name, (pipe, extra) in pipes.items():
+            for graph in (False, True):
+                if name != "dense" and not graph:
+                    continue
+                om = optim.optimize(copy.deepcopy(z.model), "h200", z.example_args, pipe,
+                                    example_kwargs=z.example_kwargs, backend="torch",
+                                    backend_options={"device": "cuda", "dtype": "float16",
+                                                     "cuda_graph": graph, **extra},
+                                    measure_latency=False,
+                                    **({"prune_weights": {"pattern": "2:4"}}
+                                       if "prune" in pipe else {}))
+                art = om.artifact
+                args, kwargs = art.to_device((z.example_args, z.example_kwargs))
+                key = f"{name}, {'CUDA graph' if graph else 'eager'}"
+                times[key] = _timer(lambda art=art: art.run_on_device(args, kwargs))
+                if art.sparse:
+                    info[key] = {"converted": art.sparse["converted"],
+                                 "kept_dense": len(art.sparse["kept_dense"]),
+                                 "timings": art.sparse["timings"]}
+                info.setdefault("fidelity", {})[key] = om.report["fidelity"]["outputs"]
+        base = times["dense, eager"]["median_ms"]
+        out[label] = {"times": times, "vs_dense_eager": {k: base / v["median_ms"]
+                                                         for k, v in times.items()}, **info}
+    return out
+
+
 def _tvm_cuda(work: Path) -> dict:
     import torch
     from safetensors.numpy import load_file, save_file
@@ -328,7 +397,7 @@ def _cost_configs() -> list:
     return rows
 
 
-def device(work: Path, out: Path) -> int:
+def device(work: Path, out: Path, only: list | None = None) -> int:
     import torch
 
     out.mkdir(parents=True, exist_ok=True)
@@ -339,7 +408,10 @@ def device(work: Path, out: Path) -> int:
                  "meta": json.loads((work / "meta.json").read_text())}
     stages = [("env", _env), ("ceilings", _ceilings), ("tvm_cuda", lambda: _tvm_cuda(work)),
               ("sparse_shapes", _sparse_shapes), ("sparse_end_to_end", _sparse_end_to_end),
-              ("cost_configs", _cost_configs)]
+              ("cost_configs", _cost_configs), ("graphed_shapes", _graphed_shapes),
+              ("cuda_graphs", _cuda_graphs)]
+    if only:
+        stages = [st for st in stages if st[0] in only]
     for name, fn in stages:
         t0 = time.perf_counter()
         print(f"== {name}", flush=True)
@@ -373,6 +445,14 @@ def _summary(res: dict) -> None:
         print("end to end:", {k: round(v, 3) for k, v in e["speedup_vs_dense"].items()},
               "converted always/auto:", e["semi_structured"]["converted"],
               e["semi_structured_auto"]["converted"], e["semi_structured"]["kernels"])
+    for r in res.get("graphed_shapes", []) if isinstance(res.get("graphed_shapes"), list) else []:
+        cs = r.get("cuSPARSELt", {})
+        print(f"graphed 2:4 {r['tokens']}x{r['in']}->{r['out']}: dense {r['dense_graph_ms']:.3f} "
+              f"ms, cuSPARSELt {cs.get('graph_ms', float('nan')):.3f} ms "
+              f"{cs.get('speedup', float('nan')):.2f}x")
+    for label, v in (res.get("cuda_graphs") or {}).items():
+        if isinstance(v, dict) and "vs_dense_eager" in v:
+            print(label, {k: round(x, 3) for k, x in v["vs_dense_eager"].items()})
     print("stage seconds:", res.get("stage_seconds"))
 
 
@@ -498,11 +578,12 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=WORK)
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/gpu_out")))
     ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--only", nargs="*", help="device: run these stages only")
     a = ap.parse_args()
     if a.step == "prepare":
         prepare(a.work)
     elif a.step == "device":
-        return device(a.work, a.out)
+        return device(a.work, a.out, a.only)
     else:
         md = report(a.data, a.work)
         (a.data.with_suffix(".md")).write_text(md + "\n")

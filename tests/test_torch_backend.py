@@ -41,6 +41,8 @@ def test_bad_device_or_dtype_is_refused_with_the_fix(zoo_model):
         _opt(z, backend_options={"dtype": "int8"})
     with pytest.raises(BackendError, match="semi_structured 'yes'"):
         _opt(z, backend_options={"semi_structured": "yes"})
+    with pytest.raises(BackendError, match="cuda_graph needs device='cuda'"):
+        _opt(z, backend_options={"cuda_graph": True})
     with pytest.raises(BackendError, match="must be 'cpu' or 'cuda'"):
         _opt(z, backend_options={"device": "mps"})
     if not torch.cuda.is_available():
@@ -100,3 +102,23 @@ def test_2_4_linears_run_semi_structured_on_the_gpu(mode):
     a = sparse(*z.example_args, **z.example_kwargs).last_hidden_state
     b = dense(*z.example_args, **z.example_kwargs).last_hidden_state
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_cuda_graph_replays_the_same_function_and_refuses_other_shapes():
+    from optim import zoo
+
+    z = zoo.load("bert", batch=4, seq=64, hidden_size=128, intermediate_size=512)
+    kw = {"device": "cuda", "dtype": "float16"}
+    eager = _opt(z, "cleanup", "h100", backend_options=kw)
+    graphed = _opt(z, "cleanup", "h100", backend_options={**kw, "cuda_graph": True})
+    assert graphed.report["backend"]["cuda_graph"] is True
+    other = zoo.load("bert", batch=4, seq=64, seed=1, hidden_size=128, intermediate_size=512)
+    for args, kwargs in ((z.example_args, z.example_kwargs),
+                         (other.example_args, other.example_kwargs)):  # new inputs, same shape
+        torch.testing.assert_close(graphed(*args, **kwargs).last_hidden_state,
+                                   eager(*args, **kwargs).last_hidden_state, atol=2e-3, rtol=0)
+    short = zoo.load("bert", batch=4, seq=32, hidden_size=128, intermediate_size=512)
+    with pytest.raises(BackendError, match="CUDA graph recorded for inputs of shape"):
+        graphed(*short.example_args, **short.example_kwargs)
