@@ -9,6 +9,7 @@ CPU tensors, as every backend's do.
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.fx
@@ -38,6 +39,10 @@ class TorchArtifact:
         """One call on device-resident inputs; outputs stay on the device."""
         if self.graph is None:
             return self.gm(*args, **kwargs)
+        with torch.inference_mode():  # the buffers were recorded as inference tensors
+            return self._replay(args, kwargs)
+
+    def _replay(self, args: tuple, kwargs: dict):
         for dst, src in zip(pytree.tree_leaves(self.static_in), pytree.tree_leaves((args, kwargs))):
             if isinstance(dst, torch.Tensor):
                 if dst.shape != src.shape:
@@ -104,8 +109,13 @@ def lower(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, *, device: str = 
         sparse = convert(run, semi_structured, graphed=cuda_graph)
     art = TorchArtifact(run, device, dtype, sparse)
     if cuda_graph:
-        with torch.inference_mode():
-            art.capture(args, kwargs)
+        try:
+            with torch.inference_mode():
+                art.capture(args, kwargs)
+        except RuntimeError as e:
+            raise BackendError(f"torch backend: recording the CUDA graph failed ("
+                               f"{str(e).splitlines()[0][:300]}); lower with cuda_graph=False"
+                               ) from e
     return art
 
 
@@ -128,15 +138,28 @@ def _retarget(gm: torch.fx.GraphModule, dtype: torch.dtype, device: torch.device
     """Casts and factories traced in fp32 on the CPU (`_to_copy(dtype=float32)`,
     `full(..., dtype=float32, device=cpu)`: RoPE tables, mask fills) produce `dtype` on `device`
     instead, or they would mix precisions and devices the ops after them reject."""
+    top = torch.finfo(dtype).max
+
     def swap(a):
         if a is torch.float32:
             return dtype
-        return device if isinstance(a, torch.device) and a.type == "cpu" else a
+        if isinstance(a, float) and abs(a) > top:  # fp32's finfo.min as a mask fill
+            return math.copysign(top, a)
+        if isinstance(a, torch.device) and a.type == "cpu" or isinstance(a, str) and a == "cpu":
+            return device
+        return a
 
     for n in gm.graph.nodes:
         if n.op == "call_function":
             n.args = tuple(swap(a) for a in n.args)
             n.kwargs = {k: swap(v) for k, v in n.kwargs.items()}
+        elif n.op == "get_attr":  # tensor constants that are neither parameters nor buffers
+            owner_name, _, name = n.target.rpartition(".")
+            owner = gm.get_submodule(owner_name) if owner_name else gm
+            t = getattr(owner, name, None)
+            if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter) \
+                    and name not in owner._buffers and t.device != device:
+                setattr(owner, name, t.to(device, dtype if t.is_floating_point() else None))
     gm.recompile()
 
 

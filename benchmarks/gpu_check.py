@@ -325,6 +325,37 @@ def _cuda_graphs() -> dict:
     return out
 
 
+LLAMA_7B_LAYERS = {"hidden_size": 4096, "num_hidden_layers": 2, "num_attention_heads": 32,
+                   "num_key_value_heads": 8, "intermediate_size": 11008, "vocab_size": 8000}
+
+
+def _sparse_llama() -> dict:
+    """Two Llama-7B-sized layers on 4 x 2048 tokens (the shapes where replayed cuSPARSELt beat
+    dense): 2:4 magnitude pruning with `semi_structured="auto"` against the dense model, both
+    fp16 and replayed from CUDA graphs."""
+    import copy
+
+    import optim
+
+    z = _zoo("llama", LLAMA_7B_LAYERS, 4, 2048)
+    times, info = {}, {}
+    for name, pipe in (("dense", "cleanup"), ("2:4 auto", "cleanup,prune_weights")):
+        om = optim.optimize(copy.deepcopy(z.model), "h200", z.example_args, pipe,
+                            example_kwargs=z.example_kwargs, backend="torch",
+                            backend_options={"device": "cuda", "dtype": "float16",
+                                             "cuda_graph": True}, measure_latency=False,
+                            **({"prune_weights": {"pattern": "2:4", "score": "magnitude"}}
+                               if "prune" in pipe else {}))
+        art = om.artifact
+        args, kwargs = art.to_device((z.example_args, z.example_kwargs))
+        times[name] = _timer(lambda art=art: art.run_on_device(args, kwargs), reps=10)
+        info[name] = {"fidelity": om.report["fidelity"]["outputs"],
+                      "semi_structured": art.sparse}
+        del om, art
+    return {"model": f"Llama {LLAMA_7B_LAYERS}, batch 4 x 2048", "times": times, **info,
+            "speedup": times["dense"]["median_ms"] / times["2:4 auto"]["median_ms"]}
+
+
 def _tvm_cuda(work: Path) -> dict:
     import torch
     from safetensors.numpy import load_file, save_file
@@ -409,7 +440,7 @@ def device(work: Path, out: Path, only: list | None = None) -> int:
     stages = [("env", _env), ("ceilings", _ceilings), ("tvm_cuda", lambda: _tvm_cuda(work)),
               ("sparse_shapes", _sparse_shapes), ("sparse_end_to_end", _sparse_end_to_end),
               ("cost_configs", _cost_configs), ("graphed_shapes", _graphed_shapes),
-              ("cuda_graphs", _cuda_graphs)]
+              ("cuda_graphs", _cuda_graphs), ("sparse_llama", _sparse_llama)]
     if only:
         stages = [st for st in stages if st[0] in only]
     for name, fn in stages:
@@ -453,6 +484,10 @@ def _summary(res: dict) -> None:
     for label, v in (res.get("cuda_graphs") or {}).items():
         if isinstance(v, dict) and "vs_dense_eager" in v:
             print(label, {k: round(x, 3) for k, x in v["vs_dense_eager"].items()})
+    sl = res.get("sparse_llama", {})
+    if "speedup" in sl:
+        print(f"llama 2:4 auto vs dense (graphs): {sl['speedup']:.3f}x, converted "
+              f"{sl['2:4 auto']['semi_structured']['converted']}")
     print("stage seconds:", res.get("stage_seconds"))
 
 
