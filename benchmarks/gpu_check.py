@@ -542,6 +542,37 @@ def report(data: Path, work: Path) -> str:
             "| variant | median ms | vs dense |", "|---|---|---|"]
     for k, v in e["times"].items():
         out.append(f"| {k} | {v['median_ms']:.3f} | {e['speedup_vs_dense'][k]:.2f}× |")
+    if "graphed_shapes" in res:
+        out += ["", "The same GEMMs replayed from CUDA graphs (host-side setup per call drops out):",
+                "", "| 2:4 GEMM (fp16) | dense ms | cuSPARSELt ms | speedup |", "|---|---|---|---|"]
+        for r in res["graphed_shapes"]:
+            cs = r.get("cuSPARSELt", {})
+            out.append(f"| {r['tokens']}×{r['in']}→{r['out']} | {r['dense_graph_ms']:.3f} | "
+                       f"{cs.get('graph_ms', float('nan')):.3f} | "
+                       f"{cs.get('speedup', float('nan')):.2f}× |")
+    if "cuda_graphs" in res:
+        out += ["", "optim's torch backend on the GPU in fp16, eager against `cuda_graph=True`:", "",
+                "| model | variant | median ms | vs dense eager | 2:4 linears run sparse |",
+                "|---|---|---|---|---|"]
+        for label, v in res["cuda_graphs"].items():
+            for k, tm in v["times"].items():
+                conv = v.get(k, {})
+                total = conv["converted"] + conv["kept_dense"] if conv else 0
+                cell = f"{conv['converted']} of {total}" if total else ""
+                out.append(f"| {label} | {k} | {tm['median_ms']:.3f} | "
+                           f"{v['vs_dense_eager'][k]:.2f}× | {cell} |")
+    if "sparse_llama" in res:
+        sl = res["sparse_llama"]
+        ss = sl["2:4 auto"]["semi_structured"]
+        out += ["", f"{sl['model']}, fp16, CUDA graphs: dense {sl['times']['dense']['median_ms']:.2f}"
+                f" ms, 2:4 auto {sl['times']['2:4 auto']['median_ms']:.2f} ms "
+                f"({sl['speedup']:.3f}×); {ss['converted']} of "
+                f"{ss['converted'] + len(ss['kept_dense'])} linears run on cuSPARSELt:", "",
+                "| shape | dense ms | cuSPARSELt ms | chosen |", "|---|---|---|---|"]
+        for tm in ss["timings"]:
+            faster = tm["cuSPARSELt_ms"] * 1.05 < tm["dense_ms"]
+            out.append(f"| {tm['rows']}×{tm['in']}→{tm['out']} | {tm['dense_ms']:.3f} | "
+                       f"{tm['cuSPARSELt_ms']:.3f} | {'sparse' if faster else 'dense'} |")
     # the cost model against eager PyTorch
     rows = res["cost_configs"]
     index = {(r["family"], json.dumps(r["config"], sort_keys=True), r["batch"], r["seq"]): None

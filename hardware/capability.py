@@ -5,7 +5,8 @@ The rule is never to credit a speedup the target cannot deliver:
   V100: DP4A, not tensor cores);
 - without it, the math runs at the best float peak the target has, the narrower weights still
   cut bytes, and the dequantization is counted;
-- 2:4 sparse weights earn x2 only for dtypes the spec's `sparse_2_4` lists; elsewhere only bytes;
+- 2:4 sparse weights earn x2 (or the spec's measured `speedup`) only for dtypes the spec's
+  `sparse_2_4` lists; elsewhere only bytes;
 - binary weights earn binary math only where the spec lists a `binary` peak (this CPU: measured
   by the probe); FPGA specs without a sourced LUT rate say so; elsewhere only bytes shrink;
 - unstructured sparsity earns nothing above `UNSTRUCTURED_MAX_DENSITY`: the kernel runs dense.
@@ -88,7 +89,13 @@ def place(spec: HardwareSpec, dtype: str, *, weight_format: str = "dense",
     factor = 1.0
     if weight_format == "2:4":
         if peak_dtype in spec.sparse_2_4:
-            factor = 2.0
+            measured = spec.sparse_2_4_speedup
+            factor = measured.value if measured else 2.0
+            if measured:
+                how = ("measured" if measured.provenance == "measured"
+                       else "derived from a measurement")
+                note = note or (f"{spec.name}: 2:4 GEMMs credited x{factor:g} ({how}), not the "
+                                f"datasheet's x2")
         else:
             note = note or f"{spec.name} has no 2:4 sparse {peak_dtype} path; only bytes shrink"
     if weight_format == "binary" and "binary" not in spec.peak:

@@ -77,6 +77,7 @@ class HardwareSpec:
     tdp: Quantity | None = None
     sparse_2_4: tuple[str, ...] = ()
     sparse_2_4_source: str = ""
+    sparse_2_4_speedup: Quantity | None = None  # measured GEMM speedup; None: the vendor's 2x
     features: frozenset[str] = frozenset()  # e.g. popcount, amx, int8_dot
     interconnect: Interconnect | None = None
     fpga: dict[str, Any] = field(default_factory=dict)
@@ -224,6 +225,8 @@ def build_spec(raw: dict, path: str = "<dict>") -> HardwareSpec:
         tdp=opt("tdp_w", "w"),
         sparse_2_4=tuple(sparse.get("dtypes", ())),
         sparse_2_4_source=sources[sparse["source"]]["ref"] if sparse else "",
+        sparse_2_4_speedup=q(sparse["speedup"], "", "sparse_2_4.speedup")
+        if "speedup" in sparse else None,
         features=frozenset(raw.get("features", ())), interconnect=interconnect, fpga=fpga,
         cuda_arch=raw.get("cuda_arch", ""),
         sources=sources, path=path)

@@ -99,8 +99,11 @@ def _speed_note(cfg: PruneWeightsConfig, ctx: PassContext) -> str:
     here = "the weights stay dense tensors with zeros: no backend here runs them faster"
     if cfg.pattern == "2:4":
         fast = [d for d in spec.sparse_2_4]
+        x = spec.sparse_2_4_speedup.value if spec.sparse_2_4_speedup else 2.0
         return (f"{here}. {name}: " + (f"2:4 sparse tensor cores for {', '.join(fast)} "
-                                       f"(the cost model counts 2× math there)" if fast else
+                                       f"(the cost model counts {x:g}× GEMM speed there; the torch "
+                                       f"backend on a CUDA GPU runs them sparse where measured "
+                                       f"faster)" if fast else
                                        "no 2:4 sparse path; the cost model counts no gain"))
     dense = 1 - cfg.sparsity > UNSTRUCTURED_MAX_DENSITY
     return (f"{here}. Unstructured density {1 - cfg.sparsity:.0%}" +
