@@ -210,8 +210,6 @@ def run_on_gpu(artifact, args: tuple, kwargs: dict, refs, token_mask=None, *,
                repeat: int = 20, min_repeat_ms: int = 50) -> dict:
     """Run a CUDA TvmArtifact: its outputs against `refs` (PyTorch's), and its latency from TVM's
     time evaluator (device-synchronized, inputs and weights already on the GPU)."""
-    import tvm
-
     out = artifact(*args, **kwargs)
     fid = numerics.compare(refs, out, token_mask)
     inputs = artifact.device_inputs(args, kwargs)
@@ -219,7 +217,7 @@ def run_on_gpu(artifact, args: tuple, kwargs: dict, refs, token_mask=None, *,
                                        min_repeat_ms=min_repeat_ms)
     ms = [r * 1e3 for r in timer(*inputs, *artifact.params).results]
     q = statistics.quantiles(ms, n=10)
-    name = tvm.runtime.enabled("cuda") and _device_name(artifact.device)
+    name = _device_name(artifact.device)
     return {"ran": True, "fidelity": fid,
             "latency": {"status": "measured", "median_ms": statistics.median(ms), "p10_ms": q[0],
                         "p90_ms": q[-1], "runs": len(ms), "threads": None,
