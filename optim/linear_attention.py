@@ -40,6 +40,7 @@ ECO_ANCHORS = 20  # EcoFormer's defaults: 20 RBF anchors, 16-bit codes
 EPS = 1e-6
 TINY = 1e-30  # normalizer floor: performer features are tiny by design (a shared shift)
 SEGMENT = 2048  # longer sequences run a segment at a time (`_segmented`; 2048 measured best)
+FLOW_SEGMENT = 1024  # causal flow's segment: its dozen [n, D′] temporaries then stay in cache
 CHUNK = 128  # causal form: positions per chunk (128 measured faster than 64 for d′ = 64…256)
 
 
@@ -159,25 +160,34 @@ def causal_product(a: Tensor, b: Tensor, v: Tensor, chunk: int, state: Tensor | 
     return out, (before[:, :, -1] + states[:, :, -1]).view(bsz, h, a.shape[-1], -1)
 
 
-def prefix_sum(x: Tensor, exclusive: bool = False, block: int = 64) -> Tensor:
-    """Running sum of x [..., L, D] along L (exclusive: of the positions before each).
+def prefix_sum(x: Tensor, exclusive: bool = False, block: int = 64,
+               initial: Tensor | None = None) -> Tensor:
+    """Running sum of x [..., L, D] along L (exclusive: of the positions before each), plus
+    `initial` [..., 1, D] (what came before x) when given.
 
     torch.cumsum over a non-innermost axis runs a strided scalar scan (10× slower than a pass
     over the data here); this is a lower-triangular GEMM within blocks of `block` positions
-    plus a cumsum over the small [..., L/block, D] block totals."""
+    that starts from the cumsum of the small [..., L/block, D] block totals."""
     n = x.shape[-2]
     if x.shape[-1] == 1 or n == 1:  # one column: cumsum scans contiguous memory already
-        return torch.cumsum(x, -2) - x if exclusive else torch.cumsum(x, -2)
+        out = torch.cumsum(x, -2) - x if exclusive else torch.cumsum(x, -2)
+        return out if initial is None else out + initial
     if n <= block:
         tri = torch.ones(n, n, dtype=x.dtype, device=x.device).tril(-1 if exclusive else 0)
-        return tri @ x
+        return tri @ x if initial is None else torch.matmul(tri, x) + initial
     pad = (-n) % block
     xb = F.pad(x, (0, 0, 0, pad)) if pad else x
     xb = xb.unflatten(-2, (-1, block))  # [..., nb, block, D]
     tri = torch.ones(block, block, dtype=x.dtype, device=x.device).tril(-1 if exclusive else 0)
     totals = xb.sum(-2)  # [..., nb, D]
     entering = torch.cumsum(totals, -2) - totals
-    out = (tri @ xb + entering.unsqueeze(-2)).flatten(-3, -2)
+    if initial is not None:
+        entering = entering + initial
+    # the block's start value is the GEMM's initial value: one pass over the data, not two
+    flat = xb.reshape(-1, block, x.shape[-1])
+    out = torch.baddbmm(entering.reshape(-1, 1, x.shape[-1]),
+                        tri.expand(flat.shape[0], block, block), flat).reshape(xb.shape)
+    out = out.flatten(-3, -2)
     return out[..., :n, :] if pad else out
 
 
@@ -240,36 +250,41 @@ def flow_causal(fq: Tensor, fk: Tensor, v: Tensor, valid: Tensor | None, chunk: 
 
     `carry` holds the running sums (and the [D′, Dv] product state) of the positions before
     `start`; the returned dict holds them after the last position, so a long sequence runs
-    a segment at a time with the same result."""
-    n = fq.shape[-2]
+    a segment at a time with the same result.
+
+    The ε terms of Flowformer's dot products, (φ + ε)·(S/n + ε), are expanded into row sums
+    (φ·S/n + ε·ΣS/n + ε·Σφ + D′ε²), so that no [n, D′] tensor is shifted or divided: those
+    passes over memory, not the GEMMs, bound this form on a CPU."""
+    n, d = fq.shape[-2], fq.shape[-1]
     if valid is not None:
         fk = fk * valid
     count = torch.arange(start + 1, start + n + 1, dtype=fq.dtype, device=fq.device)[:, None]
     after: dict[str, Tensor] = {}
 
     def running(name: str, x: Tensor) -> Tensor:
-        total = prefix_sum(x)
-        if carry is not None:
-            total = total + carry[name]
+        total = prefix_sum(x, initial=None if carry is None else carry[name])
         after[name] = total[..., -1:, :]
         return total
 
-    fq_e, fk_e = fq + EPS, fk + EPS
-    k_sum, q_sum = running("k", fk) / count, running("q", fq) / count
-    incoming = 1.0 / (fq_e * (k_sum + EPS)).sum(-1, keepdim=True)
-    outgoing = 1.0 / (fk_e * (q_sum + EPS)).sum(-1, keepdim=True)
-    k_flow = running("k_flow", fk * outgoing) / count
-    q_flow = running("q_flow", fq * incoming) / count
-    sink = (fq_e * (k_flow + EPS)).sum(-1, keepdim=True)
-    source = (fk_e * (q_flow + EPS)).sum(-1, keepdim=True).clamp(-1.0, 1.0)
+    def dot(phi: Tensor, row: Tensor, total: Tensor, row_total: Tensor) -> Tensor:
+        """(φ + ε)·(total/count + ε) summed over D′, for each position."""
+        return ((phi * total).sum(-1, keepdim=True) + EPS * row_total) / count \
+            + EPS * row + d * EPS * EPS
+
+    rq, rk = fq.sum(-1, keepdim=True), fk.sum(-1, keepdim=True)
+    incoming = 1.0 / dot(fq, rq, running("k", fk), running("rk", rk))
+    outgoing = 1.0 / dot(fk, rk, running("q", fq), running("rq", rq))
+    sink = dot(fq, rq, running("k_flow", fk * outgoing), running("rk_flow", rk * outgoing))
+    source = dot(fk, rk, running("q_flow", fq * incoming),
+                 running("rq_flow", rq * incoming)).clamp(-1.0, 1.0)
     e = torch.exp(source)
     competition = e / running("e", e) * count
-    vc = v * competition
     if valid is not None:
-        vc = vc * valid
-    agg, after["state"] = causal_product(fq, fk, vc, chunk, None if carry is None
-                                         else carry["state"], with_state=True)
-    return agg / count * incoming * torch.sigmoid(sink), after
+        competition = competition * valid
+    agg, after["state"] = causal_product(fq, fk, v * competition, chunk,
+                                         None if carry is None else carry["state"],
+                                         with_state=True)
+    return agg * (incoming * torch.sigmoid(sink) / count), after
 
 
 # ---- one attention, any method ----
@@ -281,7 +296,7 @@ def attend(method: str, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, c
     if k.shape[1] != q.shape[1]:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    if method == "flow" and causal and q.shape[-2] > SEGMENT:
+    if method == "flow" and causal and q.shape[-2] > FLOW_SEGMENT:
         return _flow_segmented(q, k, v, valid, chunk)
     if method != "flow" and max(q.shape[-2], k.shape[-2]) > SEGMENT:
         return _segmented(method, q, k, v, valid, causal, scale, params, chunk)
@@ -332,15 +347,14 @@ def _segmented(method: str, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | Non
 
 def _flow_segmented(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, chunk: int
                     ) -> Tensor:
-    """Causal flow attention SEGMENT positions at a time, carrying its running sums."""
-    outs, carry = [], None
-    for i in range(0, q.shape[-2], SEGMENT):
-        j = min(i + SEGMENT, q.shape[-2])
-        out, carry = flow_causal(torch.sigmoid(q[..., i:j, :]), torch.sigmoid(k[..., i:j, :]),
-                                 v[..., i:j, :], None if valid is None else valid[..., i:j, :],
-                                 chunk, i, carry)
-        outs.append(out)
-    return torch.cat(outs, -2)
+    """Causal flow attention FLOW_SEGMENT positions at a time, carrying its running sums."""
+    out, carry = v.new_empty(*q.shape[:-1], v.shape[-1]), None
+    for i in range(0, q.shape[-2], FLOW_SEGMENT):
+        j = min(i + FLOW_SEGMENT, q.shape[-2])
+        out[..., i:j, :], carry = flow_causal(
+            torch.sigmoid(q[..., i:j, :]), torch.sigmoid(k[..., i:j, :]), v[..., i:j, :],
+            None if valid is None else valid[..., i:j, :], chunk, i, carry)
+    return out
 
 
 def softmax_reference(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, causal: bool,

@@ -49,6 +49,8 @@ def test_blocked_prefix_sum_is_cumsum(shape, exclusive):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     want = torch.cumsum(x, -2) - (x if exclusive else 0)
     torch.testing.assert_close(la.prefix_sum(x, exclusive, block=64), want)
+    start = torch.randn(*shape[:-2], 1, shape[-1], dtype=torch.float64)  # a carried total
+    torch.testing.assert_close(la.prefix_sum(x, exclusive, block=64, initial=start), want + start)
 
 
 @pytest.mark.parametrize("method", ["elu", "hedgehog", "performer", "ecoformer", "flow"])
@@ -62,6 +64,7 @@ def test_long_sequences_run_in_segments_with_the_same_result(method, causal, mon
     p = {name: t.double() for name, t in _params(method, 3, 16, 0.25).items()}
     whole = la.attend(method, q, k, v, valid, causal, 0.25, p, chunk=32)
     monkeypatch.setattr(la, "SEGMENT", 64)  # 300 positions: four segments and a partial one
+    monkeypatch.setattr(la, "FLOW_SEGMENT", 64)
     torch.testing.assert_close(la.attend(method, q, k, v, valid, causal, 0.25, p, chunk=32),
                                whole)
 
