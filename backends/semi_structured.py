@@ -46,21 +46,9 @@ def _kernels() -> dict:
 
 def _median_ms(fn, reps: int = 10, graphed: bool = False) -> float:
     """Median CUDA-event time of `fn`, or of replays of its CUDA graph when `graphed`."""
-    if graphed:
-        from backends.pytorch import cuda_graph
+    from backends.pytorch import cuda_times
 
-        fn = cuda_graph(fn)[0].replay
-    for _ in range(3):
-        fn()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return sorted(ts)[reps // 2]
+    return cuda_times(fn, reps, graphed=graphed)[reps // 2]
 
 
 def _choose(w: torch.Tensor, rows: int, mode: str, timed: dict,

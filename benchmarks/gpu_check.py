@@ -6,9 +6,9 @@ measured ceilings, and eager PyTorch latencies of zoo models that the cost model
 Three steps; the GPU machine has PyTorch but not TVM's 260 MB compiler, so the CUDA library is
 built here and only TVM's runtime travels:
 
-    python benchmarks/gpu_check.py prepare             # here: build, references, estimates
-    python benchmarks/gpu_check.py device --out DIR     # there: runs everything, writes JSON
-    python benchmarks/gpu_check.py report               # here: tables and the calibration fit
+    python benchmarks/gpu_check.py prepare   # here: build, references, TVM runtime, wheels
+    bash benchmarks/gpu_check.sh [--only STAGE ...]   # there (carry .gpu): installs, runs, JSON
+    python benchmarks/gpu_check.py report    # here: tables, and the fitted h200 calibration
 """
 
 from __future__ import annotations
@@ -106,8 +106,35 @@ def prepare(work: Path) -> None:
                      f"seq {TVM_SEQ}",
             "build": {k: v for k, v in build.info.items()}}
     (work / "meta.json").write_text(json.dumps(meta, indent=1))
-    size = sum(f.stat().st_size for f in d.iterdir())
-    print(f"prepared {d} ({size / 1e6:.1f} MB)")
+    _runtime_bundle(work.parent)
+    size = sum(f.stat().st_size for f in work.parent.rglob("*") if f.is_file())
+    print(f"prepared {work.parent} ({size / 1e6:.1f} MB to carry)")
+
+
+# what the GPU machine lacks, for its Python 3.12: TVM's runtime and the packages optim imports
+WHEELS = ["apache-tvm-ffi==0.1.15.post2", "jsonschema==4.26.0",
+          "jsonschema-specifications==2025.9.1", "referencing==0.37.0", "rpds-py==2026.9.1"]
+
+
+def _runtime_bundle(root: Path) -> None:
+    """`root/site/tvm`: this TVM package without its compiler library (260 MB) and sources;
+    `root/whl`: cp312 wheels of the rest (`gpu_check.sh` installs them there)."""
+    import shutil
+
+    import tvm
+
+    src, dst = Path(tvm.__file__).parent, root / "site" / "tvm"
+    if dst.exists():
+        shutil.rmtree(dst)
+    skip = shutil.ignore_patterns("libtvm_compiler.so", "3rdparty", "src", "include", "web",
+                                  "__pycache__")
+    shutil.copytree(src, dst, ignore=skip)
+    (root / "whl").mkdir(exist_ok=True)
+    plat = [a for p in ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64",
+                        "manylinux_2_17_x86_64", "manylinux2014_x86_64") for a in ("--platform", p)]
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                    "--python-version", "3.12", "--implementation", "cp", *plat,
+                    "-d", str(root / "whl"), *WHEELS], check=True)
 
 
 # ---------------------------------------------------------------- there: device
@@ -115,22 +142,21 @@ def prepare(work: Path) -> None:
 
 def _timer(fn, warmup=3, reps=20):
     """Median milliseconds of `fn` over `reps` calls, timed by CUDA events, after warm-up."""
-    import torch
+    from backends.pytorch import cuda_times
 
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    ts.sort()
+    ts = cuda_times(fn, reps, warmup)
     return {"median_ms": ts[len(ts) // 2], "p10_ms": ts[len(ts) // 10],
             "p90_ms": ts[(9 * len(ts)) // 10], "runs": reps}
+
+
+def _masked_problem(tokens: int, k: int, n: int):
+    """A random fp16 weight [n, k] with a 2:4 magnitude mask, and an input [tokens, k]."""
+    import torch
+
+    w = torch.randn(n, k, device="cuda", dtype=torch.float16)
+    g = w.reshape(n, -1, 4)
+    keep = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, g.abs().topk(2, -1).indices, True)
+    return (g * keep).reshape(n, k), torch.randn(tokens, k, device="cuda", dtype=torch.float16)
 
 
 def _env() -> dict:
@@ -181,18 +207,13 @@ def _ceilings() -> dict:
 
 def _sparse_shapes() -> list:
     """Dense fp16 GEMM against PyTorch's two semi-structured kernels, per shape."""
-    import torch
     import torch.nn.functional as F
 
     from backends.semi_structured import _kernels
 
     rows = []
     for tokens, k, n in SPARSE_SHAPES:
-        w = torch.randn(n, k, device="cuda", dtype=torch.float16)
-        g = w.reshape(n, -1, 4)
-        keep = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, g.abs().topk(2, -1).indices, True)
-        w = (g * keep).reshape(n, k)
-        x = torch.randn(tokens, k, device="cuda", dtype=torch.float16)
+        w, x = _masked_problem(tokens, k, n)
         dense = F.linear(x, w).float()
         td = _timer(lambda: F.linear(x, w))["median_ms"]
         row = {"tokens": tokens, "in": k, "out": n, "dense_ms": td,
@@ -258,18 +279,13 @@ def _sparse_end_to_end() -> dict:
 
 def _graphed_shapes() -> list:
     """Dense against cuSPARSELt per shape, both replayed from CUDA graphs (no host setup)."""
-    import torch
     import torch.nn.functional as F
 
     from backends.semi_structured import _kernels, _median_ms
 
     rows = []
     for tokens, k, n in SPARSE_SHAPES:
-        w = torch.randn(n, k, device="cuda", dtype=torch.float16)
-        g = w.reshape(n, -1, 4)
-        keep = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, g.abs().topk(2, -1).indices, True)
-        w = (g * keep).reshape(n, k)
-        x = torch.randn(tokens, k, device="cuda", dtype=torch.float16)
+        w, x = _masked_problem(tokens, k, n)
         td = _median_ms(lambda: F.linear(x, w), reps=20, graphed=True)
         row = {"tokens": tokens, "in": k, "out": n, "dense_graph_ms": td}
         for name, make in _kernels().items():

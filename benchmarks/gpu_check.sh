@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs benchmarks/gpu_check.py's device step on a lent GPU machine (see that file's docstring).
-# Expects .gpu/ (made by `gpu_check.py prepare` and the wheel download in RESULTS.md) beside it.
+# Expects .gpu/ (made by `python benchmarks/gpu_check.py prepare`) in the repository root.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_out}
