@@ -24,9 +24,12 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 class TorchArtifact:
     def __init__(self, gm: torch.fx.GraphModule, device: str = "cpu", dtype: str = "float32",
-                 sparse: dict | None = None):
+                 sparse: dict | None = None, source: torch.fx.GraphModule | None = None,
+                 options: dict | None = None):
         self.gm, self.device, self.dtype, self.sparse = gm, torch.device(device), dtype, sparse
         self.graph = None  # a CUDA graph of one call, replayed (`capture`)
+        self.source = source if source is not None else gm  # the CPU fp32 graph lowered
+        self.options = options or {}  # the lowering's options, to lower it again after loading
 
     def capture(self, args: tuple, kwargs: dict) -> None:
         """Record one call on the example inputs as a CUDA graph; later calls copy their inputs
@@ -107,7 +110,9 @@ def lower(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, *, device: str = 
     sparse = None
     if dev.type == "cuda" and dtype != "float32":
         sparse = convert(run, semi_structured, graphed=cuda_graph)
-    art = TorchArtifact(run, device, dtype, sparse)
+    options = {"device": device, "dtype": dtype, "semi_structured": semi_structured,
+               "cuda_graph": cuda_graph}
+    art = TorchArtifact(run, device, dtype, sparse, source=gm, options=options)
     if cuda_graph:
         try:
             with torch.inference_mode():

@@ -18,7 +18,7 @@ import onnx
 import torch
 from torch.utils._pytree import treespec_dumps, treespec_loads
 
-from optim.errors import OptimError
+from optim.errors import BackendError, OptimError
 from optim.report import Report
 
 FORMAT = "optim.saved/1"
@@ -43,12 +43,14 @@ def save(om, directory: Path) -> Path:
         if isinstance(art, OrtArtifact):
             onnx.save_model(art.model, tmp / "model.onnx")
             manifest["artifact"] = "model.onnx"
-        elif isinstance(art, TorchArtifact):
+        elif isinstance(art, TorchArtifact):  # the CPU fp32 graph, and how it was lowered
             args, kwargs = om.example
-            ep = torch.export.export(art.gm, args, kwargs, strict=False)
-            ep.example_inputs = None
+            ep = torch.export.export(art.source, args, kwargs, strict=False)
+            if not art.options.get("cuda_graph"):  # a CUDA graph is recorded on them
+                ep.example_inputs = None
             torch.export.save(ep, tmp / "program.pt2")
             manifest["artifact"] = "program.pt2"
+            manifest["backend_options"] = art.options
         elif hasattr(art, "save_to"):  # tvm: compiled library + weights
             manifest.update(art.save_to(tmp))
         else:
@@ -144,8 +146,21 @@ def _load_artifact(directory: Path, manifest: dict, report: Report):
         import optim.ops  # noqa: F401  (the archive refers to torch.ops.optim)
         from backends.pytorch import TorchArtifact
 
-        gm = torch.export.load(directory / manifest["artifact"]).module()
-        return OptimizedModel(TorchArtifact(gm), report, gm)
+        ep = torch.export.load(directory / manifest["artifact"])
+        gm = ep.module()
+        options = manifest.get("backend_options") or {}
+        if not options:
+            return OptimizedModel(TorchArtifact(gm), report, gm)
+        from backends.pytorch import lower
+
+        args, kwargs = ep.example_inputs or ((), {})
+        try:
+            art = lower(gm, args, kwargs, **options)
+        except BackendError as e:
+            raise OptimError(f"{directory} was lowered with {options} and cannot be here: {e}. "
+                             f"To run it on the CPU, optimize the model again with "
+                             f"backend_options={{}}") from e
+        return OptimizedModel(art, report, gm)
     if manifest["backend"] == "tvm":
         from backends.tvm import TvmArtifact
 

@@ -35,6 +35,16 @@ def test_bfloat16_runs_a_retargeted_copy_and_answers_in_fp32(name, zoo_model):
         assert torch.equal(v, before[k])
 
 
+def test_a_saved_bfloat16_artifact_loads_with_its_options(zoo_model, tmp_path):
+    z = zoo_model("bert")
+    om = _opt(z, backend_options={"dtype": "bfloat16"})
+    om.save(tmp_path / "bf16")
+    again = optim.load(tmp_path / "bf16")
+    assert again.report["backend"]["dtype"] == "bfloat16" and again.artifact.dtype == "bfloat16"
+    torch.testing.assert_close(again(*z.example_args, **z.example_kwargs).last_hidden_state,
+                               om(*z.example_args, **z.example_kwargs).last_hidden_state)
+
+
 def test_bad_device_or_dtype_is_refused_with_the_fix(zoo_model):
     z = zoo_model("bert")
     with pytest.raises(BackendError, match="dtype 'int8'"):
