@@ -203,6 +203,36 @@ def test_sparsity_is_credited_only_where_the_target_has_it():
     assert "above" in estimate_kernels([half], a100).notes()[0]
     very = dataclasses.replace(dense, weight_format="unstructured", density=0.02)
     assert estimate_kernels([very], a100).seconds < estimate_kernels([dense], a100).seconds
+    # where the spec has a measured 2:4 GEMM speedup, that is what is credited, and said
+    h200 = load_spec("h200")
+    assert h200.sparse_2_4_speedup.provenance == "measured"
+    assert place(h200, "fp16", weight_format="2:4").sparse_factor == pytest.approx(1.36)
+    assert "measured" in place(h200, "fp16", weight_format="2:4").note
+    assert place(a100, "fp16", weight_format="2:4").sparse_factor == 2.0
+
+
+def test_a_16_bit_deployment_moves_half_the_bytes_of_an_fp32_graph():
+    from hardware.opcost import Kernel
+
+    copy = Kernel("add", "fused", "fp32", 0.0, {"activations": 3 * 4.0 * 2**24}, (2**24,))
+    spec, cal = load_spec("h100"), default_calibration(load_spec("h100"))
+    fp16 = estimate_kernels([copy], spec, cal, "fp16").kernels[0].memory_s
+    assert fp16 == pytest.approx(estimate_kernels([copy], spec, cal, "fp32").kernels[0].memory_s / 2,
+                                 rel=0.05)  # the transfer-size fall-off moves it slightly
+
+
+def test_fit_runs_each_graph_at_its_precision_and_h200_ships_a_fit():
+    from hardware.estimate import SHIPPED, calibration_for
+
+    spec = load_spec("h200")
+    g = graph_kernels(_graph("bert", ["cleanup"], seq=64)[1])
+    truth = dataclasses.replace(default_calibration(spec), launch_s=20e-6)
+    measured = [estimate_kernels(g, spec, truth, p).seconds for p in ("fp16", "fp32")]
+    cal = fit(spec, [g, g], measured, "synthetic", precisions=["fp16", "fp32"])
+    pred = [estimate_kernels(g, spec, cal, p).seconds for p in ("fp16", "fp32")]
+    assert score(pred, measured)["mape"] < 0.05
+    shipped = calibration_for(spec, backend="no-local-fit-for-this")
+    assert (SHIPPED / "h200.json").exists() and shipped.fit and "H200" in shipped.source
 
 
 def test_llm_estimates_on_fpga_targets_use_the_instruction_model():
