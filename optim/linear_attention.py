@@ -221,13 +221,13 @@ def flow_attention(fq: Tensor, fk: Tensor, v: Tensor, valid: Tensor | None, caus
     n, m = fq.shape[-2], fk.shape[-2]
     if valid is not None:
         fk = fk * valid
-    k_sum, q_sum = fk.sum(-2, keepdim=True), fq.sum(-2, keepdim=True)
-    incoming = 1.0 / ((fq + EPS) * (k_sum + EPS)).sum(-1, keepdim=True)  # [B, H, n, 1]
-    outgoing = 1.0 / ((fk + EPS) * (q_sum + EPS)).sum(-1, keepdim=True)  # [B, H, m, 1]
-    k_flow = (fk * outgoing).sum(-2, keepdim=True)
-    q_flow = (fq * incoming).sum(-2, keepdim=True)
-    sink = ((fq + EPS) * (k_flow + EPS)).sum(-1, keepdim=True)  # Î
-    source = ((fk + EPS) * (q_flow + EPS)).sum(-1, keepdim=True).clamp(-1.0, 1.0)  # Ô
+    # every flow is a product with a [D′] summary: a GEMV over φ, no [n, D′] temporary
+    incoming = 1.0 / eps_dot(fq, fk.sum(-2, keepdim=True))  # [B, H, n, 1]
+    outgoing = 1.0 / eps_dot(fk, fq.sum(-2, keepdim=True))  # [B, H, m, 1]
+    k_flow = outgoing.transpose(-2, -1) @ fk  # Σ_j φk_j / O_j, [B, H, 1, D′]
+    q_flow = incoming.transpose(-2, -1) @ fq
+    sink = eps_dot(fq, k_flow)  # Î
+    source = eps_dot(fk, q_flow).clamp(-1.0, 1.0)  # Ô
     if valid is not None:
         source = source.masked_fill(valid == 0, -1e9)
         m_eff = valid.sum(-2, keepdim=True)
@@ -239,7 +239,14 @@ def flow_attention(fq: Tensor, fk: Tensor, v: Tensor, valid: Tensor | None, caus
     if valid is not None:
         vc = vc * valid
     agg = fq @ (fk.transpose(-2, -1) @ vc)
-    return agg * incoming * allocation
+    return agg * (incoming * allocation)
+
+
+def eps_dot(phi: Tensor, total: Tensor) -> Tensor:
+    """(φ + ε)·(total + ε) over D′ for each row of φ [..., n, D′], total [..., 1, D′]:
+    φ·w + ε·Σw with w = total + ε, so φ is read once by a GEMV and never shifted."""
+    w = total + EPS
+    return phi @ w.transpose(-2, -1) + EPS * w.sum(-1, keepdim=True)
 
 
 def flow_causal(fq: Tensor, fk: Tensor, v: Tensor, valid: Tensor | None, chunk: int,

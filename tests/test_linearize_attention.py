@@ -90,6 +90,37 @@ def test_performer_features_are_favor_plus_up_to_cancelling_factors():
         torch.testing.assert_close(got, want)
 
 
+def _flowformer(fq, fk, v, causal, eps=la.EPS):
+    """Flowformer's flow attention written out, with explicit (φ + ε) dot products and an
+    [n, n] mask. Causal: every sum over keys or queries is over the prefix and divided by its
+    length (the prefix's mean)."""
+    n = fq.shape[-2]
+    mask = torch.ones(n, n, dtype=fq.dtype)
+    mask = mask.tril() if causal else mask
+    count = mask.sum(-1, keepdim=True)  # terms in each prefix
+    per = count if causal else 1.0  # what a sum is divided by
+
+    def dot(phi, other):  # (φ_i + ε)·(Σ_{j in prefix of i} other_j / per_i + ε)
+        return ((phi + eps) * ((mask @ other) / per + eps)).sum(-1, keepdim=True)
+
+    incoming, outgoing = dot(fq, fk), dot(fk, fq)
+    sink = dot(fq, fk / outgoing)
+    source = dot(fk, fq / incoming).clamp(-1.0, 1.0)
+    e = torch.exp(source)
+    competition = e / (mask @ e) * count
+    agg = ((fq @ fk.transpose(-2, -1)) * mask) @ (v * competition) / per
+    return agg / incoming * torch.sigmoid(sink)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_flow_attention_is_flowformers_formula(causal):
+    torch.manual_seed(8)
+    q, k, v = torch.randn(3, 2, 3, 50, 8, dtype=torch.float64).unbind(0)
+    fq, fk = torch.sigmoid(q), torch.sigmoid(k)
+    want = _flowformer(fq, fk, v, causal)
+    torch.testing.assert_close(la.flow_attention(fq, fk, v, None, causal, chunk=16), want)
+
+
 @pytest.mark.parametrize("method", ["elu", "performer", "hedgehog"])
 def test_recurrent_state_decodes_what_the_causal_form_computes(method):
     # a decoder keeps a fixed [H, d', d+1] state per sequence instead of a growing KV cache
