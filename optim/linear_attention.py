@@ -66,9 +66,7 @@ def feature_map(method: str, x: Tensor, params: dict[str, Tensor], role: str,
     if method == "flow":
         return torch.sigmoid(x)
     if method == "performer":
-        z = performer_logits(x, params, role, scale)
-        shift = z.amax(-1, keepdim=True) if role == "q" else z.amax((-2, -1), keepdim=True)
-        return torch.exp(z - shift)
+        return performer_features(x, params, role, scale)[0]
     if method == "hedgehog":
         # [softmax(z), softmax(−z)] for z = x·W + b, as one softmax over [z, −z] viewed as two
         # rows: one GEMM with [W, −W], no negation or concatenation of the big features
@@ -80,19 +78,27 @@ def feature_map(method: str, x: Tensor, params: dict[str, Tensor], role: str,
     raise ValueError(f"unknown linear attention method {method!r}; valid: {METHODS}")
 
 
-def performer_logits(x: Tensor, params: dict[str, Tensor], role: str, scale: float) -> Tensor:
-    """log φ(x) up to a shared shift, for FAVOR+ features φ(x)_r ∝ exp(w_r·x·s^½ − ‖x‖²·s/2).
+def performer_features(x: Tensor, params: dict[str, Tensor], role: str, scale: float,
+                       carried: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """FAVOR+ features φ(x)_r ∝ exp(w_r·x·s^½ − ‖x‖²·s/2) of x [B, H, L, D], and the shift
+    that was subtracted from their logits before exp.
 
     Factors shared by all of a query's features, or by all keys of a head, cancel in the
-    normalization, so FAVOR+'s 1/√m and any shift can go, and so can the queries' ‖q‖² term.
-    The keys' −‖k‖²·s/2 enters the GEMM as its starting value (baddbmm)."""
+    normalization, so FAVOR+'s 1/√m goes, and so does the queries' ‖q‖² term; each query is
+    shifted by its largest logit. Keys share one shift per head: their largest logit, or
+    `carried` (the shift of earlier segments) if larger. The shift is a constant (no gradient:
+    it cancels). The [L, m] logits are written once by the GEMM and then shifted and
+    exponentiated in place: fresh tensors of that size cost more than the arithmetic here."""
     w = params["w"] * math.sqrt(scale)  # [m, D]
+    z = x @ w.transpose(0, 1)  # [B, H, L, m]
+    row_max = z.detach().amax(-1, keepdim=True)
     if role == "q":
-        return x @ w.transpose(0, 1)
-    bsz, h, n, d = x.shape
-    sq = (x * x).sum(-1, keepdim=True).reshape(bsz * h, n, 1) * (-scale / 2)
-    z = torch.baddbmm(sq, x.reshape(bsz * h, n, d), w.transpose(0, 1).expand(bsz * h, d, -1))
-    return z.view(bsz, h, n, -1)
+        return z.sub_(row_max).exp_(), row_max
+    sq = (x * x).sum(-1, keepdim=True) * (-scale / 2)  # [B, H, L, 1]
+    shift = (row_max + sq.detach()).amax(-2, keepdim=True)  # [B, H, 1, 1]
+    if carried is not None:
+        shift = torch.maximum(shift, carried)
+    return z.add_(sq - shift).exp_(), shift
 
 
 def hash_codes(x: Tensor, params: dict[str, Tensor]) -> Tensor:
@@ -327,12 +333,10 @@ def _segmented(method: str, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | Non
     outs, state, shift = [], None, None
     for i, j in segments:
         if method == "performer":  # keys share one shift: keep the largest so far, rescale
-            z = performer_logits(k[..., i:j, :], params, "k", scale)
-            top = z.amax((-2, -1), keepdim=True)
+            fk, top = performer_features(k[..., i:j, :], params, "k", scale, shift)
             if shift is not None:
-                top = torch.maximum(top, shift)
                 state = state * torch.exp(shift - top)
-            fk, shift = torch.exp(z - top), top
+            shift = top
         else:
             fk = feature_map(method, k[..., i:j, :], params, "k", scale)
         if valid is not None:
