@@ -35,6 +35,10 @@ from passes.linearize_attention import LinearizeAttentionConfig, _features, _ini
 
 LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
 METHODS = ("elu", "performer", "flow", "hedgehog")
+# the attention tables also time performer with half its default features (2 × head_dim):
+# the feature count is performer's speed/accuracy knob (`features`)
+VARIANTS = {m: {"method": m} for m in METHODS} | {
+    "performer/128": {"method": "performer", "features": 128}}
 HEADS, HEAD_DIM = 12, 64
 
 
@@ -51,11 +55,12 @@ def attention_block(lengths, causal: bool, budget_s: float) -> dict:
         g = torch.Generator().manual_seed(n)
         q, k, v = torch.randn(3, 1, HEADS, n, HEAD_DIM, generator=g).unbind(0)
         fns = {"softmax": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)}
-        for m in METHODS:
-            cfg = LinearizeAttentionConfig(method=m)
+        for name, opts in VARIANTS.items():
+            cfg = LinearizeAttentionConfig(**opts)
             params = _initial_params(cfg, q.shape, scale)
-            fns[m] = (lambda m=m, p=params: la.attend(m, q, k, v, None, causal, scale, p))
-        stats = measure(fns, warmup=1, min_runs=3, max_runs=20, budget_s=budget_s)
+            fns[name] = (lambda m=cfg.method, p=params:
+                         la.attend(m, q, k, v, None, causal, scale, p))
+        stats = measure(fns, warmup=1, min_runs=3, max_runs=200, budget_s=budget_s)  # short calls: more samples
         out[n] = {name: s["median_ms"] for name, s in stats.items()}
         print(f"attention {'causal' if causal else 'bidirectional'} L={n}: "
               + ", ".join(f"{k} {v:.1f} ms" for k, v in out[n].items()), flush=True)
@@ -127,13 +132,15 @@ def main() -> None:
     console = Console(width=200)
     names = ("softmax", *METHODS)
     result = {"machine": machine(), "lengths": lengths, "heads": HEADS, "head_dim": HEAD_DIM,
-              "features": {m: _features(LinearizeAttentionConfig(method=m), (1, HEADS, 1, HEAD_DIM))
-                           * (2 if m == "hedgehog" else 1) for m in METHODS}}
+              "features": {name: _features(LinearizeAttentionConfig(**opts),
+                                           (1, HEADS, 1, HEAD_DIM))
+                           * (2 if opts["method"] == "hedgehog" else 1)
+                           for name, opts in VARIANTS.items()}}
     for causal in (False, True):
         rows = attention_block(lengths, causal, args.budget)
         kind = "causal" if causal else "bidirectional"
         slopes = _table(f"one attention, {kind} ({HEADS}×{HEAD_DIM}, batch 1; "
-                        f"{machine()['cpu']}, 2 threads)", rows, names, console)
+                        f"{machine()['cpu']}, 2 threads)", rows, ("softmax", *VARIANTS), console)
         result[f"attention_{kind}"] = {"ms": rows, "exponent": slopes}
     if args.no_encoder:
         Path(args.out).write_text(json.dumps(result, indent=1))

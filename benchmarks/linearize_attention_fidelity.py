@@ -33,11 +33,20 @@ from optim.tasks import sentence_batches, sentence_embedding_fidelity
 METHODS = ["hedgehog", "elu", "performer", "flow", "ecoformer"]
 
 
-def _pipeline(method: str, steps: int) -> list:
-    """`method`, or `method+ftN`: the same with N steps of LoLCATs stage 2 (`finetune_steps`)."""
+def _pipeline(method: str, steps: int, head_dim: int) -> list:
+    """`method`, `method+ftN` (the same with N steps of LoLCATs stage 2, `finetune_steps`), or
+    `method@xK` (K × head_dim features, e.g. `performer@x2`)."""
+    method, _, mult = method.partition("@x")
     name, _, ft = method.partition("+ft")
     opts = {"method": name, "gate": False, "fit_steps": steps, "finetune_steps": int(ft or 0)}
+    if mult:
+        opts["features"] = int(mult) * head_dim
     return ["cleanup", "fuse_attention", {"linearize_attention": opts}]
+
+
+def _head_dim(model) -> int:
+    c = model.config
+    return c.hidden_size // c.num_attention_heads
 
 
 def _layer_summary(om) -> dict:
@@ -58,7 +67,8 @@ def minilm(n_sentences: int, steps: int) -> list[dict]:
     rows = []
     for method in METHODS:
         t0 = time.perf_counter()
-        om = optim.optimize(copy.deepcopy(z.model), "cpu", evals[0][0], _pipeline(method, steps),
+        pipeline = _pipeline(method, steps, _head_dim(z.model))
+        om = optim.optimize(copy.deepcopy(z.model), "cpu", evals[0][0], pipeline,
                             example_kwargs=evals[0][1], backend="torch", calibration=calib,
                             eval_data=evals[:2], measure_latency=False)
         pass_s = om.report.pass_result("linearize_attention")["seconds"]
@@ -75,7 +85,8 @@ def vit(steps: int) -> list[dict]:
     base = digits_vit.accuracy(z.model)
     rows = [{"model": "digits_vit", "method": "softmax (original)", "top1": base}]
     for method in METHODS:
-        om = optim.optimize(copy.deepcopy(z.model), "cpu", z.example_args, _pipeline(method, steps),
+        pipeline = _pipeline(method, steps, _head_dim(z.model))
+        om = optim.optimize(copy.deepcopy(z.model), "cpu", z.example_args, pipeline,
                             backend="torch", calibration=calib, measure_latency=False)
         rows.append({"model": "digits_vit", "method": method, "top1": digits_vit.accuracy(om),
                      "pass_seconds": om.report.pass_result("linearize_attention")["seconds"],
@@ -89,7 +100,8 @@ def main() -> None:
     ap.add_argument("--sentences", type=int, default=256)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--methods", default=",".join(METHODS),
-                    help="comma-separated subset; `hedgehog+ft60` adds 60 stage-2 steps")
+                    help="comma-separated subset; `hedgehog+ft60` adds 60 stage-2 steps, "
+                         "`performer@x2` uses 2 × head_dim features")
     args = ap.parse_args()
     METHODS[:] = args.methods.split(",")
     warnings.filterwarnings("ignore")

@@ -62,7 +62,7 @@ def feature_map(method: str, x: Tensor, params: dict[str, Tensor], role: str,
                 scale: float) -> Tensor:
     """φ(x) for queries (`role="q"`) or keys (`"k"`); x: [B, H, L, D] -> [B, H, L, D′]."""
     if method == "elu":
-        return F.elu(x) + 1.0
+        return F.elu(x).add_(1.0)  # in place: a fresh [L, D] tensor costs more than the add
     if method == "flow":
         return torch.sigmoid(x)
     if method == "performer":
@@ -71,7 +71,7 @@ def feature_map(method: str, x: Tensor, params: dict[str, Tensor], role: str,
         # [softmax(z), softmax(−z)] for z = x·W + b, as one softmax over [z, −z] viewed as two
         # rows: one GEMM with [W, −W], no negation or concatenation of the big features
         w, b = params[f"w_{role}"], params[f"b_{role}"]  # [H, D, D′], [H, D′]
-        z = x @ torch.cat([w, -w], -1) + torch.cat([b, -b], -1)[:, None]
+        z = (x @ torch.cat([w, -w], -1)).add_(torch.cat([b, -b], -1)[:, None])
         return torch.softmax(z.unflatten(-1, (2, -1)), -1).flatten(-2)
     if method == "ecoformer":
         return hash_codes(x, params)
