@@ -153,8 +153,7 @@ def causal_product(a: Tensor, b: Tensor, v: Tensor, chunk: int, state: Tensor | 
         a, b, v = (F.pad(t, (0, 0, 0, pad)) for t in (a, b, v))
     c = (n + pad) // chunk
     a, b, v = (t.reshape(bsz * h * c, chunk, t.shape[-1]) for t in (a, b, v))
-    tril = torch.ones(chunk, chunk, dtype=a.dtype, device=a.device).tril()
-    intra = ((a @ b.transpose(-2, -1)) * tril) @ v
+    intra = (a @ b.transpose(-2, -1)).tril_() @ v  # in place: no mask, no second [c, c] tensor
     states = (b.transpose(-2, -1) @ v).view(bsz, h, c, -1)  # one [D′, Dv] state per chunk
     before = prefix_sum(states, exclusive=True)  # the state entering each chunk
     if state is not None:
