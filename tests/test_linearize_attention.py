@@ -121,6 +121,19 @@ def test_flow_attention_is_flowformers_formula(causal):
     torch.testing.assert_close(la.flow_attention(fq, fk, v, None, causal, chunk=16), want)
 
 
+@pytest.mark.parametrize("method", ["elu", "performer", "flow", "hedgehog"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradients_through_the_linear_forms_are_exact(method, causal):
+    # attention transfer and LoLCATs stage 2 train through these forms; their in-place
+    # feature maps (and performer's detached shift) must leave the gradients exact
+    torch.manual_seed(9)
+    q, k, v = (0.5 * torch.randn(3, 1, 2, 12, 4, dtype=torch.float64)).unbind(0)
+    p = {name: t.double() for name, t in _params(method, 2, 4, 0.5).items()}
+    inputs = tuple(t.clone().requires_grad_() for t in (q, k, v))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: la.attend(method, q, k, v, None, causal, 0.5, p, chunk=4), inputs)
+
+
 @pytest.mark.parametrize("method", ["elu", "performer", "hedgehog"])
 def test_recurrent_state_decodes_what_the_causal_form_computes(method):
     # a decoder keeps a fixed [H, d', d+1] state per sequence instead of a growing KV cache
