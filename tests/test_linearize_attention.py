@@ -308,6 +308,8 @@ def test_bad_options_are_named(zoo_model):
         _linearize(z, {"method": "cosformer"})
     with pytest.raises(optim.ConfigError, match="Did you mean 'fit_steps'"):
         _linearize(z, {"fit_step": 3})
+    with pytest.raises(optim.ConfigError, match="chunk must be >= 0"):
+        _linearize(z, {"chunk": -1})
 
 
 def test_shipped_yaml_pipeline_runs(tmp_path):
