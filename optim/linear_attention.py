@@ -1,4 +1,4 @@
-"""Linear-complexity attention: feature maps, the kernelized forms and flow attention.
+"""Linear-complexity attention: feature maps, the kernelized forms, and `attend` (any method).
 
     softmax(q·kᵀ·s)·v  ≈  φ(q)·(φ(k)ᵀ·v) / φ(q)·(φ(k)ᵀ·1)
 
@@ -19,11 +19,12 @@ Feature maps (`feature_map(method, x, params, role)`):
   attention is accumulations of v. A is fitted by attention transfer with a straight-through
   sign (`optim.feature_map_fit`), where EcoFormer fits it by supervised hashing on attention
   pairs.
-`flow` is Flowformer's flow attention (sigmoid map, conservation, competition, allocation).
+`flow` is Flowformer's flow attention (`optim.flow_attention`).
 
-Forms: bidirectional; causal, computed in chunks (within a chunk a masked L_c×L_c product,
-across chunks a running [d′, d] state: no [L, d′, d] tensor is ever built); and the recurrent
-step a decoder runs instead of appending to a KV cache (`recurrent_step`).
+Forms: bidirectional; causal, computed in chunks (`optim.causal_scan`: within a chunk a
+masked L_c×L_c product, across chunks a running [d′, d] state: no [L, d′, d] tensor is ever
+built); and the recurrent step a decoder runs instead of appending to a KV cache
+(`recurrent_step`).
 Padding is handled by zeroing the features (and flow weights) of masked keys.
 """
 
@@ -35,20 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from optim.causal_scan import CHUNK, causal_product
+from optim.flow_attention import FLOW_SEGMENT, flow_attention, flow_segmented
+
 METHODS = ("elu", "performer", "flow", "hedgehog", "ecoformer")
 ECO_ANCHORS = 20  # EcoFormer's defaults: 20 RBF anchors, 16-bit codes
-EPS = 1e-6
 TINY = 1e-30  # normalizer floor: performer features are tiny by design (a shared shift)
 SEGMENT = 2048  # longer sequences run a segment at a time (`_segmented`; 2048 measured best)
-FLOW_SEGMENT = 1024  # causal flow's segment: its dozen [n, D′] temporaries then stay in cache
-CHUNK = 0  # causal form: positions per chunk; 0 = by feature size (`chunk_for`)
-
-
-def chunk_for(features: int) -> int:
-    """Positions per causal chunk for d′ features: measured at 8192 tokens on this CPU
-    (2026-12-01), 64 beat 128 by 5–10% for d′ = 64 (elu, flow) and lost by 2–6% for d′ = 128
-    (hedgehog); 256 lost everywhere."""
-    return 64 if features <= 64 else 128
 
 
 # ---- feature maps ----
@@ -147,62 +141,6 @@ def normalized(out: Tensor) -> Tensor:
     return out[..., :-1] / out[..., -1:].clamp_min(TINY)
 
 
-def causal_product(a: Tensor, b: Tensor, v: Tensor, chunk: int, state: Tensor | None = None,
-                   with_state: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-    """out[i] = Σ_{j ≤ i} (a[i]·b[j]) v[j] (+ a[i]·state), in chunks of `chunk` positions.
-
-    `state` [B, H, D′, Dv] is what earlier positions contributed (a segment's carried keys);
-    `with_state` also returns the state after the last position (for the next segment)."""
-    bsz, h, n, _ = a.shape
-    chunk = min(chunk or chunk_for(a.shape[-1]), n)
-    pad = (-n) % chunk
-    if pad:
-        a, b, v = (F.pad(t, (0, 0, 0, pad)) for t in (a, b, v))
-    c = (n + pad) // chunk
-    a, b, v = (t.reshape(bsz * h * c, chunk, t.shape[-1]) for t in (a, b, v))
-    intra = (a @ b.transpose(-2, -1)).tril_() @ v  # in place: no mask, no second [c, c] tensor
-    states = (b.transpose(-2, -1) @ v).view(bsz, h, c, -1)  # one [D′, Dv] state per chunk
-    before = prefix_sum(states, exclusive=True)  # the state entering each chunk
-    if state is not None:
-        before = before + state.reshape(bsz, h, 1, -1)
-    out = torch.baddbmm(intra, a, before.reshape(bsz * h * c, a.shape[-1], -1))
-    out = out.view(bsz, h, c * chunk, -1)[:, :, :n]
-    if not with_state:
-        return out
-    return out, (before[:, :, -1] + states[:, :, -1]).view(bsz, h, a.shape[-1], -1)
-
-
-def prefix_sum(x: Tensor, exclusive: bool = False, block: int = 64,
-               initial: Tensor | None = None) -> Tensor:
-    """Running sum of x [..., L, D] along L (exclusive: of the positions before each), plus
-    `initial` [..., 1, D] (what came before x) when given.
-
-    torch.cumsum over a non-innermost axis runs a strided scalar scan (10× slower than a pass
-    over the data here); this is a lower-triangular GEMM within blocks of `block` positions
-    that starts from the cumsum of the small [..., L/block, D] block totals."""
-    n = x.shape[-2]
-    if x.shape[-1] == 1 or n == 1:  # one column: cumsum scans contiguous memory already
-        out = torch.cumsum(x, -2) - x if exclusive else torch.cumsum(x, -2)
-        return out if initial is None else out + initial
-    if n <= block:
-        tri = torch.ones(n, n, dtype=x.dtype, device=x.device).tril(-1 if exclusive else 0)
-        return tri @ x if initial is None else torch.matmul(tri, x) + initial
-    pad = (-n) % block
-    xb = F.pad(x, (0, 0, 0, pad)) if pad else x
-    xb = xb.unflatten(-2, (-1, block))  # [..., nb, block, D]
-    tri = torch.ones(block, block, dtype=x.dtype, device=x.device).tril(-1 if exclusive else 0)
-    totals = xb.sum(-2)  # [..., nb, D]
-    entering = torch.cumsum(totals, -2) - totals
-    if initial is not None:
-        entering = entering + initial
-    # the block's start value is the GEMM's initial value: one pass over the data, not two
-    flat = xb.reshape(-1, block, x.shape[-1])
-    out = torch.baddbmm(entering.reshape(-1, 1, x.shape[-1]),
-                        tri.expand(flat.shape[0], block, block), flat).reshape(xb.shape)
-    out = out.flatten(-3, -2)
-    return out[..., :n, :] if pad else out
-
-
 def recurrent_step(state: Tensor | None, fq: Tensor, fk: Tensor, v: Tensor
                    ) -> tuple[Tensor, Tensor]:
     """One decoding step: fq, fk [B, H, 1, D′], v [B, H, 1, Dv] -> (out, new state).
@@ -216,96 +154,6 @@ def recurrent_step(state: Tensor | None, fq: Tensor, fk: Tensor, v: Tensor
     return normalized(out), state
 
 
-# ---- Flowformer flow attention ----
-
-def flow_attention(fq: Tensor, fk: Tensor, v: Tensor, valid: Tensor | None, causal: bool,
-                   chunk: int = CHUNK) -> Tensor:
-    """Flow attention on sigmoid features (flow conservation, competition, allocation).
-
-    Sinks are queries, sources keys. Incoming flow I_i = φq_i·Σ_j φk_j, outgoing
-    O_j = φk_j·Σ_i φq_i; conserved flows Î_i = φq_i·Σ_j φk_j/O_j and Ô_j = φk_j·Σ_i φq_i/I_i;
-    sources compete (softmax of Ô over keys, times their count), sinks are gated by
-    sigmoid(Î·n/m). Causal: see `flow_causal`.
-    `valid` [B, 1, Lk, 1] (1 = real key) keeps padded keys out of every sum and the softmax.
-    """
-    if causal:
-        return flow_causal(fq, fk, v, valid, chunk)[0]
-    n, m = fq.shape[-2], fk.shape[-2]
-    if valid is not None:
-        fk = fk * valid
-    # every flow is a product with a [D′] summary: a GEMV over φ, no [n, D′] temporary
-    incoming = 1.0 / eps_dot(fq, fk.sum(-2, keepdim=True))  # [B, H, n, 1]
-    outgoing = 1.0 / eps_dot(fk, fq.sum(-2, keepdim=True))  # [B, H, m, 1]
-    k_flow = outgoing.transpose(-2, -1) @ fk  # Σ_j φk_j / O_j, [B, H, 1, D′]
-    q_flow = incoming.transpose(-2, -1) @ fq
-    sink = eps_dot(fq, k_flow)  # Î
-    source = eps_dot(fk, q_flow).clamp(-1.0, 1.0)  # Ô
-    if valid is not None:
-        source = source.masked_fill(valid == 0, -1e9)
-        m_eff = valid.sum(-2, keepdim=True)
-    else:
-        m_eff = float(m)
-    competition = torch.softmax(source, -2) * m_eff
-    allocation = torch.sigmoid(sink * (n / m_eff))
-    vc = v * competition
-    if valid is not None:
-        vc = vc * valid
-    agg = fq @ (fk.transpose(-2, -1) @ vc)
-    return agg * (incoming * allocation)
-
-
-def eps_dot(phi: Tensor, total: Tensor) -> Tensor:
-    """(φ + ε)·(total + ε) over D′ for each row of φ [..., n, D′], total [..., 1, D′]:
-    φ·w + ε·Σw with w = total + ε, so φ is read once by a GEMV and never shifted."""
-    w = total + EPS
-    return phi @ w.transpose(-2, -1) + EPS * w.sum(-1, keepdim=True)
-
-
-def flow_causal(fq: Tensor, fk: Tensor, v: Tensor, valid: Tensor | None, chunk: int,
-                start: int = 0, carry: dict[str, Tensor] | None = None
-                ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Causal flow attention for positions start … start + n − 1 of a sequence: every sum over
-    keys or queries becomes a running sum divided by its number of terms.
-
-    `carry` holds the running sums (and the [D′, Dv] product state) of the positions before
-    `start`; the returned dict holds them after the last position, so a long sequence runs
-    a segment at a time with the same result.
-
-    The ε terms of Flowformer's dot products, (φ + ε)·(S/n + ε), are expanded into row sums
-    (φ·S/n + ε·ΣS/n + ε·Σφ + D′ε²), so that no [n, D′] tensor is shifted or divided: those
-    passes over memory, not the GEMMs, bound this form on a CPU."""
-    n, d = fq.shape[-2], fq.shape[-1]
-    if valid is not None:
-        fk = fk * valid
-    count = torch.arange(start + 1, start + n + 1, dtype=fq.dtype, device=fq.device)[:, None]
-    after: dict[str, Tensor] = {}
-
-    def running(name: str, x: Tensor) -> Tensor:
-        total = prefix_sum(x, initial=None if carry is None else carry[name])
-        after[name] = total[..., -1:, :]
-        return total
-
-    def dot(phi: Tensor, row: Tensor, total: Tensor, row_total: Tensor) -> Tensor:
-        """(φ + ε)·(total/count + ε) summed over D′, for each position."""
-        return ((phi * total).sum(-1, keepdim=True) + EPS * row_total) / count \
-            + EPS * row + d * EPS * EPS
-
-    rq, rk = fq.sum(-1, keepdim=True), fk.sum(-1, keepdim=True)
-    incoming = 1.0 / dot(fq, rq, running("k", fk), running("rk", rk))
-    outgoing = 1.0 / dot(fk, rk, running("q", fq), running("rq", rq))
-    sink = dot(fq, rq, running("k_flow", fk * outgoing), running("rk_flow", rk * outgoing))
-    source = dot(fk, rk, running("q_flow", fq * incoming),
-                 running("rq_flow", rq * incoming)).clamp(-1.0, 1.0)
-    e = torch.exp(source)
-    competition = e / running("e", e) * count
-    if valid is not None:
-        competition = competition * valid
-    agg, after["state"] = causal_product(fq, fk, v * competition, chunk,
-                                         None if carry is None else carry["state"],
-                                         with_state=True)
-    return agg * (incoming * torch.sigmoid(sink) / count), after
-
-
 # ---- one attention, any method ----
 
 def attend(method: str, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, causal: bool,
@@ -316,7 +164,7 @@ def attend(method: str, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, c
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     if method == "flow" and causal and q.shape[-2] > FLOW_SEGMENT:
-        return _flow_segmented(q, k, v, valid, chunk)
+        return flow_segmented(q, k, v, valid, chunk)
     if method != "flow" and max(q.shape[-2], k.shape[-2]) > SEGMENT:
         return _segmented(method, q, k, v, valid, causal, scale, params, chunk)
     fq = feature_map(method, q, params, "q", scale)
@@ -360,18 +208,6 @@ def _segmented(method: str, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | Non
             fq = feature_map(method, q[..., i:i + SEGMENT, :], params, "q", scale)
             outs.append(normalized(fq @ state))
     return torch.cat(outs, -2)
-
-
-def _flow_segmented(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, chunk: int
-                    ) -> Tensor:
-    """Causal flow attention FLOW_SEGMENT positions at a time, carrying its running sums."""
-    out, carry = v.new_empty(*q.shape[:-1], v.shape[-1]), None
-    for i in range(0, q.shape[-2], FLOW_SEGMENT):
-        j = min(i + FLOW_SEGMENT, q.shape[-2])
-        out[..., i:j, :], carry = flow_causal(
-            torch.sigmoid(q[..., i:j, :]), torch.sigmoid(k[..., i:j, :]), v[..., i:j, :],
-            None if valid is None else valid[..., i:j, :], chunk, i, carry)
-    return out
 
 
 def softmax_reference(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, causal: bool,

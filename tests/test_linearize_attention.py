@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import optim
+import optim.causal_scan as scan
 import optim.feature_map_fit as feature_fit
+import optim.flow_attention as flow
 import optim.linear_attention as la
 from optim.errors import PassError
 
@@ -39,7 +41,7 @@ def test_chunked_causal_product_matches_the_quadratic_form():
     v = torch.randn(2, 3, 70, 5)
     naive = (a @ b.transpose(-2, -1)).tril() @ v
     for chunk in (1, 16, 64, 70, 128):
-        torch.testing.assert_close(la.causal_product(a, b, v, chunk), naive, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(scan.causal_product(a, b, v, chunk), naive, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 300, 7), (1, 2, 64, 5), (3, 40, 1), (2, 1, 9),
@@ -48,9 +50,9 @@ def test_chunked_causal_product_matches_the_quadratic_form():
 def test_blocked_prefix_sum_is_cumsum(shape, exclusive):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     want = torch.cumsum(x, -2) - (x if exclusive else 0)
-    torch.testing.assert_close(la.prefix_sum(x, exclusive, block=64), want)
+    torch.testing.assert_close(scan.prefix_sum(x, exclusive, block=64), want)
     start = torch.randn(*shape[:-2], 1, shape[-1], dtype=torch.float64)  # a carried total
-    torch.testing.assert_close(la.prefix_sum(x, exclusive, block=64, initial=start), want + start)
+    torch.testing.assert_close(scan.prefix_sum(x, exclusive, block=64, initial=start), want + start)
 
 
 @pytest.mark.parametrize("method", ["elu", "hedgehog", "performer", "ecoformer", "flow"])
@@ -90,7 +92,7 @@ def test_performer_features_are_favor_plus_up_to_cancelling_factors():
         torch.testing.assert_close(got, want)
 
 
-def _flowformer(fq, fk, v, causal, eps=la.EPS):
+def _flowformer(fq, fk, v, causal, eps=flow.EPS):
     """Flowformer's flow attention written out, with explicit (φ + ε) dot products and an
     [n, n] mask. Causal: every sum over keys or queries is over the prefix and divided by its
     length (the prefix's mean)."""
@@ -118,7 +120,7 @@ def test_flow_attention_is_flowformers_formula(causal):
     q, k, v = torch.randn(3, 2, 3, 50, 8, dtype=torch.float64).unbind(0)
     fq, fk = torch.sigmoid(q), torch.sigmoid(k)
     want = _flowformer(fq, fk, v, causal)
-    torch.testing.assert_close(la.flow_attention(fq, fk, v, None, causal, chunk=16), want)
+    torch.testing.assert_close(flow.flow_attention(fq, fk, v, None, causal, chunk=16), want)
 
 
 @pytest.mark.parametrize("method", ["elu", "performer", "flow", "hedgehog"])
