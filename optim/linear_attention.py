@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import optim.flow_attention as flowformer
 from optim.causal_scan import CHUNK, causal_product
-from optim.flow_attention import FLOW_SEGMENT, flow_attention, flow_segmented
 
 METHODS = ("elu", "performer", "flow", "hedgehog", "ecoformer")
 ECO_ANCHORS = 20  # EcoFormer's defaults: 20 RBF anchors, 16-bit codes
@@ -163,14 +163,14 @@ def attend(method: str, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, c
     if k.shape[1] != q.shape[1]:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    if method == "flow" and causal and q.shape[-2] > FLOW_SEGMENT:
-        return flow_segmented(q, k, v, valid, chunk)
+    if method == "flow" and causal and q.shape[-2] > flowformer.FLOW_SEGMENT:
+        return flowformer.flow_segmented(q, k, v, valid, chunk)
     if method != "flow" and max(q.shape[-2], k.shape[-2]) > SEGMENT:
         return _segmented(method, q, k, v, valid, causal, scale, params, chunk)
     fq = feature_map(method, q, params, "q", scale)
     fk = feature_map(method, k, params, "k", scale)
     if method == "flow":
-        return flow_attention(fq, fk, v, valid, causal, chunk)
+        return flowformer.flow_attention(fq, fk, v, valid, causal, chunk)
     if valid is not None:
         fk = fk * valid
     return linear_attention(fq, fk, v, causal, chunk)

@@ -66,7 +66,7 @@ def test_long_sequences_run_in_segments_with_the_same_result(method, causal, mon
     p = {name: t.double() for name, t in _params(method, 3, 16, 0.25).items()}
     whole = la.attend(method, q, k, v, valid, causal, 0.25, p, chunk=32)
     monkeypatch.setattr(la, "SEGMENT", 64)  # 300 positions: four segments and a partial one
-    monkeypatch.setattr(la, "FLOW_SEGMENT", 64)
+    monkeypatch.setattr(flow, "FLOW_SEGMENT", 64)
     torch.testing.assert_close(la.attend(method, q, k, v, valid, causal, 0.25, p, chunk=32),
                                whole)
 
