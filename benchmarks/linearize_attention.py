@@ -1,16 +1,19 @@
 """Latency of linear vs fused softmax attention from L = 512 to 16384 tokens, on this CPU.
 
-Two tables, each measured interleaved in one run per length:
+Two tables, each measured interleaved in one run:
 1. one attention (BERT-base shape: 12 heads × 64, batch 1): fused softmax (PyTorch SDPA, the
    kernel optim::attention runs) against each linear method's ops, as `linearize_attention`
    splices them in (the same `optim.linear_attention` functions), bidirectional and causal;
 2. a whole encoder (2 BERT-base layers, 768 wide, batch 1) optimized by optim with
    `fuse_attention` alone and with `linearize_attention` (gate off, so every length is timed;
    the cost model's estimate for softmax and linear is printed next to the measurement).
-The scaling exponent is the slope of log(latency) over log(L), least squares over all lengths.
+The attention tables pass over all lengths `--rounds` times (3) and pool each length's samples,
+so that a slow spell of the shared machine is spread over every length. The scaling exponent is
+the slope of log(latency) over log(L), least squares over all lengths; each pass's own exponent
+is printed too, as the spread within the run.
 
 Usage: python benchmarks/linearize_attention.py [--lengths 512,1024,...] [--out ...json]
-       [--no-encoder]
+       [--rounds 3] [--budget 8] [--no-encoder]
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import argparse
 import copy
 import json
 import math
+import statistics
 import warnings
 from pathlib import Path
 
@@ -48,23 +52,40 @@ def exponent(lengths, ms) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
 
-def attention_block(lengths, causal: bool, budget_s: float) -> dict:
+def attention_block(lengths, causal: bool, budget_s: float, rounds: int) -> dict:
+    """Median ms per length and variant, from `rounds` passes over all lengths: a slow spell
+    of this shared machine then lands on every length, not on the one being timed, and the
+    fitted exponent no longer depends on when each length ran. Each pass's own medians are
+    kept too (`rounds`), so the spread between passes of one run can be read."""
     scale = HEAD_DIM ** -0.5
-    out = {}
+    fns = {}
     for n in lengths:
         g = torch.Generator().manual_seed(n)
         q, k, v = torch.randn(3, 1, HEADS, n, HEAD_DIM, generator=g).unbind(0)
-        fns = {"softmax": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)}
+        fns[n] = {"softmax": (lambda q=q, k=k, v=v:
+                              F.scaled_dot_product_attention(q, k, v, is_causal=causal))}
         for name, opts in VARIANTS.items():
             cfg = LinearizeAttentionConfig(**opts)
             params = _initial_params(cfg, q.shape, scale)
-            fns[name] = (lambda m=cfg.method, p=params:
-                         la.attend(m, q, k, v, None, causal, scale, p))
-        stats = measure(fns, warmup=1, min_runs=3, max_runs=200, budget_s=budget_s)  # short calls: more samples
-        out[n] = {name: s["median_ms"] for name, s in stats.items()}
-        print(f"attention {'causal' if causal else 'bidirectional'} L={n}: "
-              + ", ".join(f"{k} {v:.1f} ms" for k, v in out[n].items()), flush=True)
-    return out
+            fns[n][name] = (lambda m=cfg.method, p=params, q=q, k=k, v=v:
+                            la.attend(m, q, k, v, None, causal, scale, p))
+    samples = {n: {name: [] for name in fns[n]} for n in lengths}
+    per_round = []
+    for r in range(rounds):
+        medians = {}
+        for n in lengths:  # short calls: many samples, the long ones at least two per pass
+            stats = measure(fns[n], warmup=1, min_runs=2, max_runs=200,
+                            budget_s=budget_s / rounds, keep_samples=True)
+            medians[n] = {name: st["median_ms"] for name, st in stats.items()}
+            for name, st in stats.items():
+                samples[n][name] += st["samples_ms"]
+            print(f"pass {r + 1}/{rounds}, attention {'causal' if causal else 'bidirectional'} "
+                  f"L={n}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in medians[n].items()),
+                  flush=True)
+        per_round.append(medians)
+    ms = {n: {name: statistics.median(ts) for name, ts in samples[n].items()} for n in lengths}
+    return {"ms": ms, "rounds": per_round,
+            "samples": {n: {name: len(ts) for name, ts in samples[n].items()} for n in lengths}}
 
 
 def encoder(lengths, budget_s: float) -> dict:
@@ -124,6 +145,8 @@ def main() -> None:
     ap.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
     ap.add_argument("--out", default="benchmarks/linearize_attention.json")
     ap.add_argument("--budget", type=float, default=8.0, help="seconds of timing per length")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="passes over all lengths for the attention tables (samples pooled)")
     ap.add_argument("--no-encoder", action="store_true", help="time the attention alone only")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -137,11 +160,17 @@ def main() -> None:
                            * (2 if opts["method"] == "hedgehog" else 1)
                            for name, opts in VARIANTS.items()}}
     for causal in (False, True):
-        rows = attention_block(lengths, causal, args.budget)
+        block = attention_block(lengths, causal, args.budget, args.rounds)
         kind = "causal" if causal else "bidirectional"
+        names = ("softmax", *VARIANTS)
         slopes = _table(f"one attention, {kind} ({HEADS}×{HEAD_DIM}, batch 1; "
-                        f"{machine()['cpu']}, 2 threads)", rows, ("softmax", *VARIANTS), console)
-        result[f"attention_{kind}"] = {"ms": rows, "exponent": slopes}
+                        f"{machine()['cpu']}, 2 threads; {args.rounds} passes over the lengths, "
+                        "samples pooled)", block["ms"], names, console)
+        spread = {name: [exponent(lengths, [rnd[n][name] for n in lengths])
+                         for rnd in block["rounds"]] for name in names}
+        console.print("exponent of each pass alone: " + "; ".join(
+            f"{name} " + " / ".join(f"{e:.2f}" for e in es) for name, es in spread.items()))
+        result[f"attention_{kind}"] = {**block, "exponent": slopes, "exponent_per_round": spread}
     if args.no_encoder:
         Path(args.out).write_text(json.dumps(result, indent=1))
         return

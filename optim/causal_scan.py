@@ -13,14 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-CHUNK = 0  # causal form: positions per chunk; 0 = by feature size (`chunk_for`)
-
-
-def chunk_for(features: int) -> int:
-    """Positions per causal chunk for d′ features: measured at 8192 tokens on this CPU
-    (2026-12-01), 64 beat 128 by 5–10% for d′ = 64 (elu, flow) and lost by 2–6% for d′ = 128
-    (hedgehog); 256 lost everywhere."""
-    return 64 if features <= 64 else 128
+CHUNK = 0  # causal form: positions per chunk; 0 = DEFAULT_CHUNK
+# 64 positions per chunk, for every feature size: with 1024-position segments, interleaved at
+# 8192 and 16384 tokens on this CPU (2026-12-01), 64 beat 128 by 6–7% for hedgehog (d′ = 128),
+# 1–6% for performer at d′ = 128, and −1.5…+3% at d′ = 256; 32 lost everywhere (the sweep of
+# the earlier 2048-position segments had favoured 128 for d′ > 64).
+DEFAULT_CHUNK = 64
 
 
 def causal_product(a: Tensor, b: Tensor, v: Tensor, chunk: int, state: Tensor | None = None,
@@ -30,7 +28,7 @@ def causal_product(a: Tensor, b: Tensor, v: Tensor, chunk: int, state: Tensor | 
     `state` [B, H, D′, Dv] is what earlier positions contributed (a segment's carried keys);
     `with_state` also returns the state after the last position (for the next segment)."""
     bsz, h, n, _ = a.shape
-    chunk = min(chunk or chunk_for(a.shape[-1]), n)
+    chunk = min(chunk or DEFAULT_CHUNK, n)
     pad = (-n) % chunk
     if pad:
         a, b, v = (F.pad(t, (0, 0, 0, pad)) for t in (a, b, v))

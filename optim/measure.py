@@ -34,8 +34,10 @@ def machine() -> dict:
 
 
 def measure(candidates: dict[str, Callable[[], object]], *, warmup: int = 2, min_runs: int = 5,
-            max_runs: int = 50, budget_s: float = 10.0, progress=None) -> dict[str, dict]:
-    """Time each zero-argument callable, interleaved; returns per-name stats in milliseconds."""
+            max_runs: int = 50, budget_s: float = 10.0, progress=None,
+            keep_samples: bool = False) -> dict[str, dict]:
+    """Time each zero-argument callable, interleaved; returns per-name stats in milliseconds
+    (with every sample, `samples_ms`, when `keep_samples`)."""
     with torch.inference_mode():
         for fn in candidates.values():
             for _ in range(warmup):
@@ -58,4 +60,6 @@ def measure(candidates: dict[str, Callable[[], object]], *, warmup: int = 2, min
         out[name] = {"status": "measured", "median_ms": statistics.median(ts), "p10_ms": q[0],
                      "p90_ms": q[-1], "runs": len(ts), "threads": info["threads"],
                      "machine": f"{info['cpu']} ({info['cores']} cores)"}
+        if keep_samples:
+            out[name]["samples_ms"] = ts
     return out

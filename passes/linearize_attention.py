@@ -52,7 +52,7 @@ class LinearizeAttentionConfig:
     fit_steps: int = 300  # hedgehog, ecoformer: Adam steps of attention transfer per layer
     fit_lr: float = 1e-2
     fit_batches: int = 4  # hedgehog: calibration batches the maps are fitted on
-    chunk: int = la.CHUNK  # causal form: positions per chunk (0: by feature size)
+    chunk: int = la.CHUNK  # causal form: positions per chunk (0: 64)
     seed: int = 0  # performer: random projection seed
     # LoLCATs stage 2: rank-r corrections of every linear, fitted so the whole model's outputs
     # match the original's on the calibration batches, then folded into the weights (0: off)
@@ -62,8 +62,8 @@ class LinearizeAttentionConfig:
 
     def validate(self) -> None:
         if self.features < 0 or self.fit_steps < 0 or self.fit_batches < 1 or self.chunk < 0:
-            raise ValueError("features, fit_steps and chunk must be >= 0 (chunk 0: chosen by "
-                             "feature size); fit_batches >= 1")
+            raise ValueError("features, fit_steps and chunk must be >= 0 (chunk 0: the default, "
+                             "64 positions); fit_batches >= 1")
         if self.finetune_steps < 0 or self.finetune_rank < 1 or not 0 < self.finetune_lr < 1:
             raise ValueError("finetune_steps must be >= 0, finetune_rank >= 1, "
                              "finetune_lr in (0, 1)")
