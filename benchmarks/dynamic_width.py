@@ -5,6 +5,9 @@
   its FLOP fraction (cost model's count of the graph), speedup / FLOP reduction, and embedding
   fidelity on other sentences; plus one Mix'n'Match mix.
 - The digits ViT (trained here): top-1 on the 360 held-out digits at each width.
+- ViT-B/16 at 224² (random weights, so speed only): batch 8 × 197 tokens, ordered on random
+  images; the shape where the issue's ViT latency matters (the digits ViT is 64 wide, where
+  fixed per-op costs, not FLOPs, set the time at narrow widths).
 
 Each model is optimized twice on the same calibration data: ordering alone, and ordering plus
 `distill_widths` (width-aware distillation, `--distill-steps`, 0 to skip); the fidelity columns
@@ -50,6 +53,9 @@ PASSES = ["cleanup", "fuse_attention", "dynamic_width"]
 # distill_widths' learning rate: fine-tuning a pretrained BERT wants a small one (1e-3 drove
 # MiniLM's full width to 0.94 cosine in a trial); the 64-wide digits ViT trained here takes 1e-3
 LR = {"minilm": 1e-4, "digits_vit": 1e-3}
+MODELS = ("minilm", "digits_vit", "vit_b16")
+VIT_B16 = dict(image_size=224, patch_size=16, num_hidden_layers=12, hidden_size=768,
+               num_attention_heads=12, intermediate_size=3072)
 
 
 def _distill(steps: int, model: str) -> list:
@@ -126,6 +132,31 @@ def vit(budget: float, steps: int) -> list[dict]:
     return rows
 
 
+def vit_b16(budget: float) -> list[dict]:
+    """Speed only: random weights, ordered on random images (the order is real, its meaning is
+    not); the timing and FLOP columns are what this row is for."""
+    z = zoo.load("vit", batch=8, **VIT_B16)
+    g = torch.Generator().manual_seed(0)
+    calib = [((torch.randn(z.example_args[0].shape, generator=g),), {}) for _ in range(2)]
+    om = optim.optimize(copy.deepcopy(z.model), "cpu", z.example_args, PASSES,
+                        calibration=calib, backend="torch", measure_latency=False)
+    mix = tuple(w for w in MIX for _ in range(2))  # 12 layers: each of MIX's twice
+    variants = {w: om.at_width(w) for w in (*WIDTHS, mix)}
+    x = z.example_args[0]
+    stats = measure({str(w): (lambda f=f: f(x)) for w, f in variants.items()},
+                    min_runs=5, max_runs=60, budget_s=budget)
+    full_ms, full_flops = stats["1.0"]["median_ms"], _flops(om, 1.0)
+    rows = []
+    for w in variants:
+        flop_frac = _flops(om, list(w) if isinstance(w, tuple) else w) / full_flops
+        speedup = full_ms / stats[str(w)]["median_ms"]
+        rows.append({"model": "vit_b16", "width": list(w) if isinstance(w, tuple) else w,
+                     "median_ms": stats[str(w)]["median_ms"], "speedup": speedup,
+                     "flops_fraction": flop_frac, "speedup_per_flop_reduction":
+                         speedup * flop_frac})
+    return rows
+
+
 def _distilled(d: dict) -> list[str]:
     return [f"{d['cosine_mean']:.3f} / {d['cosine_min']:.3f}" if "cosine_mean" in d else "-",
             f"{100 * d['neighbour_agreement']:.0f}%" if "neighbour_agreement" in d else "-",
@@ -140,7 +171,7 @@ def main() -> None:
                     help="MiniLM calibration sentences (ordering and distillation)")
     ap.add_argument("--budget", type=float, default=20.0)
     ap.add_argument("--distill-steps", type=int, default=150)
-    ap.add_argument("--models", default="minilm,digits_vit",
+    ap.add_argument("--models", default=",".join(MODELS),
                     help="models to run; the other models' rows in --out are kept")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -151,10 +182,12 @@ def main() -> None:
         rows += minilm(args.sentences, args.calibration, args.budget, args.distill_steps)
     if "digits_vit" in models:
         rows += vit(args.budget, args.distill_steps)
+    if "vit_b16" in models:
+        rows += vit_b16(args.budget)
     out = Path(args.out)
-    if out.exists() and set(models) != set(LR):
+    if out.exists() and set(models) != set(MODELS):
         rows += [r for r in json.loads(out.read_text())["rows"] if r["model"] not in models]
-        rows.sort(key=lambda r: list(LR).index(r["model"]))  # stable: widths keep their order
+        rows.sort(key=lambda r: MODELS.index(r["model"]))  # stable: widths keep their order
     t = Table(title=f"dynamic_width: nested widths, one interleaved run per model "
                     f"({machine()['cpu']}, 2 threads, torch backend)")
     for c in ("model", "width", "median ms", "speedup", "FLOPs", "speedup × FLOP frac.",

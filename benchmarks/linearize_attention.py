@@ -162,15 +162,16 @@ def main() -> None:
     for causal in (False, True):
         block = attention_block(lengths, causal, args.budget, args.rounds)
         kind = "causal" if causal else "bidirectional"
-        names = ("softmax", *VARIANTS)
+        variant_names = ("softmax", *VARIANTS)
         slopes = _table(f"one attention, {kind} ({HEADS}×{HEAD_DIM}, batch 1; "
                         f"{machine()['cpu']}, 2 threads; {args.rounds} passes over the lengths, "
-                        "samples pooled)", block["ms"], names, console)
+                        "samples pooled)", block["ms"], variant_names, console)
         spread = {name: [exponent(lengths, [rnd[n][name] for n in lengths])
-                         for rnd in block["rounds"]] for name in names}
+                         for rnd in block["rounds"]] for name in variant_names}
         console.print("exponent of each pass alone: " + "; ".join(
             f"{name} " + " / ".join(f"{e:.2f}" for e in es) for name, es in spread.items()))
         result[f"attention_{kind}"] = {**block, "exponent": slopes, "exponent_per_round": spread}
+        Path(args.out).write_text(json.dumps(result, indent=1))  # kept if a later part fails
     if args.no_encoder:
         Path(args.out).write_text(json.dumps(result, indent=1))
         return

@@ -187,7 +187,10 @@ def _segmented(method: str, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | Non
     key features share one shift over the whole sequence: each segment's keys take the largest
     logit so far, and the carried summary is rescaled when it grows (as online softmax does)."""
     segments = [(i, min(i + SEGMENT, k.shape[-2])) for i in range(0, k.shape[-2], SEGMENT)]
-    outs, state, shift = [], None, None
+    # each segment's output goes straight into its rows: a final cat would read every segment
+    # back from memory, long after it left the cache
+    out = v.new_empty(*q.shape[:-1], v.shape[-1])
+    state, shift = None, None
     for i, j in segments:
         if method == "performer":  # keys share one shift: keep the largest so far, rescale
             fk, top = performer_features(k[..., i:j, :], params, "k", scale, shift)
@@ -201,16 +204,16 @@ def _segmented(method: str, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | Non
         va = with_ones(v[..., i:j, :])
         if causal:  # self-attention: query segment = key segment
             fq = feature_map(method, q[..., i:j, :], params, "q", scale)
-            out, state = causal_product(fq, fk, va, chunk, state, with_state=True)
-            outs.append(normalized(out))
+            num, state = causal_product(fq, fk, va, chunk, state, with_state=True)
+            out[..., i:j, :] = normalized(num)
         else:
             update = fk.transpose(-2, -1) @ va  # [B, H, d′, d+1]
             state = update if state is None else state + update
     if not causal:
         for i in range(0, q.shape[-2], SEGMENT):
             fq = feature_map(method, q[..., i:i + SEGMENT, :], params, "q", scale)
-            outs.append(normalized(fq @ state))
-    return torch.cat(outs, -2)
+            out[..., i:i + SEGMENT, :] = normalized(fq @ state)
+    return out
 
 
 def softmax_reference(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, causal: bool,
