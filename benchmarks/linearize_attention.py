@@ -13,7 +13,7 @@ the slope of log(latency) over log(L), least squares over all lengths; each pass
 is printed too, as the spread within the run.
 
 Usage: python benchmarks/linearize_attention.py [--lengths 512,1024,...] [--out ...json]
-       [--rounds 3] [--budget 8] [--no-encoder]
+       [--rounds 3] [--budget 8] [--no-encoder] [--keep-freed-memory]
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from rich.table import Table
 import optim
 import optim.linear_attention as la
 from optim import zoo
+from optim.host_memory import keep_freed_memory
 from optim.measure import machine, measure
 from passes.linearize_attention import LinearizeAttentionConfig, _features, _initial_params
 
@@ -148,13 +149,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3,
                     help="passes over all lengths for the attention tables (samples pooled)")
     ap.add_argument("--no-encoder", action="store_true", help="time the attention alone only")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="serve tensors from a heap that keeps freed pages (optim.host_memory): "
+                         "no page faults for tensors over glibc's 32 MB mmap threshold")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
+    host_memory = "kept (keep_freed_memory)" if args.keep_freed_memory and keep_freed_memory() \
+        else "glibc default (tensors over 32 MB are fresh pages)"
     lengths = [int(x) for x in args.lengths.split(",")]
     console = Console(width=200)
     names = ("softmax", *METHODS)
-    result = {"machine": machine(), "lengths": lengths, "heads": HEADS, "head_dim": HEAD_DIM,
+    result = {"machine": machine(), "host_memory": host_memory, "lengths": lengths, "heads": HEADS, "head_dim": HEAD_DIM,
               "features": {name: _features(LinearizeAttentionConfig(**opts),
                                            (1, HEADS, 1, HEAD_DIM))
                            * (2 if opts["method"] == "hedgehog" else 1)
@@ -165,7 +171,8 @@ def main() -> None:
         variant_names = ("softmax", *VARIANTS)
         slopes = _table(f"one attention, {kind} ({HEADS}×{HEAD_DIM}, batch 1; "
                         f"{machine()['cpu']}, 2 threads; {args.rounds} passes over the lengths, "
-                        "samples pooled)", block["ms"], variant_names, console)
+                        f"samples pooled; host memory: {host_memory})", block["ms"],
+                        variant_names, console)
         spread = {name: [exponent(lengths, [rnd[n][name] for n in lengths])
                          for rnd in block["rounds"]] for name in variant_names}
         console.print("exponent of each pass alone: " + "; ".join(

@@ -23,10 +23,23 @@ def _fail(e: Exception) -> None:
 @app.command()
 def run(pipeline: Path = typer.Argument(..., help="pipeline YAML file"),
         out: Path = typer.Option(None, help="directory for reports (default from the file)"),
-        save: Path = typer.Option(None, help="also save the optimized model here")) -> None:
+        save: Path = typer.Option(None, help="also save the optimized model here"),
+        keep_freed_memory: bool = typer.Option(
+            False, "--keep-freed-memory",
+            help="reuse freed host memory instead of returning it to the OS: tensors over "
+                 "32 MB (long sequences) then skip their page faults; the process keeps its "
+                 "peak memory (glibc only)")) -> None:
     """Run a pipeline file: build the model, optimize for each target, write reports."""
     from optim.runner import run_pipeline_file
 
+    if keep_freed_memory:
+        from optim.host_memory import keep_freed_memory as keep
+
+        if keep():
+            console.print("host memory: freed memory is kept in the process (glibc mallopt)")
+        else:
+            console.print("[yellow]--keep-freed-memory: this C library is not glibc; "
+                          "memory is handled as usual[/]")
     try:
         run_pipeline_file(pipeline, out=out, save=save, console=console)
     except OptimError as e:

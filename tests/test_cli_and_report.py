@@ -108,3 +108,25 @@ def test_model_sources_python_and_hf_dir(tmp_path):
     p.write_text(f"version: 1\nmodel: {{hf_dir: '{tmp_path}'}}\npasses: [cleanup]\n")
     with pytest.raises(OptimError, match="no config.json"):
         run_pipeline_file(p)
+
+
+def test_run_with_keep_freed_memory_sets_it_in_its_own_process(tmp_path):
+    # a subprocess: the setting is process-wide and must not reach the rest of the suite (its
+    # effect is tested in test_host_memory.py)
+    import subprocess
+    import sys
+
+    (tmp_path / "tiny.yaml").write_text(PIPELINE.replace("  - quantize\n", ""))
+    script = ("import sys\n"
+              "from typer.testing import CliRunner\n"
+              "from optim.cli import app\n"
+              "r = CliRunner().invoke(app, ['run', sys.argv[1], '--out', sys.argv[2], "
+              "'--keep-freed-memory'], env={'COLUMNS': '300'})\n"
+              "print(r.output)\n"
+              "sys.exit(r.exit_code)\n")
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "tiny.yaml"),
+                          str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
+                         check=False)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "freed memory is kept in the process" in run.stdout
+    assert (tmp_path / "out" / "tiny-cpu.json").exists()
