@@ -4,7 +4,7 @@ glibc's malloc serves every request above its mmap threshold (raised adaptively 
 never beyond) with fresh pages from the kernel, and unmaps them on free. PyTorch's CPU
 allocator does not cache, so each [L, D] tensor over 32 MB (12 heads × 16384 tokens × 64 floats
 is 50 MB) costs one page fault per 4 KB page, every time it is made: on this VM writing such a
-fresh tensor took 1.4–1.8 ns per element against 0.3–0.5 ns for a reused one (2026-12-01), and
+fresh tensor took 1.4–1.8 ns per element against 0.5 ns for a reused one (2026-12-01), and
 the linear attention forms, whose work is linear in L, grew faster than L from 8192 tokens on.
 
 `keep_freed_memory()` tells glibc to serve every allocation from its heap and never to return
