@@ -340,3 +340,16 @@ def test_low_rank_finetune_cuts_output_error_and_folds_away(zoo_model):
     err = {name: float((optim.numerics.tensor_leaves(om(*z.example_args, **z.example_kwargs))[0]
                         - ref).norm()) for name, om in (("plain", plain), ("tuned", tuned))}
     assert err["tuned"] < err["plain"]
+
+
+def test_host_memory_hint_only_where_a_rewritten_layer_passes_32_mb():
+    from passes.linearize_attention import host_memory_hint
+
+    def layer(length, rewritten=True):
+        return {"batch": 1, "heads": 12, "head_dim": 64, "q_len": length, "k_len": length,
+                "rewritten": rewritten}
+
+    assert host_memory_hint([layer(8192)]) is None  # 24 MB: glibc reuses it
+    assert host_memory_hint([layer(16384, rewritten=False)]) is None  # softmax kept: not ours
+    hint = host_memory_hint([layer(512), layer(16384)])
+    assert "48 MB" in hint and "--keep-freed-memory" in hint
