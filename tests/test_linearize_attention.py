@@ -44,6 +44,21 @@ def test_chunked_causal_product_matches_the_quadratic_form():
         torch.testing.assert_close(scan.causal_product(a, b, v, chunk), naive, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("n, chunk", [(40, 8), (8, 8), (5, 8), (17, 4)])
+def test_causal_product_carries_a_state_in_and_out_with_exact_gradients(n, chunk):
+    # the carried state is what earlier segments' keys contributed: it enters every position
+    torch.manual_seed(n)
+    a, b = torch.rand(2, 2, 3, n, 4, dtype=torch.float64).unbind(0)
+    v = torch.randn(2, 3, n, 5, dtype=torch.float64)
+    state = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    out, after = scan.causal_product(a, b, v, chunk, state, with_state=True)
+    torch.testing.assert_close(out, (a @ b.transpose(-2, -1)).tril() @ v + a @ state)
+    torch.testing.assert_close(after, state + b.transpose(-2, -1) @ v)
+    inputs = [t.clone().requires_grad_() for t in (a, b, v, state)]
+    assert torch.autograd.gradcheck(
+        lambda *t: scan.causal_product(*t[:3], chunk, t[3], with_state=True), inputs)
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 300, 7), (1, 2, 64, 5), (3, 40, 1), (2, 1, 9),
                                    (4, 130, 6)])
 @pytest.mark.parametrize("exclusive", [False, True])
