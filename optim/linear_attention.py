@@ -179,13 +179,17 @@ def attend(method: str, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, c
 def _segmented(method: str, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None,
                causal: bool, scale: float, params: dict[str, Tensor], chunk: int) -> Tensor:
     """`attend` over SEGMENT positions at a time, carrying the keys' [d′, d+1] summary from
-    segment to segment, so that no op touches an [L, d′] tensor larger than one segment's (at
-    16384 tokens those leave the last-level cache and latency grows faster than L). 1024
-    positions: against 512 and 2048, interleaved at 8192 and 16384 tokens on this CPU
+    segment to segment, so that no op makes an [L, d′] tensor larger than one segment's: at
+    16384 tokens such a tensor is 50–200 MB, over glibc's 32 MB mmap threshold, and is faulted
+    in page by page on every call (`optim.host_memory`).
+
+    1024 positions: against 512 and 2048, interleaved at 8192 and 16384 tokens on this CPU
     (2026-12-01), it was 9–22% faster than 2048 for performer, 2–9% for causal hedgehog, and
-    within 2% elsewhere. Performer's
-    key features share one shift over the whole sequence: each segment's keys take the largest
-    logit so far, and the carried summary is rescaled when it grows (as online softmax does)."""
+    within 2% elsewhere.
+
+    Performer's key features share one shift over the whole sequence: each segment's keys take
+    the largest logit so far, and the carried summary is rescaled when it grows (as online
+    softmax does)."""
     segments = [(i, min(i + SEGMENT, k.shape[-2])) for i in range(0, k.shape[-2], SEGMENT)]
     # each segment's output goes straight into its rows: a final cat would read every segment
     # back from memory, long after it left the cache
