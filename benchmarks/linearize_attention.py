@@ -160,7 +160,8 @@ def main() -> None:
     lengths = [int(x) for x in args.lengths.split(",")]
     console = Console(width=200)
     names = ("softmax", *METHODS)
-    result = {"machine": machine(), "host_memory": host_memory, "lengths": lengths, "heads": HEADS, "head_dim": HEAD_DIM,
+    result = {"machine": machine(), "host_memory": host_memory, "lengths": lengths,
+              "heads": HEADS, "head_dim": HEAD_DIM,
               "features": {name: _features(LinearizeAttentionConfig(**opts),
                                            (1, HEADS, 1, HEAD_DIM))
                            * (2 if opts["method"] == "hedgehog" else 1)

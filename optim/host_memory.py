@@ -25,6 +25,7 @@ import ctypes
 import ctypes.util
 import platform
 
+MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's adaptive mmap threshold never passes this (64-bit)
 M_TRIM_THRESHOLD = -1  # <malloc.h>
 M_MMAP_MAX = -4
 _INT_MAX = 2**31 - 1

@@ -30,6 +30,7 @@ import torch.fx
 import torch.nn.functional as F
 
 import optim.feature_map_fit as feature_fit
+import optim.host_memory as host_memory
 import optim.linear_attention as la
 import optim.lora_distill as lora_distill
 import optim.ops  # noqa: F401  (registers torch.ops.optim)
@@ -151,7 +152,7 @@ def host_memory_hint(layers: list[dict], bytes_per_value: int = 4) -> str | None
     each is then faulted in page by page on every call (`optim.host_memory`)."""
     sizes = [lay["batch"] * lay["heads"] * max(lay["q_len"], lay["k_len"]) * lay["head_dim"]
              * bytes_per_value for lay in layers if lay.get("rewritten")]
-    if not sizes or max(sizes) <= 32 * 2**20:
+    if not sizes or max(sizes) <= host_memory.MMAP_THRESHOLD_MAX:
         return None
     return (f"the linear attention's [B, H, L, D] tensors reach {max(sizes) / 2**20:.0f} MB, over "
             "glibc's 32 MB mmap threshold: each is faulted in afresh on every call, which made "
