@@ -7,6 +7,8 @@
 - `aten.gelu` ⇒ its erf (or tanh) formula in elementwise Relax ops, so that the fast-math pass
   can swap in vectorizable erf/tanh and the whole GELU fuses into the matmul before it (TVM's own
   gelu op legalizes to a scalar libm `erff` call per element).
+- `aten.amax` ⇒ Relax `max` over the same axes; `aten.exp2` ⇒ exp(x·ln 2) (TVM's torch importer
+  knows neither; linear attention's performer features use both).
 - `optim::linear_int8(x, w_q, w_scale, bias, in_scale, act_scale)` ⇒ x · in_scale (if given),
   symmetric int8 quantization per token (or with the static `act_scale`),
   an int8 × int8 → int32 matmul, and the fp32 rescale plus bias. Same integers as the torch
@@ -110,7 +112,23 @@ def convert_cumsum(node, importer) -> relax.Var:
     return bb.emit(R.cumsum(x, axis=node.args[1], dtype=out))
 
 
-CONVERT_MAP = {"attention.default": convert_attention,
+def convert_amax(node, importer) -> relax.Var:
+    x = _arg(importer, node, 0)
+    dims = _arg(importer, node, 1)
+    axes = None if dims in (None, [], ()) else [int(d) for d in dims]
+    keep = bool(_arg(importer, node, 2)) if len(node.args) > 2 else False
+    return importer.block_builder.emit(R.max(x, axis=axes, keepdims=keep))
+
+
+def convert_exp2(node, importer) -> relax.Var:
+    dtype = str(node.meta["val"].dtype).replace("torch.", "")
+    x = _arg(importer, node, 0)
+    return importer.block_builder.emit(R.exp(R.multiply(x, relax.const(math.log(2.0), dtype))))
+
+
+CONVERT_MAP = {"amax.default": convert_amax,
+               "exp2.default": convert_exp2,
+               "attention.default": convert_attention,
                "linear_int8.default": convert_linear_int8,
                "cumsum.default": convert_cumsum,
                "gelu.default": convert_gelu}

@@ -41,6 +41,7 @@ from optim.causal_scan import CHUNK, causal_product
 
 METHODS = ("elu", "performer", "flow", "hedgehog", "ecoformer")
 ECO_ANCHORS = 20  # EcoFormer's defaults: 20 RBF anchors, 16-bit codes
+LOG2E = math.log2(math.e)  # performer's logits are in bits: exp(z) = 2^(z·log₂e)
 TINY = 1e-30  # normalizer floor: performer features are tiny by design (a shared shift)
 SEGMENT = 1024  # longer sequences run a segment at a time (`_segmented`; see its docstring)
 
@@ -89,17 +90,20 @@ def performer_features(x: Tensor, params: dict[str, Tensor], role: str, scale: f
     shifted by its largest logit. Keys share one shift per head: their largest logit, or
     `carried` (the shift of earlier segments) if larger. The shift is a constant (no gradient:
     it cancels). The [L, m] logits are written once by the GEMM and then shifted and
-    exponentiated in place: fresh tensors of that size cost more than the arithmetic here."""
-    w = params["w"] * math.sqrt(scale)  # [m, D]
-    z = x @ w.transpose(0, 1)  # [B, H, L, m]
+    exponentiated in place: fresh tensors of that size cost more than the arithmetic here.
+    The logits are in bits (log₂e is folded into w) and exponentiated by exp2: on this CPU
+    torch's exp2 took a third of exp's time over a [12, 1024, 256] tensor (0.5 against
+    1.35 ms). The shift is in bits too."""
+    w = params["w"] * (math.sqrt(scale) * LOG2E)  # [m, D]
+    z = x @ w.transpose(0, 1)  # [B, H, L, m], logits in bits: φ = 2^z
     row_max = z.detach().amax(-1, keepdim=True)
     if role == "q":
-        return z.sub_(row_max).exp_(), row_max
-    sq = (x * x).sum(-1, keepdim=True) * (-scale / 2)  # [B, H, L, 1]
+        return z.sub_(row_max).exp2_(), row_max
+    sq = (x * x).sum(-1, keepdim=True) * (-scale / 2 * LOG2E)  # [B, H, L, 1]
     shift = (row_max + sq.detach()).amax(-2, keepdim=True)  # [B, H, 1, 1]
     if carried is not None:
         shift = torch.maximum(shift, carried)
-    return z.add_(sq - shift).exp_(), shift
+    return z.add_(sq - shift).exp2_(), shift
 
 
 def hash_codes(x: Tensor, params: dict[str, Tensor]) -> Tensor:
@@ -199,7 +203,7 @@ def _segmented(method: str, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | Non
         if method == "performer":  # keys share one shift: keep the largest so far, rescale
             fk, top = performer_features(k[..., i:j, :], params, "k", scale, shift)
             if shift is not None:
-                state = state * torch.exp(shift - top)
+                state = state * torch.exp2(shift - top)
             shift = top
         else:
             fk = feature_map(method, k[..., i:j, :], params, "k", scale)

@@ -310,10 +310,12 @@ def test_refuses_masks_it_cannot_express(mask, reason):
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "tvm"])
-def test_linearized_graph_lowers_to_other_backends(backend, zoo_model):
+@pytest.mark.parametrize("opts", [{"method": "hedgehog", "fit_steps": 5},
+                                  {"method": "performer"}])  # performer: exp2, amax
+def test_linearized_graph_lowers_to_other_backends(backend, opts, zoo_model):
     z = zoo_model("gpt2")  # causal: the chunked form (pad, reshape, cumsum) must lower too
-    ref = _linearize(z, {"method": "hedgehog", "gate": False, "fit_steps": 5})
-    om = _linearize(z, {"method": "hedgehog", "gate": False, "fit_steps": 5}, backend=backend)
+    ref = _linearize(z, {**opts, "gate": False})
+    om = _linearize(z, {**opts, "gate": False}, backend=backend)
     a = ref(*z.example_args, **z.example_kwargs).logits
     b = om(*z.example_args, **z.example_kwargs).logits
     torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3)
