@@ -82,7 +82,7 @@ def run_pipeline_file(path: Path, out: Path | None = None, save: Path | None = N
         render.print_report(om.report.data, console)
         outputs = dict(spec.get("report") or {})
         if out is not None:
-            stem = f"{spec.get('name', Path(path).stem)}-{target}"
+            stem, out = f"{spec.get('name', Path(path).stem)}-{target}", Path(out)
             outputs = {"json": str(out / f"{stem}.json"), "html": str(out / f"{stem}.html"),
                        "markdown": str(out / f"{stem}.md")}
         for kind, dest in outputs.items():

@@ -154,16 +154,39 @@ def test_report_shows_each_width(zoo_model):
     assert "dynamic_width: widths" in page and "flops_fraction" in page
 
 
+def test_real_minilm_permutation_is_exact_in_float64():
+    # real weights, real sentences: in float64 what is left of the reordering is rounding
+    from optim import zoo
+    from optim.data import sentences
+    from optim.tasks import sentence_batches
+
+    z = zoo.load("minilm", batch=4, seq=32)
+    batches = sentence_batches(z.tokenizer, sentences(8), 4, 32)
+    model = copy.deepcopy(z.model).double()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    om = optim.optimize(model, "cpu", (), ["cleanup", "fuse_attention", "dynamic_width"],
+                        example_kwargs=batches[0][1], calibration=batches[1:],
+                        backend="torch", measure_latency=False)
+    res = om.report.pass_result("dynamic_width")
+    assert res["counts"]["attention_heads_ordered"] == 6
+    assert res["details"]["permutation_max_abs_error"] < 1e-10
+    assert res["details"]["permutation_max_rel_error"] < 1e-11
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
 def test_shipped_yaml_pipeline_runs(tmp_path):
     from optim.config import shipped_pipelines
     from optim.runner import run_pipeline_file
 
-    report, = run_pipeline_file(shipped_pipelines()["minilm_widths"], out=tmp_path)
+    # `out` as a str, as a script passes it (a Path works too)
+    report, = run_pipeline_file(shipped_pipelines()["minilm_widths"], out=str(tmp_path))
     res = next(p for p in report["passes"] if p["name"] == "dynamic_width")
     assert res["counts"] == {"attention_heads_ordered": 6, "mlp_neurons_ordered": 6,
                              "layers_nested": 6}
     assert [w["width"] for w in res["details"]["widths"]] == [1.0, 0.75, 0.5]
-    assert res["details"]["permutation_max_abs_error"] < 1e-4  # exact at full width
+    # exact at full width up to fp32 summation order: 2.8e-5 of the largest output of this
+    # 6-layer BERT on an AMD EPYC (1.7e-4 absolute); in float64 it is rounding (test above)
+    assert res["details"]["permutation_max_rel_error"] < 1e-4
     trained = next(p for p in report["passes"] if p["name"] == "distill_widths")["details"]
     assert trained["kept"] and trained["held_out_batches"] == 1
     for w in ("0.75", "0.5"):  # held-out sentences
