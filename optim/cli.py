@@ -27,8 +27,8 @@ def run(pipeline: Path = typer.Argument(..., help="pipeline YAML file"),
         keep_freed_memory: bool = typer.Option(
             False, "--keep-freed-memory",
             help="reuse freed host memory instead of returning it to the OS: tensors over "
-                 "32 MB (long sequences) then skip their page faults; the process keeps its "
-                 "peak memory (glibc only)")) -> None:
+                 "32 MB (long sequences), and often smaller ones, then skip their page "
+                 "faults; the process keeps its peak memory (glibc only)")) -> None:
     """Run a pipeline file: build the model, optimize for each target, write reports."""
     from optim.runner import run_pipeline_file
 

@@ -12,7 +12,11 @@ the heap's free top to the kernel (`mallopt(M_MMAP_MAX, 0)`, `mallopt(M_TRIM_THR
 so freed pages are reused once the heap has grown to the working set. Measured on this VM
 (2026-12-01): flow attention over 16384 tokens faulted about 63k pages per call by default, and
 0–12k per call after the first with the setting; bidirectional flow then ran 2× faster at
-16384 tokens (`benchmarks/RESULTS.md`, linear attention runs 12 and 13). Intel's PyTorch CPU
+16384 tokens (`benchmarks/RESULTS.md`, linear attention runs 12 and 13). Smaller tensors pay
+too whenever the heap's free top passes glibc's trim threshold and is handed back: a plain
+all-MiniLM-L6-v2 forward at batch 8 × 128 (no tensor over 6 MB) ran 1.15× faster eager and
+1.08× as optim's graph with the setting (`benchmarks/host_memory.py`, an AMD EPYC,
+2026-12-01). Intel's PyTorch CPU
 guide gets the same from jemalloc or tcmalloc; this uses the C library every Linux Python
 already has. The cost: the process keeps its peak heap until it exits. It is process-wide and
 applies from the next allocation on. Not glibc (macOS, musl, Windows): nothing changes and it
