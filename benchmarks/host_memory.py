@@ -23,8 +23,7 @@ from rich.table import Table
 from optim.measure import machine
 
 CHILD = """
-import json, statistics, sys, time, warnings
-import torch
+import json, sys, warnings
 warnings.filterwarnings("ignore")
 mode, form, calls = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if mode == "kept":
@@ -32,20 +31,15 @@ if mode == "kept":
     assert keep_freed_memory(), "not glibc"
 import optim
 from optim import zoo
+from optim.measure import measure
 z = zoo.load("minilm", batch=8, seq=128)
 f = z.model
 if form == "optimized":
     f = optim.optimize(z.model, "cpu", z.example_args, ["cleanup", "fuse_attention"],
                        example_kwargs=z.example_kwargs, backend="torch", measure_latency=False)
-with torch.no_grad():
-    for _ in range(3):
-        f(*z.example_args, **z.example_kwargs)
-    ts = []
-    for _ in range(calls):
-        t = time.perf_counter()
-        f(*z.example_args, **z.example_kwargs)
-        ts.append(time.perf_counter() - t)
-print(json.dumps(statistics.median(ts) * 1e3))
+stats = measure({"f": lambda: f(*z.example_args, **z.example_kwargs)}, warmup=3,
+                min_runs=calls, max_runs=calls)
+print(json.dumps(stats["f"]["median_ms"]))
 """
 
 
@@ -73,7 +67,8 @@ def main() -> None:
         rows.append({"form": form, "ms": ms, "ratio_per_pair": ratios,
                      "ratio_of_medians": statistics.median(ms["default"])
                      / statistics.median(ms["kept"])})
-    table = Table(title=f"MiniLM b8 × 128, glibc default vs freed memory kept ({machine()['cpu']})")
+    table = Table(title="MiniLM b8 × 128, glibc default vs freed memory kept "
+                        f"({machine()['cpu']})")
     for c in ("form", "default ms (median)", "kept ms (median)", "default / kept",
               "per pair"):
         table.add_column(c)

@@ -53,6 +53,7 @@ def build_model(spec: dict, inputs: dict) -> zoo.ZooModel:
 def run_pipeline_file(path: Path, out: Path | None = None, save: Path | None = None,
                       console: Console | None = None) -> list[dict]:
     console = console or Console()
+    out = None if out is None else Path(out)  # a str works too
     spec = load_pipeline_file(Path(path))
     if "model" not in spec:
         raise ConfigError(f"{path}: 'optim run' needs a model: section (zoo, hf_dir or python)")
@@ -82,7 +83,7 @@ def run_pipeline_file(path: Path, out: Path | None = None, save: Path | None = N
         render.print_report(om.report.data, console)
         outputs = dict(spec.get("report") or {})
         if out is not None:
-            stem, out = f"{spec.get('name', Path(path).stem)}-{target}", Path(out)
+            stem = f"{spec.get('name', Path(path).stem)}-{target}"
             outputs = {"json": str(out / f"{stem}.json"), "html": str(out / f"{stem}.html"),
                        "markdown": str(out / f"{stem}.md")}
         for kind, dest in outputs.items():

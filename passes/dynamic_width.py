@@ -53,10 +53,10 @@ def dynamic_width(gm: torch.fx.GraphModule, cfg: DynamicWidthConfig, ctx: PassCo
     ctx.record("attention_heads_ordered", sum("heads" in la for la in plan["layers"]))
     ctx.record("mlp_neurons_ordered", sum("mlp" in la for la in plan["layers"]))
     after = gm(*ctx.example_inputs[0], **ctx.example_inputs[1])
-    pairs = list(zip(leaves(before), leaves(after)))
-    err = max(float((a - b).abs().max()) for a, b in pairs)
+    diffs = [((a - b).abs().max(), a.abs().max()) for a, b in zip(leaves(before), leaves(after))]
+    err = max(float(d) for d, _ in diffs)
     # relative to each output's largest value: what fp32 reordering leaves scales with it
-    rel = max(float((a - b).abs().max() / a.abs().max().clamp_min(1e-30)) for a, b in pairs)
+    rel = max(float(d / top.clamp_min(1e-30)) for d, top in diffs)
     ctx.record("layers_nested", len(plan["layers"]))
     gm.meta["width_plan"] = plan  # for distill_widths
     ctx.details.update(plan=plan, permutation_max_abs_error=err, permutation_max_rel_error=rel,
