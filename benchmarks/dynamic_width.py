@@ -7,7 +7,11 @@
 - The digits ViT (trained here): top-1 on the 360 held-out digits at each width.
 - ViT-B/16 at 224² (random weights, so speed only): batch 8 × 197 tokens, ordered on random
   images; the shape where the issue's ViT latency matters (the digits ViT is 64 wide, where
-  fixed per-op costs, not FLOPs, set the time at narrow widths).
+  the residual stream's work, which does not narrow, sets the time at narrow widths).
+- For every narrowed width, `fixed share` and `if narrowed ∝ FLOPs` (`fixed_cost`, from
+  per-node profiles): the share of the call spent in nodes that do not narrow (layer norms,
+  residual adds, embeddings, the head), and the speedup × FLOP fraction the width would reach
+  if every other node took exactly its FLOP fraction of its full-width time.
 
 Each model is optimized twice on the same calibration data: ordering alone, and ordering plus
 `distill_widths` (width-aware distillation, `--distill-steps`, 0 to skip); the fidelity columns
@@ -31,7 +35,9 @@ from rich.table import Table
 import optim
 from optim import digits_vit, zoo
 from optim.data import digits, sentences
-from optim.measure import machine, measure
+from hardware.opcost import graph_kernels
+from optim.measure import machine, measure, node_times
+from optim.nested_width import at_width
 from optim.tasks import sentence_batches, sentence_embedding_fidelity
 
 WIDTHS = (1.0, 0.75, 0.5, 0.25)
@@ -39,12 +45,40 @@ MIX = (1.0, 1.0, 0.75, 0.75, 0.5, 0.5)  # Mix'n'Match: early layers wide, late l
 
 
 def _flops(om, width) -> float:
-    from hardware.opcost import graph_kernels
-    from optim.nested_width import at_width
+    return sum(k.flops for k in graph_kernels(_graph(om, width)))
 
+
+def _graph(om, width):
     plan = om.report.pass_result("dynamic_width")["details"]["plan"]
-    gm = at_width(om.graph, plan, width, *om.example)
-    return sum(k.flops for k in graph_kernels(gm))
+    return at_width(om.graph, plan, width, *om.example)
+
+
+def fixed_cost(om, widths, runs: int) -> dict:
+    """Per narrowed uniform width, the time of the nodes that do not narrow, and what it leaves.
+
+    From per-node profiles of each width's graph (`optim.measure.node_times`, interpreted): a
+    node is fixed when its input and output shapes are those it has at full width (the layer
+    norms and residual adds of the residual stream, which MatFormer does not nest, embeddings,
+    the head). If every narrowed node took exactly the FLOP fraction f of its full-width time,
+    the speedup × FLOP fraction would be f·T₁ / (f·(T₁ − C₁) + C_w) (`proportional`): what
+    the width reaches when its fixed nodes are its only loss. Narrowed nodes can beat that (a
+    small GEMM or attention may run at a better rate than the full one), so it is a yardstick,
+    not a hard ceiling."""
+    full = node_times(_graph(om, 1.0), *om.example, runs=runs)
+    total_full = sum(r["ms"] for r in full.values())
+    out = {}
+    for w in widths:  # uniform narrowed widths: in a mix, each layer narrows by its own share
+        if not isinstance(w, (int, float)) or w == 1.0:
+            continue
+        prof = node_times(_graph(om, w), *om.example, runs=runs)
+        fixed = [k for k, r in prof.items() if k in full and
+                 (r["inputs"], r["shape"]) == (full[k]["inputs"], full[k]["shape"])]
+        c_full, c_w = sum(full[k]["ms"] for k in fixed), sum(prof[k]["ms"] for k in fixed)
+        f = _flops(om, w) / _flops(om, 1.0)
+        out[str(w)] = {"fixed_ms": c_w, "interpreted_ms": sum(r["ms"] for r in prof.values()),
+                       "fixed_share": c_w / sum(r["ms"] for r in prof.values()),
+                       "proportional": f * total_full / (f * (total_full - c_full) + c_w)}
+    return out
 
 
 PASSES = ["cleanup", "fuse_attention", "dynamic_width"]
@@ -93,6 +127,13 @@ def minilm(n_sentences: int, n_calib: int, budget: float, steps: int) -> list[di
             rows[-1]["distilled"] = fid
     if trained is not None:
         rows[0]["distill"] = _details(trained)
+    return _with_bounds(om, rows)
+
+
+def _with_bounds(om, rows: list[dict], runs: int = 5) -> list[dict]:
+    bounds = fixed_cost(om, [r["width"] for r in rows], runs)
+    for r in rows:
+        r.update(bounds.get(str(r["width"]), {}))
     return rows
 
 
@@ -129,7 +170,7 @@ def vit(budget: float, steps: int) -> list[dict]:
             rows[-1]["distilled"] = {"top1": digits_vit.accuracy(trained.at_width(w))}
     if trained is not None:
         rows[0]["distill"] = _details(trained)
-    return rows
+    return _with_bounds(om, rows)
 
 
 def vit_b16(budget: float) -> list[dict]:
@@ -154,7 +195,7 @@ def vit_b16(budget: float) -> list[dict]:
                      "median_ms": stats[str(w)]["median_ms"], "speedup": speedup,
                      "flops_fraction": flop_frac, "speedup_per_flop_reduction":
                          speedup * flop_frac})
-    return rows
+    return _with_bounds(om, rows, runs=3)
 
 
 def _distilled(d: dict) -> list[str]:
@@ -191,6 +232,7 @@ def main() -> None:
     t = Table(title=f"dynamic_width: nested widths, one interleaved run per model "
                     f"({machine()['cpu']}, 2 threads, torch backend)")
     for c in ("model", "width", "median ms", "speedup", "FLOPs", "speedup × FLOP frac.",
+              "fixed share", "if narrowed ∝ FLOPs",
               "emb. cosine mean / min", "NN agree", "top-1 %", "distilled: emb. cosine",
               "distilled: NN agree", "distilled: top-1 %"):
         t.add_column(c)
@@ -199,10 +241,12 @@ def main() -> None:
         t.add_row(r["model"], "mix " + "/".join(f"{x:g}" for x in w) if isinstance(w, list)
                   else f"{w:g}", f"{r['median_ms']:.1f}", f"{r['speedup']:.2f}x",
                   f"{r['flops_fraction']:.2f}", f"{r['speedup_per_flop_reduction']:.2f}",
+                  f"{r['fixed_share']:.0%}" if "fixed_share" in r else "-",
+                  f"{r['proportional']:.2f}" if "proportional" in r else "-",
                   f"{r['cosine_mean']:.3f} / {r['cosine_min']:.3f}" if "cosine_mean" in r else "-",
                   f"{100 * r['neighbour_agreement']:.0f}%" if "neighbour_agreement" in r else "-",
                   f"{r['top1']:.1f}" if "top1" in r else "-", *_distilled(r.get("distilled", {})))
-    Console(width=170).print(t)
+    Console(width=200).print(t)
     out.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
 
 

@@ -67,7 +67,12 @@ def prefix_sum(x: Tensor, exclusive: bool = False, block: int = 64,
         return out if initial is None else out + initial
     if n <= block:
         tri = torch.ones(n, n, dtype=x.dtype, device=x.device).tril(-1 if exclusive else 0)
-        return tri @ x if initial is None else torch.matmul(tri, x) + initial
+        # an explicit bmm: `tri @ x` broadcasts by transposing x into a copy (3.6 against
+        # 0.97 ms for x [1, 12, 16, 16640] timed alone here; 1–2 ms of a 180 ms causal
+        # performer call at 8192 tokens)
+        flat = x.reshape(-1, n, x.shape[-1])
+        out = torch.bmm(tri.expand(flat.shape[0], n, n), flat).view(x.shape)
+        return out if initial is None else out + initial
     pad = (-n) % block
     xb = F.pad(x, (0, 0, 0, pad)) if pad else x
     xb = xb.unflatten(-2, (-1, block))  # [..., nb, block, D]

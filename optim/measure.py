@@ -13,6 +13,9 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+aten = torch.ops.aten
 
 
 def machine() -> dict:
@@ -63,3 +66,57 @@ def measure(candidates: dict[str, Callable[[], object]], *, warmup: int = 2, min
         if keep_samples:
             out[name]["samples_ms"] = ts
     return out
+
+
+def node_times(gm: torch.fx.GraphModule, args: tuple, kwargs: dict | None = None,
+               runs: int = 5) -> dict[str, dict]:
+    """Per-node profile of an FX graph measured here: for every call_function node, the median
+    milliseconds over `runs` interpreted calls (after one warm-up call), the shapes of its tensor
+    inputs, and its output's shape (None where it is not one tensor)."""
+    from optim.ir import flatten_inputs
+
+    times: dict[str, list[float]] = {}
+    shapes: dict[str, tuple] = {}
+
+    class Timed(torch.fx.Interpreter):
+        def run_node(self, n):
+            if n.op != "call_function":
+                return super().run_node(n)
+            t0 = time.perf_counter()
+            out = super().run_node(n)
+            times.setdefault(n.name, []).append((time.perf_counter() - t0) * 1e3)
+            values = [self.env[a] for a in n.all_input_nodes]
+            inputs = [tuple(v.shape) for v in values if isinstance(v, torch.Tensor)]
+            shapes[n.name] = (inputs, tuple(out.shape) if isinstance(out, torch.Tensor) else None)
+            return out
+
+    flat = flatten_inputs(gm, args, kwargs or {})
+    with torch.inference_mode():
+        Timed(gm).run(*flat)
+        times.clear()
+        for _ in range(runs):
+            Timed(gm).run(*flat)
+    return {k: {"ms": statistics.median(ts), "inputs": shapes[k][0], "shape": shapes[k][1]}
+            for k, ts in times.items()}
+
+
+class GemmTimer(TorchDispatchMode):
+    """Wall time (`ms`) and FLOPs (`flops`) of the matrix-product ops (aten mm, bmm, addmm,
+    baddbmm) run under it, each timed inside the real call. CPU ops are synchronous; under
+    `torch.inference_mode` a dispatch mode sees no ops, so run the code under `no_grad`."""
+
+    GEMMS = frozenset({aten.mm, aten.bmm, aten.addmm, aten.baddbmm})
+
+    def __init__(self):
+        super().__init__()
+        self.ms, self.flops = 0.0, 0.0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket not in self.GEMMS:
+            return func(*args, **(kwargs or {}))
+        t0 = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        self.ms += (time.perf_counter() - t0) * 1e3
+        a = args[1] if func.overloadpacket in (aten.addmm, aten.baddbmm) else args[0]
+        self.flops += 2 * out.numel() * a.shape[-1]  # 2 · output elements · inner dimension
+        return out

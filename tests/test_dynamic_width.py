@@ -191,3 +191,28 @@ def test_shipped_yaml_pipeline_runs(tmp_path):
     assert trained["kept"] and trained["held_out_batches"] == 1
     for w in ("0.75", "0.5"):  # held-out sentences
         assert trained["relative_error_after"][w] < trained["relative_error_before"][w]
+
+
+def test_node_profile_tells_narrowed_nodes_from_fixed_ones(zoo_model):
+    # the split benchmarks/dynamic_width.py reports: layer norms keep their shapes at a
+    # narrower width, the query projections do not, and every node is timed once per run
+    from optim.measure import node_times
+    from optim.nested_width import at_width
+
+    z = zoo_model("bert")
+    om = _nest(z)
+    plan = om.report.pass_result("dynamic_width")["details"]["plan"]
+    profiles = {w: node_times(at_width(om.graph, plan, w, *om.example), *om.example, runs=2)
+                for w in (1.0, 0.5)}
+    full, half = profiles[1.0], profiles[0.5]
+    calls = [n for n in om.graph.graph.nodes if n.op == "call_function"]
+    assert set(full) == {n.name for n in calls}
+    assert all(r["ms"] > 0 for r in full.values())
+    norms = [n.name for n in calls if "layer_norm" in str(n.target)]
+    queries = [layer["heads"]["q"] for layer in plan["layers"]]
+    assert norms and queries
+    for name in norms:
+        assert (half[name]["inputs"], half[name]["shape"]) == \
+            (full[name]["inputs"], full[name]["shape"])
+    for name in queries:
+        assert half[name]["shape"][-1] * 2 == full[name]["shape"][-1]
