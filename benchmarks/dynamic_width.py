@@ -53,7 +53,7 @@ def _graph(om, width):
     return at_width(om.graph, plan, width, *om.example)
 
 
-def fixed_cost(om, widths, runs: int) -> dict:
+def fixed_cost(om, fractions: dict[float, float], runs: int) -> dict:
     """Per narrowed uniform width, the time of the nodes that do not narrow, and what it leaves.
 
     From per-node profiles of each width's graph (`optim.measure.node_times`, interpreted): a
@@ -67,14 +67,11 @@ def fixed_cost(om, widths, runs: int) -> dict:
     full = node_times(_graph(om, 1.0), *om.example, runs=runs)
     total_full = sum(r["ms"] for r in full.values())
     out = {}
-    for w in widths:  # uniform narrowed widths: in a mix, each layer narrows by its own share
-        if not isinstance(w, (int, float)) or w == 1.0:
-            continue
+    for w, f in fractions.items():  # f: the width's FLOP fraction
         prof = node_times(_graph(om, w), *om.example, runs=runs)
         fixed = [k for k, r in prof.items() if k in full and
                  (r["inputs"], r["shape"]) == (full[k]["inputs"], full[k]["shape"])]
         c_full, c_w = sum(full[k]["ms"] for k in fixed), sum(prof[k]["ms"] for k in fixed)
-        f = _flops(om, w) / _flops(om, 1.0)
         out[str(w)] = {"fixed_ms": c_w, "interpreted_ms": sum(r["ms"] for r in prof.values()),
                        "fixed_share": c_w / sum(r["ms"] for r in prof.values()),
                        "proportional": f * total_full / (f * (total_full - c_full) + c_w)}
@@ -131,7 +128,10 @@ def minilm(n_sentences: int, n_calib: int, budget: float, steps: int) -> list[di
 
 
 def _with_bounds(om, rows: list[dict], runs: int = 5) -> list[dict]:
-    bounds = fixed_cost(om, [r["width"] for r in rows], runs)
+    # uniform narrowed widths only: a mix narrows each layer by its own share, so one FLOP
+    # fraction does not stand for its narrowed nodes
+    bounds = fixed_cost(om, {r["width"]: r["flops_fraction"] for r in rows
+                             if isinstance(r["width"], float) and r["width"] < 1}, runs)
     for r in rows:
         r.update(bounds.get(str(r["width"]), {}))
     return rows
