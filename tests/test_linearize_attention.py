@@ -82,6 +82,7 @@ def test_long_sequences_run_in_segments_with_the_same_result(method, causal, mon
     whole = la.attend(method, q, k, v, valid, causal, 0.25, p, chunk=32)
     monkeypatch.setattr(la, "SEGMENT", 64)  # 300 positions: four segments and a partial one
     monkeypatch.setattr(flow, "FLOW_SEGMENT", 64)
+    monkeypatch.setattr(la, "MMAP_THRESHOLD_MAX", 0)  # bidirectional flow: segments at any size
     torch.testing.assert_close(la.attend(method, q, k, v, valid, causal, 0.25, p, chunk=32),
                                whole)
 
@@ -149,6 +150,25 @@ def test_gradients_through_the_linear_forms_are_exact(method, causal):
     inputs = tuple(t.clone().requires_grad_() for t in (q, k, v))
     assert torch.autograd.gradcheck(
         lambda q, k, v: la.attend(method, q, k, v, None, causal, 0.5, p, chunk=4), inputs)
+
+
+def test_segmented_bidirectional_flow_has_exact_gradients(monkeypatch):
+    # long bidirectional flow recomputes its features per pass; training through it (stage 2
+    # at long lengths) must still get exact gradients, padding included
+    monkeypatch.setattr(flow, "FLOW_SEGMENT", 4)  # 10 positions: three segments
+    monkeypatch.setattr(la, "MMAP_THRESHOLD_MAX", 0)  # taken from 32 MB of features on
+    calls = []
+    segmented = flow.flow_bidirectional_segmented
+    monkeypatch.setattr(flow, "flow_bidirectional_segmented",
+                        lambda *a: calls.append(1) or segmented(*a))
+    torch.manual_seed(10)
+    q, k, v = (0.5 * torch.randn(3, 2, 2, 10, 4, dtype=torch.float64)).unbind(0)
+    valid = torch.ones(2, 1, 10, 1, dtype=torch.float64)
+    valid[1, :, 7:] = 0
+    inputs = tuple(t.clone().requires_grad_() for t in (q, k, v))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: la.attend("flow", q, k, v, valid, False, 0.5, {}), inputs)
+    assert calls
 
 
 @pytest.mark.parametrize("method", ["elu", "performer", "hedgehog"])
