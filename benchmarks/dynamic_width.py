@@ -72,8 +72,8 @@ def fixed_cost(om, fractions: dict[float, float], runs: int) -> dict:
         fixed = [k for k, r in prof.items() if k in full and
                  (r["inputs"], r["shape"]) == (full[k]["inputs"], full[k]["shape"])]
         c_full, c_w = sum(full[k]["ms"] for k in fixed), sum(prof[k]["ms"] for k in fixed)
-        out[str(w)] = {"fixed_ms": c_w, "interpreted_ms": sum(r["ms"] for r in prof.values()),
-                       "fixed_share": c_w / sum(r["ms"] for r in prof.values()),
+        total = sum(r["ms"] for r in prof.values())
+        out[str(w)] = {"fixed_ms": c_w, "interpreted_ms": total, "fixed_share": c_w / total,
                        "proportional": f * total_full / (f * (total_full - c_full) + c_w)}
     return out
 
