@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 import tempfile
 import warnings
 from collections import Counter
@@ -22,9 +23,10 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from backends.onnx_lowering import OPSET, translation_table
+from backends.base import Artifact, Batch, Progress, pytree_specs, register_backend
+from hardware.target import Target
 from optim.errors import BackendError
 from optim.ir import require_lowerings
-from optim.registry import BACKENDS
 
 
 def export_onnx(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> onnx.ModelProto:
@@ -49,7 +51,9 @@ def export_onnx(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> onnx.Mod
     return program.model_proto
 
 
-class OrtArtifact:
+class OrtArtifact(Artifact):
+    backend = "onnxruntime"
+
     def __init__(self, model: onnx.ModelProto, out_spec=None, in_spec=None, threads: int | None = None):
         self.model = model
         self.out_spec, self.in_spec = out_spec, in_spec
@@ -94,11 +98,24 @@ class OrtArtifact:
                 "opset": OPSET, "ops": self.final_ops}
 
 
-def lower(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> OrtArtifact:
-    model = export_onnx(gm, args, kwargs)
-    info = getattr(gm._graph._codegen, "pytree_info", None)
-    return OrtArtifact(model, out_spec=info.out_spec if info else None,
-                       in_spec=info.in_spec if info else None)
+    def save(self, directory: Path) -> dict:
+        onnx.save_model(self.model, directory / "model.onnx")
+        return {"artifact": "model.onnx"}
 
 
-BACKENDS.add("onnxruntime", lower)
+@dataclass(frozen=True)
+class OrtOptions:
+    """ONNX Runtime takes no options: the session uses every core and all graph optimizations."""
+
+
+def load(directory: Path, manifest: dict, in_spec=None, out_spec=None) -> OrtArtifact:
+    return OrtArtifact(onnx.load(directory / manifest["artifact"]), out_spec=out_spec,
+                       in_spec=in_spec)
+
+
+@register_backend("onnxruntime", options=OrtOptions, load=load)
+def lower(gm: torch.fx.GraphModule, example: Batch, target: Target, options: OrtOptions,
+          progress: Progress | None = None) -> OrtArtifact:
+    """ONNX export (opset 23, optim's ops as ONNX/contrib ops) run by an ORT CPU session."""
+    in_spec, out_spec = pytree_specs(gm)
+    return OrtArtifact(export_onnx(gm, *example), out_spec=out_spec, in_spec=in_spec)

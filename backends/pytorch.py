@@ -9,27 +9,36 @@ CPU tensors, as every backend's do.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
-from optim.errors import BackendError
+from backends.base import Artifact, Batch, Progress, register_backend
+from backends.cuda_timing import cuda_graph
+from backends.semi_structured import MODES, convert
+from hardware.target import Target
+from optim.errors import BackendError, OptimError
 from optim.ir import op_histogram
-from optim.registry import BACKENDS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class TorchArtifact:
+class TorchArtifact(Artifact):
+    backend = "torch"
+
     def __init__(self, gm: torch.fx.GraphModule, device: str = "cpu", dtype: str = "float32",
                  sparse: dict | None = None, source: torch.fx.GraphModule | None = None,
-                 options: dict | None = None):
+                 options: TorchOptions | None = None, example: Batch | None = None):
         self.gm, self.device, self.dtype, self.sparse = gm, torch.device(device), dtype, sparse
         self.graph = None  # a CUDA graph of one call, replayed (`capture`)
         self.source = source if source is not None else gm  # the CPU fp32 graph lowered
-        self.options = options or {}  # the lowering's options, to lower it again after loading
+        self.options = options or TorchOptions()  # to lower it again after loading
+        self.example = example  # (args, kwargs) it was lowered at: `save` exports with them
 
     def capture(self, args: tuple, kwargs: dict) -> None:
         """Record one call on the example inputs as a CUDA graph; later calls copy their inputs
@@ -78,17 +87,51 @@ class TorchArtifact:
                 "ops": op_histogram(self.gm),
                 **({"semi_structured_2_4": self.sparse} if self.sparse is not None else {})}
 
+    def save(self, directory: Path) -> dict:
+        """The CPU fp32 graph as torch's export archive, and the options it was lowered with."""
+        args, kwargs = self.example
+        ep = torch.export.export(self.source, args, kwargs, strict=False)
+        if not self.options.cuda_graph:  # a CUDA graph is recorded on them
+            ep.example_inputs = None
+        torch.export.save(ep, directory / "program.pt2")
+        changed = self.options != TorchOptions()
+        return {"artifact": "program.pt2",
+                "backend_options": dataclasses.asdict(self.options) if changed else {}}
 
-def lower(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, *, device: str = "cpu",
-          dtype: str = "float32", semi_structured: str = "auto",
-          cuda_graph: bool = False) -> TorchArtifact:
+
+@dataclass(frozen=True)
+class TorchOptions:
+    device: str = "cpu"  # "cuda" runs a copy of the graph on the GPU
+    dtype: str = "float32"  # "float16" / "bfloat16": floating constants and inputs cast
+    semi_structured: str = "auto"  # CUDA 2:4 linears: "auto" (where measured faster), "always", "never"
+    cuda_graph: bool = False  # CUDA: record one call on the example inputs, replay it
+
+
+def load(directory: Path, manifest: dict, in_spec=None, out_spec=None) -> TorchArtifact:
+    ep = torch.export.load(directory / manifest["artifact"])
+    gm = ep.module()
+    options = TorchOptions(**(manifest.get("backend_options") or {}))
+    args, kwargs = ep.example_inputs or ((), {})
+    if options == TorchOptions():
+        return TorchArtifact(gm, example=(args, kwargs))
+    try:
+        return lower(gm, (args, kwargs), None, options)
+    except BackendError as e:
+        raise OptimError(f"{directory} was lowered with {dataclasses.asdict(options)} and cannot "
+                         f"be here: {e}. To run it on the CPU, optimize the model again with "
+                         f"backend_options={{}}") from e
+
+
+@register_backend("torch", options=TorchOptions, load=load)
+def lower(gm: torch.fx.GraphModule, example: Batch, target: Target | None,
+          options: TorchOptions, progress: Progress | None = None) -> TorchArtifact:
     """`device`: "cpu" or "cuda"; `dtype`: float32, float16 or bfloat16 for the weights and
     floating inputs (anything but CPU fp32 runs on a copy of the graph); `semi_structured`
     (CUDA, fp16/bf16): 2:4 linears run sparse where measured faster ("auto"), wherever a sparse
     kernel takes them ("always"), or never; `cuda_graph` (CUDA): record a call on the example
     inputs and replay it (calls must then have the example's shapes)."""
-    from backends.semi_structured import MODES, convert
-
+    device, dtype = options.device, options.dtype
+    semi_structured, cuda_graph = options.semi_structured, options.cuda_graph
     if semi_structured not in MODES:
         raise BackendError(f"torch backend: semi_structured {semi_structured!r} is not one of "
                            f"{MODES}")
@@ -103,59 +146,23 @@ def lower(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, *, device: str = 
         raise BackendError("torch backend: device 'cuda' was asked for but this PyTorch sees no "
                            "CUDA GPU (a CPU-only build, or no driver); use device='cpu'")
     if dev.type == "cpu" and dtype == "float32":
-        return TorchArtifact(gm)
+        return TorchArtifact(gm, example=example)
     run = copy.deepcopy(gm).to(dev)
     run = run.to(DTYPES[dtype])
     _retarget(run, DTYPES[dtype], dev)
     sparse = None
     if dev.type == "cuda" and dtype != "float32":
         sparse = convert(run, semi_structured, graphed=cuda_graph)
-    options = {"device": device, "dtype": dtype, "semi_structured": semi_structured,
-               "cuda_graph": cuda_graph}
-    art = TorchArtifact(run, device, dtype, sparse, source=gm, options=options)
+    art = TorchArtifact(run, device, dtype, sparse, source=gm, options=options, example=example)
     if cuda_graph:
         try:
             with torch.inference_mode():
-                art.capture(args, kwargs)
+                art.capture(*example)
         except RuntimeError as e:
             raise BackendError(f"torch backend: recording the CUDA graph failed ("
                                f"{str(e).splitlines()[0][:300]}); lower with cuda_graph=False"
                                ) from e
     return art
-
-
-def cuda_times(fn, reps: int = 10, warmup: int = 3, graphed: bool = False) -> list[float]:
-    """Sorted milliseconds of `reps` calls of `fn` (or replays of its CUDA graph), each timed by
-    CUDA events after `warmup` calls."""
-    if graphed:
-        fn = cuda_graph(fn)[0].replay
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return sorted(ts)
-
-
-def cuda_graph(fn):
-    """(graph, outputs): `fn` warmed up on a side stream, then recorded as a CUDA graph whose
-    replay recomputes `outputs` in place."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
 
 
 def _retarget(gm: torch.fx.GraphModule, dtype: torch.dtype, device: torch.device) -> None:
@@ -187,4 +194,3 @@ def _retarget(gm: torch.fx.GraphModule, dtype: torch.dtype, device: torch.device
     gm.recompile()
 
 
-BACKENDS.add("torch", lower)

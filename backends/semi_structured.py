@@ -17,8 +17,9 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
+from backends.cuda_timing import cuda_times
 from optim.ir import get_constant, module_path
-from optim.linears import constant_linears, weight_and_bias
+from passes.common.linears import constant_linears, weight_and_bias
 
 aten = torch.ops.aten
 MODES = ("auto", "always", "never")
@@ -46,7 +47,6 @@ def _kernels() -> dict:
 
 def _median_ms(fn, reps: int = 10, graphed: bool = False) -> float:
     """Median CUDA-event time of `fn`, or of replays of its CUDA graph when `graphed`."""
-    from backends.pytorch import cuda_times
 
     return cuda_times(fn, reps, graphed=graphed)[reps // 2]
 

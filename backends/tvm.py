@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
-import numpy as np
-import torch
 import torch.fx
-from torch.utils import _pytree as pytree
 
+from backends import tvm_cuda, tvm_schedules, tvm_tuning
+from backends.base import Batch, Progress, register_backend
+from backends.tvm_cuda import CudaBuild
+from backends.tvm_relax import TvmArtifact, to_relax
+from hardware.target import Target
 from optim.errors import BackendError
-from optim.ir import require_lowerings
-from optim.registry import BACKENDS
+from optim.kernels import host_target
 
 # idle TVM worker threads must not spin: on a 2-core machine they would steal the cores from
 # whatever runs next (the same reason the ORT session disables spinning)
@@ -31,140 +34,68 @@ os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 
 
-LIFTED = "main_transform_params"  # Relax's name for the function LiftTransformParams makes
 
 
-def host_target() -> dict:
-    """This CPU as a TVM target dict (JSON form: target strings changed across TVM versions)."""
-    import tvm
-
-    return {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
-            "num-cores": len(os.sched_getaffinity(0))}
-
-
-def save_executable(executable, params: list, directory) -> dict:
-    """Write a compiled Relax executable (a shared library) and its weights (safetensors, in
-    call order) into `directory`; the manifest entries `TvmArtifact.load_from` reads."""
-    from safetensors.numpy import save_file
-
-    executable.export_library(str(directory / "model.so"))
-    save_file({f"p{i}": np.ascontiguousarray(p) for i, p in enumerate(params)},
-              str(directory / "params.safetensors"))
-    return {"artifact": "model.so", "params": "params.safetensors"}
+@dataclass(frozen=True)
+class TvmOptions:
+    tune: bool = False  # measure matmul tiles the tuning database lacks (cached per target)
+    tune_budget_s: float | None = None  # stop measuring after this many seconds
+    fast_math: bool = True  # vectorizable exp/erf/tanh (max error ~1e-6 relative)
 
 
-class TvmArtifact:
-    def __init__(self, executable, params: list, target: dict, in_spec=None, out_spec=None,
-                 compile_s: float = 0.0, schedule: str = "untuned", tuning: dict | None = None):
-        import tvm
-        from tvm.runtime.vm import VirtualMachine  # the runtime's: no compiler needed to run
+class TvmCpuArtifact(TvmArtifact):
+    """The build for this CPU, and for a GPU target also its CUDA build (`cuda`)."""
 
-        self.executable, self.target = executable, target
-        self.in_spec, self.out_spec = in_spec, out_spec
-        self.compile_s, self.schedule, self.tuning = compile_s, schedule, tuning or {}
-        self.device = tvm.cuda(0) if target.get("kind") == "cuda" else tvm.cpu()
-        self.vm = VirtualMachine(executable, self.device)
-        self.raw_params = [np.ascontiguousarray(p) for p in params]
-        self.params = [tvm.runtime.tensor(p, self.device) for p in self.raw_params]
-        try:
-            transform = self.vm[LIFTED]
-        except AttributeError:  # nothing was lifted
-            transform = None
-        if transform is not None:  # weight-only work (transposes) lifted out of `main`: run once
-            self.params = list(transform(self.params))
+    cuda: CudaBuild | None = None
 
-    def device_inputs(self, args: tuple, kwargs: dict) -> list:
-        """The call's tensor inputs, in the compiled function's order, on the artifact's device."""
-        import tvm
-
-        if self.in_spec is not None:
-            from torch.fx._pytree import tree_flatten_spec
-
-            flat = list(tree_flatten_spec((args, kwargs), self.in_spec))
-        else:
-            flat = list(args) + list(kwargs.values())
-        return [tvm.runtime.tensor(t.detach().cpu().contiguous().numpy(), self.device)
-                for t in flat if isinstance(t, torch.Tensor)]
-
-    def __call__(self, *args, **kwargs):
-        out = self.vm["main"](*self.device_inputs(args, kwargs), *self.params)
-        leaves = [torch.from_numpy(o.numpy()) for o in _leaves(out)]
-        return pytree.tree_unflatten(leaves, self.out_spec) if self.out_spec else tuple(leaves)
-
-    def save_to(self, directory) -> dict:
-        """Write the compiled library and the weights (safetensors, in call order)."""
-        return {**save_executable(self.executable, self.raw_params, directory),
-                "target": self.target, "schedule": self.schedule, "tuning": self.tuning,
-                "compile_seconds": self.compile_s}
-
-    @classmethod
-    def load_from(cls, directory, manifest: dict, in_spec=None, out_spec=None) -> TvmArtifact:
-        import tvm
-        from safetensors.numpy import load_file
-
-        lib = tvm.runtime.load_module(str(directory / manifest["artifact"]))
-        weights = load_file(str(directory / manifest["params"]))
-        params = [weights[f"p{i}"] for i in range(len(weights))]
-        return cls(lib, params, manifest["target"], in_spec, out_spec,
-                   manifest.get("compile_seconds", 0.0), manifest.get("schedule", "untuned"),
-                   manifest.get("tuning"))
+    @property
+    def cuda_source(self) -> str | None:
+        return self.cuda.source if self.cuda else None
 
     def info(self) -> dict:
-        import tvm
+        return {**super().info(), **({"cuda": self.cuda.info} if self.cuda else {})}
 
-        return {"runtime": f"tvm {tvm.__version__}", "target": self.target,
-                "schedule": self.schedule, "tuning": self.tuning,
-                "compile_seconds": round(self.compile_s, 2),
-                "threads": self.target.get("num-cores")}
+    def save(self, directory: Path) -> dict:
+        manifest = self.save_to(directory)
+        if self.cuda is not None:  # generated for a GPU target
+            (directory / "kernels.cu").write_text(self.cuda.source)
+            manifest["cuda_source"] = "kernels.cu"
+            if self.cuda.executable is not None:  # runnable on a GPU machine
+                (directory / "cuda").mkdir()
+                manifest["cuda"] = {"directory": "cuda", **self.cuda.save_to(directory / "cuda")}
+        return manifest
 
-
-def _leaves(out) -> list:
-    import tvm
-
-    if isinstance(out, (tvm.runtime.Tensor,)):
-        return [out]
-    return [x for o in out for x in _leaves(o)]
-
-
-def to_relax(gm: torch.fx.GraphModule, args: tuple, kwargs: dict):
-    """The graph as a Relax IRModule with its weights detached: (mod, params)."""
-    try:
-        from tvm import relax
-        from tvm.relax.frontend.torch import from_exported_program
-    except ImportError as e:
-        raise BackendError(f"the tvm backend needs apache-tvm ({e}); pip install the project's "
-                           f"dependencies") from e
-    from backends.tvm_lowering import CONVERT_MAP
-
-    require_lowerings(gm, {k.split(".")[0] for k in CONVERT_MAP}, "tvm")
-    flat, in_spec = pytree.tree_flatten((args, kwargs))
-    tensors = tuple(t for t in flat if isinstance(t, torch.Tensor))
-    try:
-        # TVM's importer takes tensor inputs only: bind the rest (flags like use_cache=False)
-        ep = torch.export.export(_TensorsOnly(gm, flat, in_spec), tensors, strict=False)
-        mod = from_exported_program(ep, keep_params_as_input=True, custom_convert_map=CONVERT_MAP)
-    except Exception as e:
-        raise BackendError(f"lowering to Relax failed: {type(e).__name__}: {str(e)[:400]}") from e
-    return relax.frontend.detach_params(mod)
+    def measured_latency(self) -> list[dict]:
+        if self.cuda is None or not self.cuda.info["ran"]:
+            return []
+        return [{"label": f"optimized @ {self.cuda.target_name} (measured: TVM CUDA, this "
+                          f"machine's GPU)", "backend": "tvm cuda", **self.cuda.info["latency"]}]
 
 
-def lower(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, *, tune: bool = False,
-          tune_budget_s: float | None = None, fast_math: bool = True,
-          progress=None) -> TvmArtifact:
-    """Compile for this CPU. Matmuls are scheduled by `tvm_schedules` with the tile the tuning
+def load(directory: Path, manifest: dict, in_spec=None, out_spec=None) -> TvmCpuArtifact:
+    return TvmCpuArtifact.load_from(directory, manifest, in_spec, out_spec)
+
+
+@register_backend("tvm", options=TvmOptions, load=load)
+def lower(gm: torch.fx.GraphModule, example: Batch, target: Target | None,
+          options: TvmOptions, progress: Progress | None = None) -> TvmCpuArtifact:
+    """Relax compiled for this CPU (our schedules, tuned tiles); GPU targets also get CUDA code.
+
+    Matmuls are scheduled by `tvm_schedules` with the tile the tuning
     database recorded for them (`tune=True` measures the ones it lacks, within
     `tune_budget_s`); `fast_math` swaps exp/erf/tanh for vectorizable approximations
-    (max error ~1e-6 relative)."""
-    import tvm
+    (max error ~1e-6 relative). A target with a CUDA arch also gets a CUDA build
+    (`tvm_cuda.build_cuda`), run and timed where TVM sees a GPU."""
+    import tvm  # heavy: loaded when a build is asked for
     from tvm import relax
     from tvm.s_tir import dlight as dl
 
-    from backends import tvm_schedules, tvm_tuning
-
+    args, kwargs = example
+    tune, tune_budget_s, fast_math = options.tune, options.tune_budget_s, options.fast_math
     t0 = time.perf_counter()
     info = getattr(gm._graph._codegen, "pytree_info", None)
     mod, params = to_relax(gm, args, kwargs)
-    target = host_target()
+    target_gpu, target = target, host_target()
     tgt = tvm.target.Target(target)
     with tgt:
         mod = relax.transform.FastMathTransform()(mod) if fast_math else mod
@@ -180,23 +111,11 @@ def lower(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, *, tune: bool = F
     except Exception as e:
         raise BackendError(f"TVM build failed: {type(e).__name__}: {str(e)[:400]}") from e
     flat_params = [p.numpy() for p in params.get("main", [])]
-    return TvmArtifact(ex, flat_params, target, info.in_spec if info else None,
-                       info.out_spec if info else None, time.perf_counter() - t0,
-                       schedule=tuning["state"], tuning=tuning)
+    art = TvmCpuArtifact(ex, flat_params, target, info.in_spec if info else None,
+                         info.out_spec if info else None, time.perf_counter() - t0,
+                         schedule=tuning["state"], tuning=tuning)
+    if target_gpu is not None and target_gpu.cuda_arch:
+        art.cuda = tvm_cuda.build_and_run(gm, example, target_gpu, progress)
+    return art
 
 
-class _TensorsOnly(torch.nn.Module):
-    """`gm` called with its tensor inputs only; the non-tensor inputs are fixed."""
-
-    def __init__(self, gm: torch.fx.GraphModule, flat: list, spec):
-        super().__init__()
-        self.gm, self.flat, self.spec = gm, flat, spec
-
-    def forward(self, *tensors):
-        it = iter(tensors)
-        flat = [next(it) if isinstance(x, torch.Tensor) else x for x in self.flat]
-        args, kwargs = pytree.tree_unflatten(flat, self.spec)
-        return self.gm(*args, **kwargs)
-
-
-BACKENDS.add("tvm", lower)

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.fx
 
+from backends.tvm_relax import TvmArtifact, save_executable, to_relax
+from hardware.target import Target
 from optim import numerics
 from optim.errors import BackendError
 
@@ -37,15 +39,14 @@ class CudaBuild:
     """What `build_cuda` made: the report fields, and the runnable executable when compiled."""
 
     def __init__(self, info: dict, source: str, executable=None, params=(), in_spec=None,
-                 out_spec=None):
+                 out_spec=None, target_name: str = ""):
         self.info, self.source, self.executable = info, source, executable
+        self.target_name = target_name
         self.params = [np.ascontiguousarray(p) for p in params]
         self.in_spec, self.out_spec = in_spec, out_spec
 
     def save_to(self, directory) -> dict:
         """Write the CUDA library and its weights; the manifest `load_cuda` reads."""
-        from backends.tvm import save_executable
-
         if self.executable is None:
             raise BackendError("this CUDA build was not compiled (no nvcc on the build machine): "
                                "only its source exists; install the CUDA toolkit and rebuild")
@@ -55,8 +56,6 @@ class CudaBuild:
 
     def artifact(self):
         """The build as a runnable TvmArtifact on this machine's first CUDA GPU."""
-        from backends.tvm import TvmArtifact
-
         _require_gpu()
         _use_nvcc_at_load()
         return TvmArtifact(self.executable, self.params, self.info["target"], self.in_spec,
@@ -70,8 +69,6 @@ def build_cuda(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, arch: str) -
     import tvm
     from tvm import relax
     from tvm.s_tir import dlight as dl
-
-    from backends.tvm import to_relax
 
     t0 = time.perf_counter()
     info = getattr(gm._graph._codegen, "pytree_info", None)
@@ -199,8 +196,6 @@ def _require_gpu() -> None:
 
 def load_cuda(directory, manifest: dict, in_spec=None, out_spec=None):
     """A saved CUDA build as a TvmArtifact on this machine's GPU (TVM's runtime suffices)."""
-    from backends.tvm import TvmArtifact
-
     _require_gpu()
     _use_nvcc_at_load()
     return TvmArtifact.load_from(Path(directory), manifest, in_spec, out_spec)
@@ -229,3 +224,22 @@ def _device_name(dev) -> str:
         return str(dev.device_name)
     except Exception:
         return "CUDA GPU"
+
+
+def build_and_run(gm: torch.fx.GraphModule, example: tuple, target: Target,
+                  progress=None) -> CudaBuild:
+    """The CUDA build for `target`; where TVM sees a GPU, run it against the graph's own outputs
+    (computed here on the CPU) and time it."""
+    say = progress or (lambda msg: None)
+    args, kwargs = example
+    say(f"generating CUDA code for {target.name} ({target.cuda_arch})")
+    build = build_cuda(gm, args, kwargs, target.cuda_arch)
+    build.target_name = target.name
+    if build.executable is not None and gpu_available():
+        say("running the CUDA build on this machine's GPU")
+        with torch.no_grad():
+            refs = gm(*args, **kwargs)
+        mask = kwargs.get("attention_mask")
+        mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        build.info.update(run_on_gpu(build.artifact(), args, kwargs, refs, mask))
+    return build

@@ -21,7 +21,8 @@ from rich.console import Console
 from rich.table import Table
 
 import optim
-from optim import char_lm, zoo
+from optim import zoo
+from optim.zoo import char_lm
 from optim.measure import machine
 
 VARIANTS = {

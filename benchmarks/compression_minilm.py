@@ -27,9 +27,9 @@ from rich.table import Table
 
 import optim
 from optim import zoo
-from optim.data import sentences
+from optim.zoo.data import sentences
 from optim.measure import machine, measure
-from optim.tasks import sentence_batches, sentence_embedding_fidelity
+from optim.zoo.tasks import sentence_batches, sentence_embedding_fidelity
 
 DISTILL = {"distill_outputs": {"steps": 200, "lr": 1e-4}}
 VARIANTS = {"dense": None,

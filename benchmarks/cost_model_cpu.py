@@ -117,9 +117,10 @@ def evaluate(data: dict) -> str:
     from hardware.calibrate import fit, score, spearman
     from hardware.costmodel import default_calibration, estimate_kernels
     from hardware.opcost import Kernel
-    from hardware.spec import load_spec
+    from hardware.cpu_probe import probe
+    from optim.targets import resolve_target
 
-    spec = load_spec("cpu")
+    spec = resolve_target("cpu").spec
     rows = data["rows"]
     graphs = [[Kernel.from_dict(k) for k in r["kernels"]] for r in rows]
     meas = [r["median_ms"] / 1e3 for r in rows]
@@ -175,9 +176,9 @@ def evaluate(data: dict) -> str:
         f"{spec.mem_bandwidth.value / 1e9:.1f} GB/s (measured).",
     ]
     from hardware.calibrate import save
-    from hardware.estimate import calibration_path
+    from optim.targets import calibration_path
 
-    dest = calibration_path(spec, "onnxruntime")
+    dest = calibration_path(spec, "onnxruntime", probe())
     save(cal, dest)
     lines.append(f"Saved the calibration to {dest}; `cpu` estimates on this machine use it.")
     md = "\n".join(lines)

@@ -33,12 +33,13 @@ from rich.console import Console
 from rich.table import Table
 
 import optim
-from optim import digits_vit, zoo
-from optim.data import digits, sentences
+from optim import zoo
+from optim.zoo import digits_vit
+from optim.zoo.data import digits, sentences
 from hardware.opcost import graph_kernels
 from optim.measure import machine, measure, node_times
-from optim.nested_width import at_width
-from optim.tasks import sentence_batches, sentence_embedding_fidelity
+from passes.common.nested_width import at_width
+from optim.zoo.tasks import sentence_batches, sentence_embedding_fidelity
 
 WIDTHS = (1.0, 0.75, 0.5, 0.25)
 MIX = (1.0, 1.0, 0.75, 0.75, 0.5, 0.5)  # Mix'n'Match: early layers wide, late layers narrow

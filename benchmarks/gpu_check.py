@@ -142,7 +142,7 @@ def _runtime_bundle(root: Path) -> None:
 
 def _timer(fn, warmup=3, reps=20):
     """Median milliseconds of `fn` over `reps` calls, timed by CUDA events, after warm-up."""
-    from backends.pytorch import cuda_times
+    from backends.cuda_timing import cuda_times
 
     ts = cuda_times(fn, reps, warmup)
     return {"median_ms": ts[len(ts) // 2], "p10_ms": ts[len(ts) // 10],
@@ -645,7 +645,7 @@ def report(data: Path, work: Path) -> str:
         p = "fp16" if "fp16" in k else "fp32"
         out.append(f"| {k} | {v['median_ms']:.3f} | {est[p][0]:.3f} | {est[p][1]:.3f} |")
     from hardware.calibrate import save
-    from hardware.estimate import SHIPPED
+    from hardware.calibrate import SHIPPED
 
     save(cal, SHIPPED / "h200.json")  # h200 estimates use it (a local fit still wins)
     out.append(f"Saved as {SHIPPED.name}/h200.json: `h200` estimates use it.")

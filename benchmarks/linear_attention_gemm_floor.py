@@ -2,7 +2,7 @@
 
 For one attention at L tokens (BERT-base shape: 12 heads × 64, batch 1) this times, in one
 interleaved run, fused softmax attention (PyTorch SDPA) and each linear method's real ops
-(`optim.linear_attention.attend`, as `linearize_attention` splices them), then splits each
+(`passes.linearize_attention.linear_attention.attend`, as `linearize_attention` splices them), then splits each
 linear call into the time spent in its matrix-product kernels (aten mm, bmm, baddbmm, addmm:
 timed per op inside the real call, so their caches are the real ones) and everything else.
 
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-import optim.linear_attention as la
+import passes.linearize_attention.linear_attention as la
 from optim.measure import GemmTimer, machine
 from passes.linearize_attention import LinearizeAttentionConfig, _initial_params
 

@@ -25,10 +25,11 @@ from rich.console import Console
 from rich.table import Table
 
 import optim
-from optim import digits_vit, zoo
-from optim.data import digits, sentences
+from optim import zoo
+from optim.zoo import digits_vit
+from optim.zoo.data import digits, sentences
 from optim.measure import machine
-from optim.tasks import sentence_batches, sentence_embedding_fidelity
+from optim.zoo.tasks import sentence_batches, sentence_embedding_fidelity
 
 METHODS = ["hedgehog", "elu", "performer", "flow", "ecoformer"]
 

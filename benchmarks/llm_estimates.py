@@ -15,7 +15,7 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from hardware.llm import estimate_llm
+from optim.llm import estimate_llm
 
 # (model, weights, tp): 70B needs more than one 80 GB device in fp16
 CASES = [("llama2-7b", "fp16", 1), ("llama2-7b", "int8", 1), ("llama2-7b", "int4", 1),

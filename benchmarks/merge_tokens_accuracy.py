@@ -21,7 +21,8 @@ from rich.console import Console
 from rich.table import Table
 
 import optim
-from optim import digits_vit, zoo
+from optim import zoo
+from optim.zoo import digits_vit
 from optim.measure import machine, measure
 
 R_VALUES = (0, 2, 4, 6, 8, 10, 12, 16)

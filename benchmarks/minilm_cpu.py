@@ -26,9 +26,9 @@ import optim
 import optim.targets
 from backends.onnxruntime import OrtArtifact
 from optim import zoo
-from optim.data import sentences
+from optim.zoo.data import sentences
 from optim.measure import machine, measure
-from optim.tasks import sentence_batches, sentence_embedding_fidelity
+from optim.zoo.tasks import sentence_batches, sentence_embedding_fidelity
 
 
 def ort_peer(model, kw, plain: OrtArtifact, tmp: Path) -> OrtArtifact:
@@ -74,7 +74,7 @@ def main() -> None:
     with console.status("ORT transformers optimizer + quantize_dynamic"), \
             tempfile.TemporaryDirectory() as tmp:
         cands["ORT optimizer + quantize_dynamic int8"] = ort_peer(z.model, kw, plain, Path(tmp))
-    chosen = optim.targets.get_target("cpu")
+    chosen = optim.targets.resolve_target("cpu")
     console.print(f"cpu target's default backend: {chosen.default_backend} "
                   f"({chosen.backend_reason})")
     for pipe, backend in (("cpu_fp32", "onnxruntime"), ("cpu_default", "onnxruntime"),

@@ -25,9 +25,9 @@ from rich.table import Table
 
 import optim
 from optim import zoo
-from optim.data import sentences
+from optim.zoo.data import sentences
 from optim.measure import machine, measure
-from optim.tasks import sentence_batches, sentence_embedding_fidelity
+from optim.zoo.tasks import sentence_batches, sentence_embedding_fidelity
 
 LLAMA = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 4,
          "num_attention_heads": 16, "num_key_value_heads": 4, "vocab_size": 32000}

@@ -41,7 +41,8 @@ def stock_tvm(gm, args, kwargs):
     from tvm import relax
     from tvm.s_tir import dlight as dl
 
-    from backends.tvm import TvmArtifact, host_target, to_relax
+    from backends.tvm import TvmArtifact, to_relax
+    from optim.kernels import host_target
 
     info = gm._graph._codegen.pytree_info
     mod, params = to_relax(gm, args, kwargs)

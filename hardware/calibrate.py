@@ -4,7 +4,7 @@ The fit is least squares on log(predicted / measured) over whole-model latencies
 kernels from `opcost`), so a 1 ms and a 100 ms model weigh the same. Eight parameters: large-GEMM
 efficiency for float and int8, the GEMM fall-off `d_half`, bandwidth efficiency, its fall-off
 `b_half`, the per-launch cost, fused attention relative to a GEMM, and the unfused share. Fitted calibrations are saved as JSON beside the cpu probe
-cache, keyed by target and backend, and used by `estimate` when present.
+cache, keyed by target and backend; the driver (`optim.targets`) passes them to `estimate`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
@@ -89,14 +90,19 @@ def score(predicted: list[float], measured: list[float]) -> dict:
 
 
 def save(cal: Calibration, path) -> None:
-    from pathlib import Path
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(cal.to_dict(), indent=2))
 
 
 def load(path) -> Calibration:
-    from pathlib import Path
-
     return Calibration.from_dict(json.loads(Path(path).read_text()))
+
+
+SHIPPED = Path(__file__).parent / "calibrations"  # fitted on real hardware, one per target
+
+
+def shipped(spec: HardwareSpec) -> Calibration | None:
+    """The calibration optim ships for `spec` (fitted on that hardware), if any."""
+    path = SHIPPED / f"{spec.name}.json"
+    return load(path) if path.exists() else None

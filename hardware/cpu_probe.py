@@ -86,7 +86,7 @@ def _best(fn, repeats: int = 7) -> float:
 def measure() -> dict:
     """Achieved fp32 GEMM, int8 GEMM (oneDNN u8s8), binary GEMM (optim's packed XNOR/popcount
     TVM kernel, counted as 2·M·N·K ops like a GEMM) and copy bandwidth, best of several runs."""
-    from backends.tvm_kernels import binary_linear
+    from optim.kernels import binary_linear
     from optim.ops import _packed
 
     n = GEMM_N
@@ -130,29 +130,3 @@ def probe(refresh: bool = False) -> dict:
     tmp.write_text(json.dumps(data, indent=2))
     tmp.replace(path)
     return data
-
-
-def this_cpu(raw: dict) -> dict:
-    """Fill the `cpu` spec template (hardware/specs/cpu.yaml) with this machine's numbers."""
-    p = probe()
-    m = p["measured"]
-    src_m = f"measured here {m['measured_at']}, {m['threads']} threads (hardware/cpu_probe.py)"
-    src_d = "detected here from /proc/cpuinfo, /proc/meminfo and /sys cache info"
-    out = dict(raw)
-    out.pop("detect")
-    out["description"] = f"this machine: {p['model']} (family {p['family']} model " \
-                         f"{p['model_id']}), {p['cores']} cores, {' '.join(p['isa'])}"
-    out["sources"] = {**raw.get("sources", {}),
-                      "here": {"ref": src_m, "provenance": "measured"},
-                      "detected": {"ref": src_d, "provenance": "measured"}}
-    out["peak_tflops"] = {"fp32": [m["fp32_flops"] / 1e12, "here"],
-                          "int8": [m["int8_ops"] / 1e12, "here"],
-                          "binary": [m["binary_ops"] / 1e12, "here"]}
-    out["memory"] = {"bandwidth_gbs": {"value": m["read_bytes_per_s"] / 1e9, "source": "here",
-                                       "note": f"streaming read; copy (read+write) reaches "
-                                               f"{m['copy_bytes_per_s'] / 1e9:.1f} GB/s"},
-                     "capacity_gb": [p["mem_bytes"] / 1e9, "detected"], "type": "DRAM"}
-    out["onchip_mb"] = [(p["l3_bytes"] or p["l2_bytes"]) / 1e6, "detected"]
-    out["compute_units"] = [p["cores"], "detected"]
-    out["features"] = sorted(set(raw.get("features", [])) | set(p["isa"]) | {"popcount"})
-    return out

@@ -1,7 +1,10 @@
 """Estimate a post-pass graph on a target and turn it into report data.
 
-    est = estimate(gm, "a100")                 # Estimate: seconds, bound, per-kernel rows
-    section = report_section(stage_kernels, "a100", memory_bytes=...)
+    est = estimate(gm, spec, calibration)       # Estimate: seconds, bound, per-kernel rows
+    section = report_section(stage_kernels, target, memory_bytes=...)   # target: a Target
+
+Pure functions of (kernels, spec, calibration): the calibration is always passed in (the
+driver's `optim.targets.resolve_target` chooses it), never read from a cache here.
 
 Every figure says what it is: `estimated` (cost model with a named calibration), `bound` (pure
 datasheet roofline, a lower bound), or `measured` (only ever from optim.measure).
@@ -9,52 +12,22 @@ datasheet roofline, a lower bound), or `measured` (only ever from optim.measure)
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from torch.fx import GraphModule
 
-from hardware.calibrate import load as load_calibration
-from hardware.costmodel import Calibration, Estimate, default_calibration, estimate_kernels
-from hardware.cpu_probe import cache_dir, probe
+from hardware.costmodel import Calibration, Estimate, estimate_kernels
 from hardware.opcost import Kernel, graph_kernels
-from hardware.spec import HardwareSpec, load_spec
+from hardware.spec import HardwareSpec
+from hardware.target import Target
 
 # what float math runs in when deployed on each kind, unless the caller says otherwise
 DEFAULT_PRECISION = {"gpu": "fp16", "tpu": "bf16", "fpga": "fp16", "soc": "fp16", "cpu": "graph"}
 
 
-def as_spec(target: str | HardwareSpec) -> HardwareSpec:
-    return target if isinstance(target, HardwareSpec) else load_spec(target)
-
-
-def calibration_path(spec: HardwareSpec, backend: str) -> Path:
-    key = probe()["cache_key"] if spec.name == "cpu" else "spec"
-    return cache_dir() / "calibration" / f"{spec.name}-{backend}-{key}.json"
-
-
-SHIPPED = Path(__file__).parent / "calibrations"  # fitted on real hardware, one per target
-
-
-def calibration_for(spec: HardwareSpec, backend: str = "onnxruntime") -> Calibration:
-    """A calibration fitted for this target and backend on this machine when one was saved,
-    else one shipped with optim for the target (fitted on that hardware), else spec defaults."""
-    for path in (calibration_path(spec, backend), SHIPPED / f"{spec.name}.json"):
-        if path.exists():
-            try:
-                return load_calibration(path)
-            except (ValueError, TypeError, KeyError):
-                pass  # an unreadable calibration falls back; the report names which was used
-    return default_calibration(spec)
-
-
-def estimate(graph: GraphModule | list[Kernel], target: str | HardwareSpec, *,
-             precision: str | None = None, calibration: Calibration | None = None,
-             backend: str = "onnxruntime") -> Estimate:
-    """Estimated latency of `graph` (an FX graph with meta["val"], or its kernels) on `target`."""
-    spec = as_spec(target)
+def estimate(graph: GraphModule | list[Kernel], spec: HardwareSpec, calibration: Calibration,
+             *, precision: str | None = None) -> Estimate:
+    """Estimated latency of `graph` (an FX graph with meta["val"], or its kernels) on `spec`."""
     kernels = graph if isinstance(graph, list) else graph_kernels(graph)
-    return estimate_kernels(kernels, spec, calibration or calibration_for(spec, backend),
-                            precision or DEFAULT_PRECISION[spec.kind])
+    return estimate_kernels(kernels, spec, calibration, precision or DEFAULT_PRECISION[spec.kind])
 
 
 def by_label(est: Estimate) -> str:
@@ -64,13 +37,12 @@ def by_label(est: Estimate) -> str:
            f"{fitted}"
 
 
-def report_section(stages: dict[str, list[Kernel]], target: str | HardwareSpec, *,
-                   memory_bytes: float = 0.0, precision: str | None = None,
-                   backend: str = "onnxruntime", top: int = 5) -> dict:
+def report_section(stages: dict[str, list[Kernel]], target: Target, *,
+                   memory_bytes: float = 0.0, precision: str | None = None, top: int = 5) -> dict:
     """The per-target block of a report: latency after each pipeline stage (what each pass
     bought), the final estimate's bound, bytes by class, top kernels, memory fit and energy."""
-    spec = as_spec(target)
-    ests = {name: estimate(k, spec, precision=precision, backend=backend)
+    spec = target.spec
+    ests = {name: estimate(k, spec, target.calibration, precision=precision)
             for name, k in stages.items()}
     final = list(ests.values())[-1]
     first = list(ests.values())[0]

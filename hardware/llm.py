@@ -1,61 +1,27 @@
 """LLM inference phases on a target: prefill (time to first token) and decode (per-token latency,
 tokens/s) with a KV cache of a given length and batch, on one device or tp x pp devices.
 
-No weights are needed: the decoder is built from its config on the meta device and captured
-with torch.export (fake tensors carry only shapes and dtypes). Two layers are captured and the
-second layer's kernels stand for every later one (decoder layers are identical), so a 70B config
-costs seconds and a few hundred MB. Decode is the seq=1 graph with each attention reading the
-whole cache: the K/V of `context_len` tokens move as the `kv_cache` byte class.
-
-    from hardware.llm import estimate_llm
-    r = estimate_llm("llama2-7b", "a100", batch=1, prompt_len=512, context_len=1024)
-    r["decode"]["tokens_per_s"]
+No weights are needed: the caller passes `capture(shape, batch, seq)`, the kernels of a 2-layer
+copy of the decoder (`optim.llm` captures it on the meta device). The second layer's kernels
+stand for every later one (decoder layers are identical), so a 70B config costs seconds. Decode
+is the seq=1 graph with each attention reading the whole cache: the K/V of `context_len` tokens
+move as the `kv_cache` byte class. Users call `optim.llm.estimate_llm("llama2-7b", "a100")`.
 """
 
 from __future__ import annotations
 
-import os
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from functools import lru_cache
 
-import torch
-
-from hardware.costmodel import estimate_kernels
-from hardware.estimate import as_spec, calibration_for
+from hardware.costmodel import Calibration, estimate_kernels
 from hardware.llm_shape import LLMShape, llm_shape
 from hardware.opcost import BYTES, Kernel, graph_kernels
 from hardware.parallel import allreduce_s, check_parallel, p2p_s, shard_tp
+from hardware.spec import HardwareSpec
 from optim.errors import ConfigError
 
 WEIGHT_FORMATS = {"fp16": ("fp16", 2.0), "bf16": ("bf16", 2.0), "fp8": ("fp8", 1.0),
                   "int8": ("int8", 1.0), "int4": ("int4", 0.5)}
-
-
-@lru_cache(maxsize=16)
-def _captured(shape: LLMShape, batch: int, seq: int) -> tuple[Kernel, ...]:
-    """Kernels of a 2-layer meta-device copy of the decoder, after cleanup + fuse_attention."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from optim.ir import capture
-    from optim.pass_base import PassContext
-    from optim.pipeline import Pipeline
-    from optim.registry import load_plugins
-
-    load_plugins()
-    cfg = LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.ffn,
-                      num_hidden_layers=2, num_attention_heads=shape.heads,
-                      num_key_value_heads=shape.kv_heads, vocab_size=shape.vocab,
-                      max_position_embeddings=max(4096, seq), use_cache=False,
-                      attn_implementation="sdpa")
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg).to(torch.float16).eval()
-    ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
-    # only the last position's logits are needed to pick the next token
-    cap = capture(model, (ids,), {"logits_to_keep": 1})
-    Pipeline.build(["cleanup", "fuse_attention"]).run(cap.gm, PassContext(
-        target=None, example_inputs=((ids,), {"logits_to_keep": 1}), calibration=[]))
-    return tuple(graph_kernels(cap.gm))
 
 
 def _layer(k: Kernel) -> int | None:
@@ -67,15 +33,19 @@ def _layer(k: Kernel) -> int | None:
     return None
 
 
-def decoder_kernels(shape: LLMShape, *, batch: int, seq: int, context_len: int | None = None,
-                    weights: str = "fp16", kv: str = "fp16") -> list[Kernel]:
+Capture = Callable[[LLMShape, int, int], Sequence[Kernel]]  # (shape, batch, seq) -> 2 layers
+
+
+def decoder_kernels(shape: LLMShape, capture: Capture, *, batch: int, seq: int,
+                    context_len: int | None = None, weights: str = "fp16",
+                    kv: str = "fp16") -> list[Kernel]:
     """All kernels of one forward of `shape` over `seq` new tokens per sequence; with
     `context_len`, attention reads a KV cache of that many tokens (decode)."""
     if weights not in WEIGHT_FORMATS:
         raise ConfigError(f"weights={weights!r}; valid: {', '.join(WEIGHT_FORMATS)}")
     if kv not in BYTES:
         raise ConfigError(f"kv={kv!r}; valid: fp16, bf16, fp8, int8, int4")
-    base = list(_captured(shape, batch, seq))
+    base = list(capture(shape, batch, seq))
     template = [k for k in base if _layer(k) == 1]
     if not template:
         raise ConfigError("could not find decoder layer 1 in the captured graph")
@@ -157,14 +127,13 @@ def _fpga(shape: LLMShape, spec, batch: int, prompt_len: int, ctx: int, weights:
     }
 
 
-def estimate_llm(model: str | LLMShape, target, *, batch: int = 1, prompt_len: int = 512,
-                 context_len: int | None = None, weights: str = "fp16", kv: str = "fp16",
-                 tp: int = 1, pp: int = 1, backend: str = "torch") -> dict:
+def estimate_llm(model: str | LLMShape, spec: HardwareSpec, cal: Calibration, capture: Capture,
+                 *, batch: int = 1, prompt_len: int = 512, context_len: int | None = None,
+                 weights: str = "fp16", kv: str = "fp16", tp: int = 1, pp: int = 1) -> dict:
     """Prefill and decode estimates for a decoder LLM (a name like `llama2-7b`, an `LLMShape`,
-    or a transformers config) on `target`, over `tp` x `pp` devices."""
+    or a transformers config) on `spec` with calibration `cal`, over `tp` x `pp` devices."""
     shape = model if isinstance(model, LLMShape) else (
         llm_shape(model) if isinstance(model, str) else LLMShape.from_config(model))
-    spec = as_spec(target)
     check_parallel(spec, tp, pp)
     if batch < 1 or prompt_len < 1:
         raise ConfigError(f"batch and prompt_len must be >= 1, got {batch}, {prompt_len}")
@@ -173,11 +142,10 @@ def estimate_llm(model: str | LLMShape, target, *, batch: int = 1, prompt_len: i
     ctx = context_len or prompt_len
     if spec.kind == "fpga":
         return _fpga(shape, spec, batch, prompt_len, ctx, weights, kv)
-    cal = calibration_for(spec, backend)
     devices = tp * pp
-    prefill = _phase(decoder_kernels(shape, batch=batch, seq=prompt_len, weights=weights,
+    prefill = _phase(decoder_kernels(shape, capture, batch=batch, seq=prompt_len, weights=weights,
                                      kv=kv), spec, cal, shape, batch * prompt_len, tp, pp, 2.0)
-    decode = _phase(decoder_kernels(shape, batch=batch, seq=1, context_len=ctx, weights=weights,
+    decode = _phase(decoder_kernels(shape, capture, batch=batch, seq=1, context_len=ctx, weights=weights,
                                     kv=kv), spec, cal, shape, batch, tp, pp, 2.0)
     decode["tokens_per_s"] = batch / decode["seconds"]
     decode["tokens_per_s_pipelined"] = batch / decode["pipelined_stage_s"]

@@ -1,7 +1,8 @@
 """Plots for reports, as PNG bytes (matplotlib figures drawn on the Agg canvas: no display, and
 pyplot's global backend is left alone).
 
-    png = roofline_png(load_spec("a100"), kernel_points(estimate(gm, "a100")), "bert on a100")
+    a100 = resolve_target("a100")
+    png = roofline_png(a100.spec, kernel_points(estimate(gm, a100.spec, a100.calibration)), "bert")
     png = stage_bars_png(report["estimates"])
 
 Every figure is labelled with what its numbers are: kernel points and stage bars are

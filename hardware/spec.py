@@ -146,29 +146,45 @@ def target_names() -> list[str]:
     return sorted(p.stem.replace("_", "-") for p in specs_dir().glob("*.yaml"))
 
 
-def load_spec(name_or_path: str | Path) -> HardwareSpec:
-    """Load a target by name (`a100`, `cpu`, ...) or from a YAML path. `cpu` is this machine:
-    its peaks are measured once and cached (see `hardware.cpu_probe`)."""
+def load_spec(name_or_path: str | Path, machine: dict | None = None) -> HardwareSpec:
+    """Load a target by name (`a100`, ...) or from a YAML path. A `detect` spec (`cpu`: this
+    machine) is a template filled from `machine`, the facts and rates `hardware.cpu_probe.probe`
+    measured; loading never measures (`optim.targets.resolve_target("cpu")` does both)."""
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
         path = specs_dir() / f"{str(name_or_path).replace('-', '_')}.yaml"
         if not path.exists():
             raise UnknownNameError("target", str(name_or_path), target_names())
+    raw = _read(str(path.resolve()))
+    if raw.get("detect"):
+        if machine is None:
+            raise ConfigError(f"target {raw.get('name', path.stem)!r} is this machine: its spec "
+                              f"needs the measured rates; use optim.targets.resolve_target"
+                              f"({raw.get('name', path.stem)!r}), or pass "
+                              f"machine=hardware.cpu_probe.probe()")
+        return _validated(this_cpu(raw, machine), str(path))
     return _load_path(str(path.resolve()))
 
 
 @cache
-def _load_path(path: str) -> HardwareSpec:
+def _read(path: str) -> dict:
     try:
         raw = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError(f"no target spec at {path}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
-    if isinstance(raw, dict) and raw.get("detect"):
-        from hardware.cpu_probe import this_cpu
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a target spec is a mapping, got {type(raw).__name__}")
+    return raw
 
-        raw = this_cpu(raw)
+
+@cache
+def _load_path(path: str) -> HardwareSpec:
+    return _validated(_read(path), path)
+
+
+def _validated(raw: dict, path: str) -> HardwareSpec:
     try:
         jsonschema.validate(raw, _schema())
     except jsonschema.ValidationError as e:
@@ -230,3 +246,29 @@ def build_spec(raw: dict, path: str = "<dict>") -> HardwareSpec:
         features=frozenset(raw.get("features", ())), interconnect=interconnect, fpga=fpga,
         cuda_arch=raw.get("cuda_arch", ""),
         sources=sources, path=path)
+
+
+def this_cpu(raw: dict, p: dict) -> dict:
+    """Fill the `cpu` spec template (hardware/specs/cpu.yaml) with this machine's numbers, `p`
+    as `hardware.cpu_probe.probe()` detected and measured them."""
+    m = p["measured"]
+    src_m = f"measured here {m['measured_at']}, {m['threads']} threads (hardware/cpu_probe.py)"
+    src_d = "detected here from /proc/cpuinfo, /proc/meminfo and /sys cache info"
+    out = dict(raw)
+    out.pop("detect")
+    out["description"] = f"this machine: {p['model']} (family {p['family']} model " \
+                         f"{p['model_id']}), {p['cores']} cores, {' '.join(p['isa'])}"
+    out["sources"] = {**raw.get("sources", {}),
+                      "here": {"ref": src_m, "provenance": "measured"},
+                      "detected": {"ref": src_d, "provenance": "measured"}}
+    out["peak_tflops"] = {"fp32": [m["fp32_flops"] / 1e12, "here"],
+                          "int8": [m["int8_ops"] / 1e12, "here"],
+                          "binary": [m["binary_ops"] / 1e12, "here"]}
+    out["memory"] = {"bandwidth_gbs": {"value": m["read_bytes_per_s"] / 1e9, "source": "here",
+                                       "note": f"streaming read; copy (read+write) reaches "
+                                               f"{m['copy_bytes_per_s'] / 1e9:.1f} GB/s"},
+                     "capacity_gb": [p["mem_bytes"] / 1e9, "detected"], "type": "DRAM"}
+    out["onchip_mb"] = [(p["l3_bytes"] or p["l2_bytes"]) / 1e6, "detected"]
+    out["compute_units"] = [p["cores"], "detected"]
+    out["features"] = sorted(set(raw.get("features", [])) | set(p["isa"]) | {"popcount"})
+    return out

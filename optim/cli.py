@@ -51,9 +51,9 @@ def passes() -> None:
     """List registered passes with a one-line description."""
     from rich.table import Table
 
-    from optim.registry import PASSES, load_plugins
+    import passes  # noqa: F401  (registers every pass)
+    from optim.registry import PASSES
 
-    load_plugins()
     t = Table("pass", "numerics", "requires", "what it does")
     for name in PASSES.names():
         s = PASSES.get(name)
@@ -67,11 +67,11 @@ def targets(name: str = typer.Argument(None, help="show every number of one targ
     """List hardware targets (one spec file each in hardware/specs/) with their provenance."""
     from rich.table import Table
 
-    from hardware.spec import load_spec, target_names
+    from optim.targets import resolve_target, target_names
 
     try:
         if name:
-            spec = load_spec(name)
+            spec = resolve_target(name).spec
             t = Table("field", "value", "unit", "provenance", "source",
                       title=f"{spec.name}: {spec.description}")
             for key, q in spec.quantities().items():
@@ -82,7 +82,7 @@ def targets(name: str = typer.Argument(None, help="show every number of one targ
         t = Table("target", "kind", "runs here", "best peak", "memory BW", "capacity",
                   "provenance", "description")
         for n in target_names():
-            spec = load_spec(n)
+            spec = resolve_target(n).spec
             dtype = max(spec.peak, key=lambda d: spec.peak[d].value)
             t.add_row(n, spec.kind, "measured" if n == "cpu" else "estimated",
                       f"{spec.peak[dtype].value / 1e12:.3g} T ({dtype})",
@@ -172,7 +172,7 @@ def llm(model: str = typer.Argument("llama2-7b", help="llama2-7b | llama2-13b | 
     """Estimate LLM prefill (time to first token) and decode (tokens/s) on targets, no weights."""
     from rich.table import Table
 
-    from hardware.llm import estimate_llm
+    from optim.llm import estimate_llm
 
     t = Table("target", "devices", "TTFT ms", "decode ms/token", "tokens/s", "bound (decode)",
               "memory/device GB", "fits", title=f"{model}: batch {batch}, prompt {prompt}, "

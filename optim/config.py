@@ -13,6 +13,10 @@ from typing import Any
 import jsonschema
 import yaml
 
+import passes  # noqa: F401  (registers every pass, so names are checked)
+from hardware.spec import target_names
+from optim.pass_base import config_from_dict
+from optim.registry import PASSES
 from optim.errors import ConfigError, UnknownNameError
 
 
@@ -56,10 +60,6 @@ def load_pipeline_file(path: Path) -> dict[str, Any]:
         keypath = list(e.absolute_path)
         raise ConfigError(f"{path}:{_line(root, keypath)}: {_fmt(keypath)}: {_message(e)}")
     # names and options are checked against the registry so errors point at the line too
-    from optim.pass_base import config_from_dict
-    from optim.registry import PASSES, load_plugins
-
-    load_plugins()
     for i, entry in enumerate(data["passes"]):
         name, options = (entry, None) if isinstance(entry, str) else next(iter(entry.items()))
         where = f"{path}:{_line(root, ['passes', i])}: passes[{i}]"
@@ -68,8 +68,6 @@ def load_pipeline_file(path: Path) -> dict[str, Any]:
         except UnknownNameError as err:
             raise ConfigError(f"{where}: {err}") from None
         config_from_dict(spec.config, options, f"{where} ({name})")
-    from optim.targets import target_names
-
     for key in ("target", "targets"):
         names = data.get(key) if isinstance(data.get(key), list) else [data.get(key)]
         for i, name in enumerate(n for n in names if n is not None):

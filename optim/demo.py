@@ -11,8 +11,8 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from optim import render, zoo
 from optim.api import optimize
-from optim.data import sentences
-from optim.tasks import sentence_batches, sentence_embedding_fidelity
+from optim.zoo.data import sentences
+from optim.zoo.tasks import sentence_batches, sentence_embedding_fidelity
 
 
 ESTIMATE_ON = ["a100", "h100", "l4", "jetson-orin", "xeon-spr", "alveo-u280"]

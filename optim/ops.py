@@ -16,7 +16,7 @@ ONNX nodes (`backends/onnx_lowering.py`).
 - `optim::linear_binary(x, w_bits, w_scale, bias, threshold, in_features)`: sign weights packed
   64 per int64 word, K-major ([words, N]), with a scale per output channel (or group of inputs). With a `threshold`,
   activations are binarized too (x − τ → sign and a per-row scale) and the layer runs on the
-  packed XNOR/popcount kernel (`backends.tvm_kernels.binary_linear`); without, the weights are
+  packed XNOR/popcount kernel (`optim.kernels.binary_linear`); without, the weights are
   unpacked to fp32 for a dense GEMM.
 """
 
@@ -69,7 +69,7 @@ attention.register_autograd(_attention_backward, setup_context=_attention_setup)
 # y = s_x[m] · w_scale[n] · Σ_k q_x[m, k] · w_q[n, k] + bias[n]
 #   q_x = round(x / s_x), s_x = max|x[m, :]| / 127 (one scale per token), w_q int8 per-channel.
 # `in_scale` [K] (optional) multiplies x per input channel first (SmoothQuant's x / s), inside
-# the same fused quantization pass (`backends.tvm_kernels.quantize_rows`). With `act_scale` (a
+# the same fused quantization pass (`optim.kernels.quantize_rows`). With `act_scale` (a
 # calibrated scalar, static int8) s_x is that constant for every token.
 # The torch kernel runs the integer GEMM in oneDNN (u8 activations with zero point 128, s8
 # weights, int32 accumulation); prepacked weights are cached per weight tensor.
@@ -92,7 +92,7 @@ def _packed(w_q: Tensor) -> Tensor:
 @torch.library.custom_op("optim::linear_int8", mutates_args=())
 def linear_int8(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
                 in_scale: Tensor | None = None, act_scale: Tensor | None = None) -> Tensor:
-    from backends.tvm_kernels import quantize_rows, quantize_static  # one fused pass over x
+    from optim.kernels import quantize_rows, quantize_static  # one fused pass over x
 
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k).float().contiguous()
@@ -215,13 +215,13 @@ def _(x, w_packed, scales, bias, block):
 @torch.library.custom_op("optim::linear_binary", mutates_args=())
 def linear_binary(x: Tensor, w_bits: Tensor, w_scale: Tensor, bias: Tensor | None,
                   threshold: Tensor | None, in_features: int) -> Tensor:
-    from optim.binary import expand_groups, unpack_bits
+    from optim.bits import expand_groups, unpack_bits
 
     lead, k = x.shape[:-1], in_features
     if threshold is None:  # weights only: unpack, then a float GEMM (no kernel beats fp32 here)
         w = unpack_bits(w_bits.T, k) * expand_groups(w_scale, k)
         return F.linear(x, w.to(x.dtype), bias)
-    from backends.tvm_kernels import binary_linear, pack_rows
+    from optim.kernels import binary_linear, pack_rows
 
     bits, beta = pack_rows(x.reshape(-1, k).float(), threshold, w_scale.shape[1])
     y = binary_linear(bits, w_bits, k, beta, w_scale, bias)

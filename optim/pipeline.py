@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from optim.errors import ConfigError, PassError
-from optim.pass_base import PassContext, PassResult, PassSpec, config_to_dict
+from optim.pass_base import Exact, PassContext, PassResult, PassSpec, config_to_dict
 from optim.registry import PASSES
 
 
@@ -21,6 +21,7 @@ from optim.registry import PASSES
 class Step:
     spec: PassSpec
     config: Any
+    inserted_for: str | None = None  # set when the pipeline added this step as a prerequisite
 
     @property
     def name(self) -> str:
@@ -31,9 +32,14 @@ class Step:
 
 
 class Pipeline:
-    def __init__(self, steps: list[Step]):
-        self.steps = steps
+    def __init__(self, steps: list[Step], insert_prerequisites: bool = True):
+        self.steps = _with_prerequisites(steps) if insert_prerequisites else steps
         self._check_requires()
+
+    @property
+    def inserted(self) -> list[Step]:
+        """Steps the pipeline added because a later pass requires them."""
+        return [s for s in self.steps if s.inserted_for]
 
     @property
     def names(self) -> list[str]:
@@ -41,8 +47,10 @@ class Pipeline:
 
     @classmethod
     def build(cls, entries: Any, overrides: dict[str, dict] | None = None,
-              where: str = "pipeline") -> Pipeline:
-        """Build from a list of names / {name: options} / (name, options) / Step entries."""
+              where: str = "pipeline", insert_prerequisites: bool = True) -> Pipeline:
+        """Build from a list of names / {name: options} / (name, options) / Step entries.
+        A pass's exact prerequisites that the list lacks are inserted before it (with their
+        default options; `Step.inserted_for` says why); a lossy one is never inserted."""
         if isinstance(entries, str):
             entries = parse_text(entries)
         if not isinstance(entries, (list, tuple)):
@@ -59,15 +67,16 @@ class Pipeline:
             PASSES.get(name)  # unknown name -> did-you-mean
             raise ConfigError(f"options were given for pass {name!r}, which is not in the "
                               f"pipeline ({', '.join(s.name for s in steps) or 'empty'})")
-        return cls(steps)
+        return cls(steps, insert_prerequisites)
 
     def _check_requires(self) -> None:
         seen: set[str] = set()
         for s in self.steps:
             missing = [r for r in s.spec.requires if r not in seen]
             if missing:
-                raise ConfigError(f"pass {s.name!r} requires {missing} to run before it; "
-                                  f"add them earlier in the pipeline")
+                raise ConfigError(f"pass {s.name!r} requires {missing} to run before it, and "
+                                  f"they change numerics, so they are not added for you; add "
+                                  f"them earlier in the pipeline")
             seen.add(s.name)
 
     def run(self, gm, ctx: PassContext, after_each=None) -> list[PassResult]:
@@ -92,6 +101,18 @@ class Pipeline:
 
     def to_list(self) -> list[dict[str, Any]]:
         return [s.to_dict() for s in self.steps]
+
+
+def _with_prerequisites(steps: list[Step]) -> list[Step]:
+    """`steps` with every missing exact prerequisite inserted before the first step needing it."""
+    out: list[Step] = []
+    for step in steps:
+        for req in step.spec.requires:
+            spec = PASSES.get(req)
+            if req not in [s.name for s in out] and isinstance(spec.numerics, Exact):
+                out += _with_prerequisites([Step(spec, spec.make_config(None), step.name)])
+        out.append(step)
+    return out
 
 
 def _split_entry(entry: Any, where: str) -> tuple[str, dict | None]:

@@ -1,8 +1,8 @@
 """Name tables shared by Python, YAML and the CLI: passes, backends, targets.
 
 A `Registry` maps names to entries and fails on an unknown name with the valid names and a
-did-you-mean. The tables are filled by explicit imports in `passes/__init__.py` and
-`backends/__init__.py`; nothing else registers at import time.
+did-you-mean. The tables are filled when `passes` and `backends` are imported (their `__init__` imports
+every module, each of which registers itself); the driver imports both.
 """
 
 from __future__ import annotations
@@ -46,9 +46,3 @@ class Registry(Generic[T]):
 
 PASSES: Registry = Registry("pass")
 BACKENDS: Registry = Registry("backend")
-
-
-def load_plugins() -> None:
-    """Import the sibling packages whose modules register passes and backends."""
-    import backends  # noqa: F401
-    import passes  # noqa: F401

@@ -23,7 +23,7 @@ def build_model(spec: dict, inputs: dict) -> zoo.ZooModel:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoModel, AutoTokenizer
 
-        from optim.data import sentences
+        from optim.zoo.data import sentences
 
         path = spec["hf_dir"]
         if not Path(path, "config.json").is_file():
@@ -63,8 +63,8 @@ def run_pipeline_file(path: Path, out: Path | None = None, save: Path | None = N
     if inputs.get("data") == "sentences":
         if z.tokenizer is None:
             raise ConfigError(f"{path}: inputs.data 'sentences' needs a text model with a tokenizer")
-        from optim.data import sentences
-        from optim.tasks import sentence_batches, sentence_embedding_fidelity
+        from optim.zoo.data import sentences
+        from optim.zoo.tasks import sentence_batches, sentence_embedding_fidelity
 
         batch = z.example_kwargs["input_ids"].shape
         batches = sentence_batches(z.tokenizer, sentences(inputs.get("count", 64)), *batch)

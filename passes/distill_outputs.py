@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import torch.fx
 
 from optim.errors import ConfigError
-from optim.linears import constant_linears
-from optim.lora_distill import split_held_out
+from passes.common.linears import constant_linears
+from passes.common.graph_runner import split_held_out
 from optim.pass_base import Lossy, PassContext, register_pass
-from optim.width_distill import distill
+from passes.common.width_distill import distill
 
 
 @dataclass(frozen=True)

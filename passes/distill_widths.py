@@ -4,7 +4,7 @@ every width matches the original model (DynaBERT / MatFormer width-aware distill
 `dynamic_width` only orders a model trained at one width; its narrow prefixes lose a lot. This
 pass trains every linear's weight and bias on the calibration batches with the sandwich rule
 (each step: the widest, the narrowest and one other width, all reading views of the same
-weights) against the original full-width outputs (`optim.width_distill`). One batch in four
+weights) against the original full-width outputs (`passes.common.width_distill`). One batch in four
 (at least one, when there are two or more) is held out; the trained weights are kept only if
 the held-out error, summed over the widths, falls. Requires: dynamic_width. Numerics: lossy at
 full width (the weights move); the report gives each width's held-out error before and after.
@@ -18,9 +18,9 @@ import torch
 import torch.fx
 
 from optim.errors import ConfigError
-from optim.lora_distill import split_held_out
+from passes.common.graph_runner import split_held_out
 from optim.pass_base import Lossy, PassContext, register_pass
-from optim.width_distill import distill
+from passes.common.width_distill import distill
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,13 @@
 """dynamic_width: heads and MLP neurons reordered by importance ⇒ one graph, any nested width.
 
-Every attention's heads and every MLP's hidden neurons (`optim.units`: found in the graph,
+Every attention's heads and every MLP's hidden neurons (`passes.common.units`: found in the graph,
 scored on calibration data) are permuted, most important first, by reordering weight rows and
 columns: the function is unchanged (checked on the example: max abs error, and max error
 relative to each output's largest value, reported; in float64 it is rounding, ~1e-13).
 Grouped-query heads move with their key/value head.
 
 The result runs at full width; `OptimizedModel.at_width(w)` (w in (0, 1], or one per layer for
-Mix'n'Match) runs the nested prefix of every layer (`optim.nested_width`), and
+Mix'n'Match) runs the nested prefix of every layer (`passes.common.nested_width`), and
 `OptimizedModel.timestep_widths(...)` picks a width per diffusion timestep (DyDiT style). The
 report gives FLOPs and fidelity at each width in `widths`. Fused q/k/v projections (GPT-2's
 c_attn) keep their heads, with the reason; their MLPs still nest. Requires: fuse_attention.
@@ -22,9 +22,10 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from optim.nested_width import at_width
+from passes.common.nested_width import at_width
+from hardware.opcost import graph_kernels
 from optim.pass_base import Exact, PassContext, register_pass
-from optim.units import leaves, order_units
+from passes.common.units import leaves, order_units
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,6 @@ def dynamic_width(gm: torch.fx.GraphModule, cfg: DynamicWidthConfig, ctx: PassCo
 # ---- what each width costs and keeps ----
 
 def _measure_widths(gm, plan: dict, widths, full_out, ctx: PassContext) -> list[dict]:
-    from hardware.opcost import graph_kernels
 
     args, kwargs = ctx.example_inputs
     full_flops = sum(k.flops for k in graph_kernels(gm))

@@ -18,7 +18,7 @@ import torch
 import torch.fx
 
 from optim.ir import add_constant, get_constant, module_path
-from optim.linears import (
+from passes.common.linears import (
     constant_linears,
     input_channel_energy,
     linear_input,

@@ -6,7 +6,7 @@ keys, averaged over heads), so the MLP and every later block run on fewer tokens
 remember how many originals they stand for: averages are size-weighted, and later attentions add
 log(size) to their scores (proportional attention). Leading tokens (CLS, registers) are
 protected. Every shape constant downstream is rewritten along the token axis
-(`optim.token_axis`).
+(`passes.common.token_axis`).
 
 Models whose later ops need the full token grid (a DiT un-patchifies tokens into an image) get
 merge-then-unmerge instead (tomesd): tokens are merged before each attention and copied back to
@@ -39,7 +39,8 @@ from optim.ir import (
 )
 from optim.ops import merged_count
 from optim.pass_base import Lossy, PassContext, register_pass
-from optim.token_axis import TokenAxisError, retarget
+from passes.common.token_axis import TokenAxisError, retarget
+from hardware.estimate import estimate
 
 aten = torch.ops.aten
 ATTENTION = torch.ops.optim.attention.default
@@ -99,7 +100,7 @@ def merge_tokens(gm: torch.fx.GraphModule, cfg: MergeTokensConfig, ctx: PassCont
             before, after = _estimated_ms(gm, ctx), _estimated_ms(trial, ctx)
             ctx.details["estimated_ms"] = {"unmerged": round(before, 3), "merged": round(after, 3)}
             if after >= before:
-                ctx.skip("graph", f"not worth it on {_target(ctx)}: merged estimated "
+                ctx.skip("graph", f"not worth it on {ctx.target.name}: merged estimated "
                                   f"{after:.3g} ms vs {before:.3g} ms unmerged (matching and "
                                   f"gathers cost more than the smaller blocks save; a larger r, "
                                   f"or gate: false, forces it)")
@@ -115,14 +116,8 @@ def merge_tokens(gm: torch.fx.GraphModule, cfg: MergeTokensConfig, ctx: PassCont
         ctx.skip("graph", f"cannot follow the token axis: {f}")
 
 
-def _target(ctx: PassContext) -> str:
-    return getattr(ctx.target, "name", None) or "cpu"
-
-
 def _estimated_ms(gm: torch.fx.GraphModule, ctx: PassContext) -> float:
-    from hardware.estimate import estimate
-
-    return estimate(gm, _target(ctx)).seconds * 1e3
+    return estimate(gm, ctx.target.spec, ctx.target.calibration).seconds * 1e3
 
 
 def _copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

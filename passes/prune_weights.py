@@ -20,7 +20,8 @@ import torch
 import torch.fx
 
 from optim.ir import get_constant, module_path, replace_constant
-from optim.linears import constant_linears, input_channel_energy, weight_and_bias, weight_axis
+from hardware.capability import UNSTRUCTURED_MAX_DENSITY
+from passes.common.linears import constant_linears, input_channel_energy, weight_and_bias, weight_axis
 from optim.pass_base import Lossy, PassContext, register_pass
 
 aten = torch.ops.aten
@@ -91,11 +92,7 @@ def _mask(score: torch.Tensor, cfg: PruneWeightsConfig) -> torch.Tensor:
 
 
 def _speed_note(cfg: PruneWeightsConfig, ctx: PassContext) -> str:
-    from hardware.capability import UNSTRUCTURED_MAX_DENSITY
-    from hardware.spec import load_spec
-
-    name = getattr(ctx.target, "name", None) or "cpu"
-    spec = load_spec(name)
+    name, spec = ctx.target.name, ctx.target.spec
     here = "the weights stay dense tensors with zeros: no backend here runs them faster"
     if cfg.pattern == "2:4":
         fast = [d for d in spec.sparse_2_4]

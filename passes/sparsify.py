@@ -1,6 +1,6 @@
 """sparsify (structured): the least important heads and MLP neurons ⇒ removed, tensors shrunk.
 
-Heads and neurons are found and scored on calibration data as `optim.units` describes (a head
+Heads and neurons are found and scored on calibration data as `passes.common.units` describes (a head
 by what it adds to the residual stream, a neuron by mean |activation| × its down-projection
 column norm), and each block keeps its most important ones: `sparsity` of them are removed in
 every block, or, with `flops`, the uniform sparsity that brings the graph's FLOPs down to that
@@ -21,10 +21,11 @@ import torch
 import torch.fx
 
 from optim.ir import get_constant, replace_constant
-from optim.linears import input_rows, weight_and_bias, weight_axis
-from optim.nested_width import counts_at, narrow
+from passes.common.linears import input_rows, weight_and_bias, weight_axis
+from passes.common.nested_width import at_width, counts_at, narrow
+from hardware.opcost import graph_kernels
 from optim.pass_base import Lossy, PassContext, register_pass
-from optim.units import order_units
+from passes.common.units import order_units
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,6 @@ class SparsifyConfig:
                requires=("fuse_attention",), expects=("layers_pruned",))
 def sparsify(gm: torch.fx.GraphModule, cfg: SparsifyConfig, ctx: PassContext) -> None:
     """Remove the least important attention heads and MLP neurons (structured sparsity)."""
-    from hardware.opcost import graph_kernels
 
     batches = ctx.calibration or [ctx.example_inputs]
     plan = order_units(gm, cfg.heads, cfg.mlp, batches, ctx.skip)
@@ -81,8 +81,6 @@ def sparsify(gm: torch.fx.GraphModule, cfg: SparsifyConfig, ctx: PassContext) ->
 
 def _sparsity_for_flops(gm, plan: dict, target: float, ctx: PassContext) -> float:
     """The uniform sparsity whose graph keeps `target` of the FLOPs (bisection)."""
-    from hardware.opcost import graph_kernels
-    from optim.nested_width import at_width
 
     full = sum(k.flops for k in graph_kernels(gm))
     lo, hi = 0.0, 0.95

@@ -10,9 +10,8 @@ os.environ["OPTIM_CACHE_DIR"] = os.path.join(
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 from optim import zoo  # noqa: E402
-from optim.registry import load_plugins  # noqa: E402
-
-load_plugins()
+import backends  # noqa: E402,F401  (registers every backend)
+import passes  # noqa: E402,F401  (registers every pass)
 
 SMALL = ["bert", "gpt2", "llama", "vit", "dit"]
 

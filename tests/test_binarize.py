@@ -9,10 +9,11 @@ import torch
 
 import optim
 import optim.ops  # noqa: F401
-from optim import binary, binary_qat
+from passes.binarize import binary
+from passes.binarize import qat as binary_qat
 from optim.errors import BackendError
 from optim.ir import get_constant
-from optim.lora_distill import run
+from passes.common.graph_runner import run
 
 
 @pytest.mark.parametrize("m,n,k,group", [(9, 24, 100, 0), (16, 32, 384, 128), (3, 5, 64, 0)])
@@ -114,8 +115,9 @@ def test_this_cpu_has_a_measured_binary_peak():
     what it measured, and an accelerator without a binary path gets only the bytes."""
     from hardware.capability import place
     from hardware.spec import load_spec
+    from optim.targets import resolve_target
 
-    cpu = load_spec("cpu")
+    cpu = resolve_target("cpu").spec
     p = place(cpu, "binary", weight_format="binary")
     assert p.peak_dtype == "binary" and not p.note
     assert cpu.peak["binary"].provenance == "measured"
@@ -128,6 +130,7 @@ def test_fpga_binary_rate_comes_from_the_finn_r_lut_cost():
     assumed LUT count, so labelled derived; the VHK158 has no LUT count and says so."""
     from hardware.capability import place
     from hardware.spec import load_spec
+    from optim.targets import resolve_target
 
     u280 = load_spec("alveo-u280")
     p = place(u280, "binary", weight_format="binary")

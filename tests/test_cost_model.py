@@ -12,7 +12,8 @@ from hardware.calibrate import fit, score
 from hardware.capability import pass_advice, place
 from hardware.costmodel import default_calibration, estimate_kernels
 from hardware.estimate import estimate
-from hardware.llm import decoder_kernels, estimate_llm
+from optim.llm import decoder_kernels, estimate_llm
+from optim.targets import resolve_target
 from hardware.llm_shape import LLMShape, llm_shape
 from hardware.opcost import graph_kernels
 from hardware.parallel import allreduce_s, shard_tp
@@ -62,7 +63,8 @@ def test_fused_attention_costs_less_than_the_decomposed_chain():
     _, unfused = _graph("bert", ["cleanup"], seq=256, hidden_size=256, num_attention_heads=4)
     _, fused = _graph("bert", ["cleanup", "fuse_attention"], seq=256, hidden_size=256,
                       num_attention_heads=4)
-    a, b = estimate(unfused, "a100"), estimate(fused, "a100")
+    a100 = resolve_target("a100")
+    a, b = (estimate(g, a100.spec, a100.calibration) for g in (unfused, fused))
     assert b.seconds < a.seconds
     assert b.bytes_by_class()["activations"] < a.bytes_by_class()["activations"]
 
@@ -78,8 +80,8 @@ def test_capability_matrix_never_credits_what_a_target_lacks():
     assert p.sparse_factor == 1.0 and "2:4" in p.note
     assert "binary" in place(a100, "fp16", weight_format="binary").note
     assert any("int8" in a for a in pass_advice(v100, ["quantize"]))
-    assert any("VNNI" in a for a in pass_advice(load_spec("cpu"), ["quantize"])) or \
-        {"avx512_vnni", "avx_vnni", "amx_int8"} & load_spec("cpu").features
+    assert any("VNNI" in a for a in pass_advice(resolve_target("cpu").spec, ["quantize"])) or \
+        {"avx512_vnni", "avx_vnni", "amx_int8"} & resolve_target("cpu").spec.features
     assert pass_advice(a100, ["cleanup", "fuse_attention"]) == []
 
 
@@ -222,7 +224,8 @@ def test_a_16_bit_deployment_moves_half_the_bytes_of_an_fp32_graph():
 
 
 def test_fit_runs_each_graph_at_its_precision_and_h200_ships_a_fit():
-    from hardware.estimate import SHIPPED, calibration_for
+    from hardware.calibrate import SHIPPED
+    from optim.targets import calibration_for
 
     spec = load_spec("h200")
     g = graph_kernels(_graph("bert", ["cleanup"], seq=64)[1])

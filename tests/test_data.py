@@ -9,7 +9,7 @@ import pytest
 import sklearn
 import torch
 
-from optim import data
+from optim.zoo import data
 
 
 def _source_text() -> str:

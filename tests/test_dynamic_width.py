@@ -9,7 +9,7 @@ import torch
 
 import optim
 from optim.ir import get_constant
-from optim.linears import weight_and_bias, weight_axis
+from passes.common.linears import weight_and_bias, weight_axis
 
 
 def _nest(z, opts=None, backend="torch"):
@@ -64,7 +64,7 @@ def test_a_width_is_the_full_model_without_the_last_units(zoo_model):
 
 
 def test_head_counts_in_reshapes_are_rewritten(zoo_model):
-    from optim.nested_width import at_width
+    from passes.common.nested_width import at_width
 
     z = zoo_model("dit")  # diffusers writes the head count into its views: view(B, -1, 2, D)
     om = _nest(z)
@@ -157,8 +157,8 @@ def test_report_shows_each_width(zoo_model):
 def test_real_minilm_permutation_is_exact_in_float64():
     # real weights, real sentences: in float64 what is left of the reordering is rounding
     from optim import zoo
-    from optim.data import sentences
-    from optim.tasks import sentence_batches
+    from optim.zoo.data import sentences
+    from optim.zoo.tasks import sentence_batches
 
     z = zoo.load("minilm", batch=4, seq=32)
     batches = sentence_batches(z.tokenizer, sentences(8), 4, 32)
@@ -197,7 +197,7 @@ def test_node_profile_tells_narrowed_nodes_from_fixed_ones(zoo_model):
     # the split benchmarks/dynamic_width.py reports: layer norms keep their shapes at a
     # narrower width, the query projections do not, and every node is timed once per run
     from optim.measure import node_times
-    from optim.nested_width import at_width
+    from passes.common.nested_width import at_width
 
     z = zoo_model("bert")
     om = _nest(z)

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc",
 # segment at a time, `flow_bidirectional_segmented`, so they fault no fresh pages in)
 SCRIPT = """
 import resource, sys, torch
-import optim.linear_attention as la
+import passes.linearize_attention.linear_attention as la
 from optim.host_memory import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else None
 torch.set_num_threads(1)

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import optim
-import optim.causal_scan as scan
-import optim.feature_map_fit as feature_fit
-import optim.flow_attention as flow
-import optim.linear_attention as la
+import passes.linearize_attention.causal_scan as scan
+import passes.linearize_attention.feature_map_fit as feature_fit
+import passes.linearize_attention.flow_attention as flow
+import passes.linearize_attention.linear_attention as la
 from optim.errors import PassError
 
 METHODS = la.METHODS
@@ -266,8 +266,8 @@ def test_every_attention_is_linearized(name, kind, zoo_model):
 
 def test_learned_maps_beat_the_training_free_swap_on_real_weights():
     from optim import zoo
-    from optim.data import sentences
-    from optim.tasks import sentence_batches
+    from optim.zoo.data import sentences
+    from optim.zoo.tasks import sentence_batches
 
     z = zoo.load("minilm", batch=4, seq=64)
     calib = sentence_batches(z.tokenizer, sentences(24)[8:], 4, 64)

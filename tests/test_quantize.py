@@ -147,7 +147,7 @@ def test_folding_into_the_norm_is_exact():
 
 @pytest.mark.parametrize("m, k", [(1, 16), (7, 33), (130, 384), (3, 1536)])
 def test_fused_quantization_kernel_matches_eager(m, k):
-    from backends.tvm_kernels import quantize_rows
+    from optim.kernels import quantize_rows
 
     torch.manual_seed(0)
     x, mult = torch.randn(m, k) * 3, torch.rand(k) + 0.5

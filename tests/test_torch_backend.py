@@ -75,7 +75,7 @@ def test_convert_keeps_unconvertible_linears_dense_and_says_why(zoo_model):
     om = _opt(z, "cleanup,prune_weights", prune_weights={"pattern": "2:4"})
     gm = copy.deepcopy(om.graph)
     from optim.ir import get_constant
-    from optim.linears import constant_linears, weight_and_bias
+    from passes.common.linears import constant_linears, weight_and_bias
 
     marked = [n for n in constant_linears(gm) if n.meta.get("weight_format") == "2:4"]
     assert marked

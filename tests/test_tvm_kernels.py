@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backends.tvm_kernels import binary_linear, int8_matmul, pack_rows
-from optim.binary import expand_groups, group_mean_abs, pack_bits, signs, unpack_bits
+from optim.kernels import binary_linear, int8_matmul, pack_rows
+from optim.bits import expand_groups, group_mean_abs, pack_bits, signs, unpack_bits
 from optim.errors import ConfigError
 
 

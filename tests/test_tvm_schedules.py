@@ -10,7 +10,7 @@ from tvm import relax, tirx
 from tvm.script import relax as R
 
 from backends import tvm_schedules as ts
-from backends.tvm import host_target
+from optim.kernels import host_target
 
 
 def _kernel(build_body, inputs: dict):

@@ -128,7 +128,7 @@ def test_minilm_is_real_pretrained(zoo_model) -> None:
 
 
 def test_char_lm_is_really_trained():
-    from optim import char_lm
+    from optim.zoo import char_lm
 
     ppl = char_lm.perplexity(char_lm.load())
     assert ppl < 6.0  # per byte on held-out text; an untrained model is near 256

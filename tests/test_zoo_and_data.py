@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from optim import data, zoo
+from optim import zoo
+from optim.zoo import data
 from optim.errors import UnknownNameError
 from optim.numerics import mean_pool
 

@@ -5,7 +5,7 @@
 the order is nested, any width is a prefix: `at_width(gm, plan, 0.5)` returns a graph whose
 projection weights are views of the first half of the rows (or columns) of the full weights (no
 copy), with every reshape constant that carries a head or neuron count rewritten along that axis
-(`optim.token_axis.retarget_axes`): `view(B, L, 12, 64)` becomes `view(B, L, 6, 64)`.
+(`passes.common.token_axis.retarget_axes`): `view(B, L, 12, 64)` becomes `view(B, L, 6, 64)`.
 
 A width is one number for every layer, or one per layer (Mix'n'Match), each in (0, 1].
 """
@@ -20,8 +20,8 @@ import torch.fx
 
 from optim.errors import ConfigError
 from optim.ir import add_constant, get_constant, refresh_meta
-from optim.linears import weight_and_bias, weight_axis
-from optim.token_axis import Axis, TokenAxisError, retarget_axes
+from passes.common.linears import weight_and_bias, weight_axis
+from passes.common.token_axis import Axis, TokenAxisError, retarget_axes
 
 aten = torch.ops.aten
 

@@ -51,7 +51,7 @@ def _minilm(batch: int, seq: int, seed: int, **overrides: Any) -> ZooModel:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
 
-    from optim.data import sentences
+    from optim.zoo.data import sentences
 
     path = minilm_path()
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -139,8 +139,8 @@ def _dit(batch: int, seq: int, seed: int, **o: Any) -> ZooModel:
 
 def _digits_vit(batch: int, seq: int, seed: int, **o: Any) -> ZooModel:
     """The ViT trained here on scikit-learn digits (real weights); inputs are real test digits."""
-    from optim import digits_vit
-    from optim.data import digits
+    from optim.zoo import digits_vit
+    from optim.zoo.data import digits
 
     if o:
         raise ValueError("digits_vit has trained weights; its config cannot be overridden")
@@ -152,7 +152,7 @@ def _digits_vit(batch: int, seq: int, seed: int, **o: Any) -> ZooModel:
 
 def _char_lm(batch: int, seq: int, seed: int, **o: Any) -> ZooModel:
     """The byte-level GPT-2 trained here on the Python manual (real weights); real text input."""
-    from optim import char_lm
+    from optim.zoo import char_lm
 
     if o:
         raise ValueError("char_lm has trained weights; its config cannot be overridden")

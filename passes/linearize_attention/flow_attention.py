@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from optim.causal_scan import CHUNK, causal_product, prefix_sum
+from passes.linearize_attention.causal_scan import CHUNK, causal_product, prefix_sum
 
 EPS = 1e-6  # Flowformer's ε in (φ + ε)·(Σφ + ε)
 FLOW_SEGMENT = 1024  # a segment: causal flow's dozen [n, D′] temporaries then stay in cache

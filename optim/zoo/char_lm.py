@@ -1,12 +1,12 @@
 """A small byte-level GPT-2 trained here on real English text: a decoder with real weights.
 
 `train()` fits `GPT2LMHeadModel` (bytes as tokens, 4 layers, 128 wide, 128 positions) on the
-Python reference manual's prose (`pydoc_data.topics`, the same text `optim.data.sentences`
-uses) in a few minutes of CPU; the weights ship in `optim/assets/char_lm.safetensors` (fp16;
+Python reference manual's prose (`pydoc_data.topics`, the same text `optim.zoo.data.sentences`
+uses) in a few minutes of CPU; the weights ship in `optim/zoo/assets/char_lm.safetensors` (fp16;
 zoo name `char_lm`). `perplexity(model)` is per-byte perplexity on held-out text (every 10th
 topic), so compression passes on a decoder can be judged on real text.
 
-    python -m optim.char_lm          # retrain and overwrite the shipped weights
+    python -m optim.zoo.char_lm          # retrain and overwrite the shipped weights
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def load() -> torch.nn.Module:
     from safetensors.torch import load_file
 
     if not WEIGHTS.exists():
-        raise FileNotFoundError(f"{WEIGHTS} is missing; run `python -m optim.char_lm`")
+        raise FileNotFoundError(f"{WEIGHTS} is missing; run `python -m optim.zoo.char_lm`")
     model = build()
     model.load_state_dict({k: v.float() for k, v in load_file(str(WEIGHTS)).items()},
                           strict=False)  # the tied LM head comes from the embedding

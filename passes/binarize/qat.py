@@ -19,9 +19,9 @@ import copy
 import torch
 import torch.fx
 
-from optim import binary
+from passes.binarize import binary
 from optim.ir import add_constant, get_constant, replace_constant
-from optim.lora_distill import output_error, output_loss, run, swap_constant
+from passes.common.graph_runner import output_error, output_loss, run, swap_constant
 
 
 def simulate_ste(x: torch.Tensor, latent: torch.Tensor, alpha: torch.Tensor,

@@ -5,7 +5,7 @@ every linear's weight and bias is trained so that several nested widths at once 
 original (full-width) model's outputs on calibration data: each step runs the widest and the
 narrowest width plus one other drawn at random (the "sandwich rule" of slimmable networks) on
 one batch, and the loss is the sum of their relative output errors. The width graphs read
-views of the same full weights (`optim.nested_width` records which constant is which prefix),
+views of the same full weights (`passes.common.nested_width` records which constant is which prefix),
 so one set of weights serves every width, as at run time.
 """
 
@@ -17,9 +17,9 @@ import torch
 import torch.fx
 
 from optim.ir import get_constant, replace_constant
-from optim.linears import constant_linears, weight_and_bias
-from optim.lora_distill import output_error, output_loss, run, swap_constant
-from optim.nested_width import at_width
+from passes.common.linears import constant_linears, weight_and_bias
+from passes.common.graph_runner import output_error, output_loss, run, swap_constant
+from passes.common.nested_width import at_width
 
 
 def distill(gm: torch.fx.GraphModule, plan: dict | None, widths: list[float], batches: list,

@@ -12,16 +12,16 @@ Feature maps (`feature_map(method, x, params, role)`):
   orthogonal Gaussian w (Choromanski et al. 2021), on x·s^½ so that φ(q)·φ(k) estimates
   exp(q·k·s).
 - `hedgehog`: [softmax(x·W + b), softmax(−(x·W + b))] per head, W and b fitted to the layer's
-  softmax attention output on calibration data (`optim.feature_map_fit`, LoLCATs stage 1).
+  softmax attention output on calibration data (`passes.linearize_attention.feature_map_fit`, LoLCATs stage 1).
 - `ecoformer`: binary hash codes h(x) = [ (κ(x, anchors) − μ)·A ≥ 0 ] ∈ {0, 1}^b per head
   (EcoFormer's kernelized hashing, 2022: RBF features to anchors drawn from the calibration
   keys, a projection A), shared by queries and keys, so φ(q)·φ(k) counts shared bits and the
   attention is accumulations of v. A is fitted by attention transfer with a straight-through
-  sign (`optim.feature_map_fit`), where EcoFormer fits it by supervised hashing on attention
+  sign (`passes.linearize_attention.feature_map_fit`), where EcoFormer fits it by supervised hashing on attention
   pairs.
-`flow` is Flowformer's flow attention (`optim.flow_attention`).
+`flow` is Flowformer's flow attention (`passes.linearize_attention.flow_attention`).
 
-Forms: bidirectional; causal, computed in chunks (`optim.causal_scan`: within a chunk a
+Forms: bidirectional; causal, computed in chunks (`passes.linearize_attention.causal_scan`: within a chunk a
 masked L_c×L_c product, across chunks a running [d′, d] state: no [L, d′, d] tensor is ever
 built); and the recurrent step a decoder runs instead of appending to a KV cache
 (`recurrent_step`).
@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import optim.flow_attention as flowformer
-from optim.causal_scan import CHUNK, causal_product
+import passes.linearize_attention.flow_attention as flowformer
+from passes.linearize_attention.causal_scan import CHUNK, causal_product
 from optim.host_memory import MMAP_THRESHOLD_MAX
 
 METHODS = ("elu", "performer", "flow", "hedgehog", "ecoformer")

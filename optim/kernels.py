@@ -21,6 +21,7 @@ int8 weights are `[N, K]` (like `torch.nn.Linear`), packed binary weights `[word
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 import torch
@@ -31,10 +32,16 @@ WORD = 64
 LANES = 16  # fp32 lanes per vector step (one AVX-512 register, two AVX2 registers)
 
 
-def _target():
-    import tvm
+def host_target() -> dict:
+    """This CPU as a TVM target dict (JSON form: target strings changed across TVM versions)."""
+    import tvm  # heavy and only needed once a kernel is built
 
-    from backends.tvm import host_target
+    return {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
+            "num-cores": len(os.sched_getaffinity(0))}
+
+
+def _target():
+    import tvm  # heavy and only needed once a kernel is built
 
     return tvm.target.Target({**host_target(), "mattr": ["+popcnt"]})
 
@@ -200,7 +207,7 @@ def _binary_linear_kernel(m: int, n: int, words: int, groups: int, k: int):
 def binary_linear(a_bits: torch.Tensor, w_bits: torch.Tensor, k: int, a_scale: torch.Tensor,
                   w_scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Packed ±1 activations a_bits [M, words] (`pack_rows`) times packed ±1 weights, K-major
-    w_bits [words, N] (`optim.binary.pack_bits(W).T`), with scales per row and group on both
+    w_bits [words, N] (`passes.binarize.binary.pack_bits(W).T`), with scales per row and group on both
     sides (a_scale [M, G], w_scale [N, G]) and the bias added: fp32 [M, N]."""
     m, words = a_bits.shape
     n, groups = w_scale.shape

@@ -2,10 +2,10 @@
 
 `train()` fits `ViTForImageClassification` (8×8 images, one token per pixel plus CLS: 65 tokens,
 4 layers, 64 wide) on the 1437 training digits in a few minutes of CPU; the weights ship in
-`optim/assets/digits_vit.safetensors` (zoo name `digits_vit`) so tests and benchmarks never
+`optim/zoo/assets/digits_vit.safetensors` (zoo name `digits_vit`) so tests and benchmarks never
 retrain. `accuracy(model)` is top-1 on the 360 held-out digits.
 
-    python -m optim.digits_vit          # retrain and overwrite the shipped weights
+    python -m optim.zoo.digits_vit          # retrain and overwrite the shipped weights
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from optim.data import digits
+from optim.zoo.data import digits
 
 WEIGHTS = Path(__file__).parent / "assets" / "digits_vit.safetensors"
 CONFIG = dict(image_size=8, patch_size=1, num_channels=1, hidden_size=64, num_hidden_layers=4,
@@ -34,7 +34,7 @@ def load() -> torch.nn.Module:
     from safetensors.torch import load_file
 
     if not WEIGHTS.exists():
-        raise FileNotFoundError(f"{WEIGHTS} is missing; run `python -m optim.digits_vit`")
+        raise FileNotFoundError(f"{WEIGHTS} is missing; run `python -m optim.zoo.digits_vit`")
     model = build()
     model.load_state_dict(load_file(str(WEIGHTS)))
     return model.eval()

@@ -1,7 +1,7 @@
 """Fitting learned feature maps by attention transfer (Hedgehog map, LoLCATs stage 1).
 
 The model is frozen; one layer's feature-map parameters are fitted so that its linear attention
-(`optim.linear_attention.attend`) reproduces the layer's softmax attention output on
+(`passes.linearize_attention.linear_attention.attend`) reproduces the layer's softmax attention output on
 calibration samples [(q, k, v, valid)], by MSE.
 """
 
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from optim.linear_attention import ECO_ANCHORS, attend, softmax_reference
+from passes.linearize_attention.linear_attention import ECO_ANCHORS, attend, softmax_reference
 
 
 def ecoformer_init(keys: list[Tensor], bits: int, seed: int = 0) -> dict[str, Tensor]:

@@ -11,7 +11,7 @@ lot; `distill_steps` fits each binary layer (latent weights, scales, τ; straigh
 estimator) to the float layer's output on calibration data, in graph order and fed by the
 already-binarized layers before it, so each layer also absorbs the error upstream. Then
 `qat_steps` trains all binary layers at once against the original model's outputs, as
-`optimize` recorded them before the first pass (`optim.binary_qat`; kept only if the held-out
+`optimize` recorded them before the first pass (`passes.binarize.qat`; kept only if the held-out
 output error falls). Numerics: lossy; each
 layer's held-out SQNR before and after distillation, and the end-to-end output error before and
 after training, are reported.
@@ -27,10 +27,11 @@ import torch
 import torch.fx
 
 import optim.ops  # noqa: F401  (registers torch.ops.optim)
-from optim import binary, binary_qat
+from passes.binarize import binary
+from passes.binarize import qat as binary_qat
 from optim.ir import add_constant, get_constant, module_path
-from optim.linears import constant_linears, input_rows, linear_input, weight_and_bias, weight_axis
-from optim.lora_distill import run, split_held_out
+from passes.common.linears import constant_linears, input_rows, linear_input, weight_and_bias, weight_axis
+from passes.common.graph_runner import run, split_held_out
 from optim.pass_base import Lossy, PassContext, register_pass
 
 BLOCK = re.compile(r"(^|\.)\d+(\.|$)")  # a numbered container: a transformer block

@@ -1,7 +1,7 @@
 """linearize_attention: optim::attention (softmax, O(L²)) ⇒ linear attention aten ops (O(L)).
 
 Each fused attention becomes φ(q)·(φ(k)ᵀ·v) / φ(q)·(φ(k)ᵀ·1) (or Flowformer's flow attention),
-spliced in as plain aten ops so every backend runs it (`optim.linear_attention` holds the math).
+spliced in as plain aten ops so every backend runs it (`passes.linearize_attention.linear_attention` holds the math).
 Methods: `hedgehog` (learned feature maps fitted per layer to the layer's softmax attention
 output on calibration data: attention transfer, LoLCATs stage 1), `ecoformer` (binary hash
 codes of q and k, EcoFormer-style, their projection fitted the same way), and the training-free `elu`,
@@ -29,13 +29,17 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-import optim.feature_map_fit as feature_fit
+import passes.linearize_attention.feature_map_fit as feature_fit
 import optim.host_memory as host_memory
-import optim.linear_attention as la
-import optim.lora_distill as lora_distill
+import passes.linearize_attention.linear_attention as la
+import passes.linearize_attention.lora_distill as lora_distill
+from passes.common.graph_runner import run as run_graph
 import optim.ops  # noqa: F401  (registers torch.ops.optim)
 from optim.ir import evaluate_nodes, module_path, refresh_meta, shape, splice, trace_function
-from optim.linears import constant_linears
+from passes.common.linears import constant_linears
+from hardware.estimate import estimate
+from hardware.opcost import KERNEL_RULES, graph_kernels
+from hardware.target import Target
 from optim.pass_base import Lossy, PassContext, register_pass
 
 ATTENTION = torch.ops.optim.attention.default
@@ -85,8 +89,8 @@ def linearize_attention(gm: torch.fx.GraphModule, cfg: LinearizeAttentionConfig,
     samples = [evaluate_nodes(gm, wanted, *b) for b in batches]
     if cfg.finetune_steps:
         with torch.no_grad():
-            teacher = [lora_distill.run(gm, b) for b in batches]
-    target = getattr(ctx.target, "name", None) or "cpu"
+            teacher = [run_graph(gm, b) for b in batches]
+    target = ctx.target.name
     layers = []
     for n in attns:
         where = module_path(n)
@@ -106,7 +110,7 @@ def linearize_attention(gm: torch.fx.GraphModule, cfg: LinearizeAttentionConfig,
                  "mask": kind}
         layers.append(layer)
         sub = trace_function(fn, inputs)
-        soft_ms, lin_ms = _estimates(n, sub, target)
+        soft_ms, lin_ms = _estimates(n, sub, ctx.target)
         layer.update(estimated_ms={"softmax": round(soft_ms, 4), "linear": round(lin_ms, 4)})
         if cfg.gate and lin_ms >= soft_ms:
             layer["rewritten"] = False
@@ -239,11 +243,9 @@ def _attention_error(method, data, causal, scale, params, chunk) -> dict:
             "attention_cosine_min": round(float(cos.min()), 5)}
 
 
-def _estimates(n: torch.fx.Node, sub: torch.fx.GraphModule, target: str) -> tuple[float, float]:
+def _estimates(n: torch.fx.Node, sub: torch.fx.GraphModule, target: Target) -> tuple[float, float]:
     """Estimated ms of the fused softmax attention `n` and of its linear replacement `sub`."""
-    from hardware.estimate import estimate
-    from hardware.opcost import KERNEL_RULES, graph_kernels
 
-    soft = estimate([KERNEL_RULES["optim.attention"](n)], target).seconds
-    lin = estimate(graph_kernels(sub), target).seconds
+    soft = estimate([KERNEL_RULES["optim.attention"](n)], target.spec, target.calibration).seconds
+    lin = estimate(graph_kernels(sub), target.spec, target.calibration).seconds
     return soft * 1e3, lin * 1e3

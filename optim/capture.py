@@ -1,0 +1,125 @@
+"""① Capture: the user's inputs checked and split into the example, evaluation and calibration
+batches; the original model run once on them (reference outputs, FLOPs); the graph traced by
+torch.export (`optim.ir.capture`). The user's model is put back in the mode it was in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+from torch.utils.flop_counter import FlopCounterMode
+
+from optim.errors import CaptureError, ConfigError
+from optim.ir import Captured, capture
+
+Batch = tuple[tuple, dict]
+
+
+@dataclass
+class Inputs:
+    example: Batch  # what the graph is traced with
+    evals: list[Batch]  # fidelity is measured on these
+    calibration: list[Batch]  # passes that calibrate read these
+
+    @classmethod
+    def from_user(cls, example_inputs: Any, example_kwargs: dict | None = None,
+                  eval_data: list | None = None, calibration: list | None = None) -> Inputs:
+        example = _as_batch(example_inputs, example_kwargs)
+        evals = list(eval_data) if eval_data else [example]
+        _check_shapes("eval_data", evals, example)
+        _check_shapes("calibration", list(calibration or []), example)
+        return cls(example, evals, list(calibration) if calibration else evals)
+
+
+@dataclass
+class Original:
+    """The user's model, what it returned on the evaluation batches, and its captured graph."""
+
+    model: torch.nn.Module
+    refs: list  # outputs per evaluation batch
+    flops: float
+    captured: Captured
+    weight_bytes: int  # of the captured graph, before any pass
+
+
+def capture_model(model: torch.nn.Module, inputs: Inputs, say=lambda msg: None) -> Original:
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"optimize() takes a torch.nn.Module, got {type(model).__name__}")
+    args, kwargs = inputs.example
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            say("running the original model")
+            refs = [model(*a, **k) for a, k in inputs.evals]
+            flops = _count_flops(model, args, kwargs)
+        say("capturing the graph with torch.export")
+        captured = capture(model, args, kwargs)
+    finally:
+        model.train(was_training)
+    return Original(model, refs, flops, captured, weight_bytes(captured.gm))
+
+
+def token_mask(kwargs: dict) -> torch.Tensor | None:
+    """The [batch, tokens] attention mask among keyword inputs: padding is left out of fidelity."""
+    mask = kwargs.get("attention_mask")
+    return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+
+def describe_inputs(args: tuple, kwargs: dict) -> list[dict]:
+    items = [(f"arg{i}", a) for i, a in enumerate(args)] + list(kwargs.items())
+    return [{"name": n, "shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
+            if isinstance(v, torch.Tensor) else {"name": n, "value": repr(v)[:40]}
+            for n, v in items]
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _as_batch(example_inputs: Any, example_kwargs: dict | None) -> Batch:
+    if isinstance(example_inputs, dict):
+        return (), {**example_inputs, **(example_kwargs or {})}
+    if example_inputs is None:
+        if not example_kwargs:
+            raise ConfigError("optimize() needs example_inputs (a tuple of positional inputs or a "
+                              "dict of keyword inputs) to trace the model with")
+        return (), dict(example_kwargs)
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)):
+        raise ConfigError(f"example_inputs must be a tuple or dict, got "
+                          f"{type(example_inputs).__name__}")
+    return tuple(example_inputs), dict(example_kwargs or {})
+
+
+def _check_shapes(what: str, batches: list, example: Batch) -> None:
+    """The graph is traced with static shapes: every batch must match the example's."""
+
+    def shapes(batch):
+        return [tuple(t.shape) for t in pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)]
+
+    want = shapes(example)
+    for i, b in enumerate(batches):
+        if not (isinstance(b, tuple) and len(b) == 2):
+            raise ConfigError(f"{what}[{i}] must be an (args, kwargs) pair")
+        if shapes(b) != want:
+            raise ConfigError(f"{what}[{i}] has input shapes {shapes(b)}, but the model is traced "
+                              f"with {want}: the graph has static shapes, so every batch must "
+                              f"match the example inputs (same batch size and length)")
+
+
+def _count_flops(model, args, kwargs) -> float:
+    try:
+        with FlopCounterMode(display=False) as fc:
+            model(*args, **kwargs)
+        return float(fc.get_total_flops())
+    except Exception:  # counting is best-effort; the report says 0 then
+        return 0.0

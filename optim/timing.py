@@ -1,0 +1,49 @@
+"""⑤ Latency: measured here (original and optimized interleaved in one run, so their ratio is
+fair on a shared machine) and estimated for targets by the cost model (`hardware.estimate`).
+Every row says which it is and where it came from."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from hardware.estimate import report_section
+from hardware.opcost import Kernel
+from optim.capture import Batch
+from optim.measure import measure
+from optim.report import LatencyRow
+from optim.targets import Target
+
+
+def measure_here(model: torch.nn.Module, artifact: Callable, example: Batch, backend: str,
+                 say=lambda msg: None) -> tuple[list[LatencyRow], dict]:
+    say("measuring latency (original vs optimized, interleaved)")
+    args, kwargs = example
+    m = measure({"original": lambda: model(*args, **kwargs),
+                 "optimized": lambda: artifact(*args, **kwargs)})
+    rows = [LatencyRow.measured("original", "torch eager", m["original"]),
+            LatencyRow.measured("optimized", backend, m["optimized"])]
+    speedup = {"optimized_vs_original": m["original"]["median_ms"] / m["optimized"]["median_ms"],
+               "basis": "ratio of medians measured in the same interleaved run"}
+    return rows, speedup
+
+
+def estimate_on(stages: dict[str, list[Kernel]], targets: list[Target],
+                memory_bytes: float, say=lambda msg: None) -> list[dict]:
+    """One cost-model section per target (each target once, in order)."""
+    unique = list({t.name: t for t in targets}.values())
+    say(f"estimating on {', '.join(t.name for t in unique)}")
+    return [report_section(stages, t, memory_bytes=memory_bytes) for t in unique]
+
+
+def estimate_rows(section: dict) -> list[LatencyRow]:
+    """The main target's estimated latency before and after the passes, and its bound."""
+    t = section["target"]
+    return [LatencyRow(f"original @ {t}", "estimated", section["stages"][0]["estimated_ms"],
+                       by=section["by"], target=t),
+            LatencyRow(f"optimized @ {t}", "estimated", section["estimated_ms"], by=section["by"],
+                       target=t, extra={"bound_kind": section["bound"]}),
+            LatencyRow(f"optimized @ {t} (roofline bound)", "bound", section["bound_ms"],
+                       by="datasheet peaks and bandwidth at 100%, no overhead: a lower bound",
+                       target=t)]
