@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test lint bench venv clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "need $(PY) on PATH"; exit 1; }
@@ -17,10 +17,14 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
 demo: $(STAMP)
 	$(BIN)/optim demo --out reports/minilm
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -m "not gpu" tests
 
 bench: $(STAMP)

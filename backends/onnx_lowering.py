@@ -21,7 +21,6 @@ from onnxscript import opset23 as op
 from onnxscript.values import Op, Opset
 
 
-
 def _contrib_schema(name: str, inputs: list[tuple[str, str, bool]], outputs: list[tuple[str, str]],
                     types: dict[str, list[str]], int_attributes: tuple[str, ...] = ()) -> Op:
     """Declare one of ORT's com.microsoft ops to onnx.defs (it ships no schema for them)."""

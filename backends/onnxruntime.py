@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 import tempfile
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +22,8 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
-from backends.onnx_lowering import OPSET, translation_table
 from backends.base import Artifact, Batch, Progress, pytree_specs, register_backend
+from backends.onnx_lowering import OPSET, translation_table
 from hardware.target import Target
 from optim.errors import BackendError
 from optim.ir import require_lowerings

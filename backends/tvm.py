@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch.fx
 
-from backends import tvm_cuda, tvm_schedules, tvm_tuning
+from backends import tvm_cuda
 from backends.base import Batch, Progress, register_backend
 from backends.tvm_cuda import CudaBuild
 from backends.tvm_relax import TvmArtifact, to_relax
@@ -89,6 +89,8 @@ def lower(gm: torch.fx.GraphModule, example: Batch, target: Target | None,
     import tvm  # heavy: loaded when a build is asked for
     from tvm import relax
     from tvm.s_tir import dlight as dl
+
+    from backends import tvm_schedules, tvm_tuning  # TVM's compiler (optional, heavy)
 
     args, kwargs = example
     tune, tune_budget_s, fast_math = options.tune, options.tune_budget_s, options.fast_math

@@ -12,10 +12,8 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from backends.base import Artifact
-from backends.tvm_lowering import CONVERT_MAP
 from optim.errors import BackendError
 from optim.ir import require_lowerings
-
 
 LIFTED = "main_transform_params"  # Relax's name for the function LiftTransformParams makes
 
@@ -117,6 +115,7 @@ def to_relax(gm: torch.fx.GraphModule, args: tuple, kwargs: dict):
     except ImportError as e:
         raise BackendError(f"the tvm backend needs apache-tvm ({e}); pip install the project's "
                            f"dependencies") from e
+    from backends.tvm_lowering import CONVERT_MAP  # imports TVM's compiler (optional, heavy)
     require_lowerings(gm, {k.split(".")[0] for k in CONVERT_MAP}, "tvm")
     flat, in_spec = pytree.tree_flatten((args, kwargs))
     tensors = tuple(t for t in flat if isinstance(t, torch.Tensor))

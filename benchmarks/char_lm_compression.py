@@ -5,7 +5,7 @@ manual; perplexity is per byte on held-out topics (16 batches of 16 × 128 bytes
 for Wanda, GPTQ and sparsify uses 8 training batches. No speed is claimed here: these shapes
 are tiny; the speed tables are in `benchmarks/RESULTS.md` (MiniLM, the Llama-shaped decoder).
 
-Usage: python benchmarks/char_lm_compression.py [--out benchmarks/char_lm_compression.json]
+Usage: python benchmarks/char_lm_compression.py [--out benchmarks/results/char_lm_compression.json]
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from rich.table import Table
 
 import optim
 from optim import zoo
-from optim.zoo import char_lm
 from optim.measure import machine
+from optim.zoo import char_lm
 
 VARIANTS = {
     "fp32 (original)": None,
@@ -42,7 +42,7 @@ VARIANTS = {
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="benchmarks/char_lm_compression.json")
+    ap.add_argument("--out", default="benchmarks/results/char_lm_compression.json")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)

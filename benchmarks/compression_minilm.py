@@ -27,8 +27,8 @@ from rich.table import Table
 
 import optim
 from optim import zoo
-from optim.zoo.data import sentences
 from optim.measure import machine, measure
+from optim.zoo.data import sentences
 from optim.zoo.tasks import sentence_batches, sentence_embedding_fidelity
 
 DISTILL = {"distill_outputs": {"steps": 200, "lr": 1e-4}}
@@ -65,7 +65,7 @@ VARIANTS = {"dense": None,
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--backend", default="onnxruntime")
-    ap.add_argument("--out", default="benchmarks/compression_minilm.json")
+    ap.add_argument("--out", default="benchmarks/results/compression_minilm.json")
     ap.add_argument("--budget", type=float, default=30.0)
     ap.add_argument("--only", default="", help="comma-separated name prefixes to run (and dense)")
     ap.add_argument("--calib", type=int, default=64, help="calibration sentences (8 per batch)")

@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 HERE = Path(__file__).parent
-DATA = HERE / "cost_model_cpu.json"
+DATA = HERE / "results" / "cost_model_cpu.json"
 PIPELINES = {"fp32": "cleanup", "fused": "cleanup,fuse_attention",
              "int8": "cleanup,fuse_attention,quantize"}
 # medium configs: big enough that GEMMs matter, small enough to run 72 of them in minutes
@@ -116,8 +116,8 @@ def rekernel(data: dict) -> dict:
 def evaluate(data: dict) -> str:
     from hardware.calibrate import fit, score, spearman
     from hardware.costmodel import default_calibration, estimate_kernels
-    from hardware.opcost import Kernel
     from hardware.cpu_probe import probe
+    from hardware.opcost import Kernel
     from optim.targets import resolve_target
 
     spec = resolve_target("cpu").spec

@@ -17,7 +17,7 @@ Each model is optimized twice on the same calibration data: ordering alone, and 
 `distill_widths` (width-aware distillation, `--distill-steps`, 0 to skip); the fidelity columns
 give both (the distilled graph has the same ops and shapes, so the timing is shared).
 
-Usage: python benchmarks/dynamic_width.py [--out benchmarks/dynamic_width.json] [--distill-steps N]
+Usage: python benchmarks/dynamic_width.py [--out benchmarks/results/dynamic_width.json] [--distill-steps N]
 """
 
 from __future__ import annotations
@@ -33,13 +33,13 @@ from rich.console import Console
 from rich.table import Table
 
 import optim
+from hardware.opcost import graph_kernels
 from optim import zoo
+from optim.measure import machine, measure, node_times
 from optim.zoo import digits_vit
 from optim.zoo.data import digits, sentences
-from hardware.opcost import graph_kernels
-from optim.measure import machine, measure, node_times
-from passes.common.nested_width import at_width
 from optim.zoo.tasks import sentence_batches, sentence_embedding_fidelity
+from passes.common.nested_width import at_width
 
 WIDTHS = (1.0, 0.75, 0.5, 0.25)
 MIX = (1.0, 1.0, 0.75, 0.75, 0.5, 0.5)  # Mix'n'Match: early layers wide, late layers narrow
@@ -207,7 +207,7 @@ def _distilled(d: dict) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="benchmarks/dynamic_width.json")
+    ap.add_argument("--out", default="benchmarks/results/dynamic_width.json")
     ap.add_argument("--sentences", type=int, default=256)
     ap.add_argument("--calibration", type=int, default=510,
                     help="MiniLM calibration sentences (ordering and distillation)")

@@ -25,7 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent))
 WORK = HERE.parent / ".gpu" / "work"
-DATA = HERE / "gpu_check.json"
+DATA = HERE / "results" / "gpu_check.json"
 # all-MiniLM-L6-v2's shape; vocab cut to 1024 so the weights travel (the gather's cost is the same)
 MINILM_SHAPE = {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
                 "intermediate_size": 1536, "vocab_size": 1024}
@@ -374,10 +374,10 @@ def _sparse_llama() -> dict:
 
 def _tvm_cuda(work: Path) -> dict:
     import torch
+    import transformers.modeling_outputs  # noqa: F401  (registers the output pytree)
     from safetensors.numpy import load_file, save_file
     from torch.utils._pytree import treespec_loads
 
-    import transformers.modeling_outputs  # noqa: F401  (registers the output pytree)
     from backends import tvm_cuda
 
     d = work / "tvm_minilm"
@@ -644,8 +644,7 @@ def report(data: Path, work: Path) -> str:
     for k, v in t["eager"].items():
         p = "fp16" if "fp16" in k else "fp32"
         out.append(f"| {k} | {v['median_ms']:.3f} | {est[p][0]:.3f} | {est[p][1]:.3f} |")
-    from hardware.calibrate import save
-    from hardware.calibrate import SHIPPED
+    from hardware.calibrate import SHIPPED, save
 
     save(cal, SHIPPED / "h200.json")  # h200 estimates use it (a local fit still wins)
     out.append(f"Saved as {SHIPPED.name}/h200.json: `h200` estimates use it.")

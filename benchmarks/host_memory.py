@@ -5,7 +5,7 @@ fuse_attention`) is timed in fresh processes, alternating glibc's default with t
 that the two see the same spells of this shared machine. The setting is process-wide, hence one
 process per sample; each process reports the median of `--calls` calls after three warm-ups.
 
-Usage: python benchmarks/host_memory.py [--pairs 4] [--calls 15] [--out benchmarks/host_memory.json]
+Usage: python benchmarks/host_memory.py [--pairs 4] [--calls 15] [--out benchmarks/results/host_memory.json]
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pairs", type=int, default=4)
     ap.add_argument("--calls", type=int, default=15)
-    ap.add_argument("--out", default="benchmarks/host_memory.json")
+    ap.add_argument("--out", default="benchmarks/results/host_memory.json")
     args = ap.parse_args()
     rows = []
     for form in ("eager", "optimized"):

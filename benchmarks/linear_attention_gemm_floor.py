@@ -13,7 +13,7 @@ faster GEMM kernels can. The table also gives each method's GEMM FLOPs and the r
 ran at next to SDPA's (which does its own products inside one fused kernel).
 
 Usage: python benchmarks/linear_attention_gemm_floor.py [--lengths 8192] [--runs 5]
-       [--out benchmarks/linear_attention_gemm_floor.json]
+       [--out benchmarks/results/linear_attention_gemm_floor.json]
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", default="8192")
     ap.add_argument("--runs", type=int, default=5, help="interleaved rounds per length")
-    ap.add_argument("--out", default="benchmarks/linear_attention_gemm_floor.json")
+    ap.add_argument("--out", default="benchmarks/results/linear_attention_gemm_floor.json")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)

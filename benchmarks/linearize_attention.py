@@ -144,7 +144,7 @@ def _table(title: str, rows: dict, names, console) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
-    ap.add_argument("--out", default="benchmarks/linearize_attention.json")
+    ap.add_argument("--out", default="benchmarks/results/linearize_attention.json")
     ap.add_argument("--budget", type=float, default=8.0, help="seconds of timing per length")
     ap.add_argument("--rounds", type=int, default=3,
                     help="passes over all lengths for the attention tables (samples pooled)")

@@ -26,9 +26,9 @@ from rich.table import Table
 
 import optim
 from optim import zoo
+from optim.measure import machine
 from optim.zoo import digits_vit
 from optim.zoo.data import digits, sentences
-from optim.measure import machine
 from optim.zoo.tasks import sentence_batches, sentence_embedding_fidelity
 
 METHODS = ["hedgehog", "elu", "performer", "flow", "ecoformer"]
@@ -97,7 +97,7 @@ def vit(steps: int) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="benchmarks/linearize_attention_fidelity.json")
+    ap.add_argument("--out", default="benchmarks/results/linearize_attention_fidelity.json")
     ap.add_argument("--sentences", type=int, default=256)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--methods", default=",".join(METHODS),

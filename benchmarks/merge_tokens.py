@@ -5,7 +5,7 @@ after cleanup + fuse_attention, torch backend), so the throughput ratios are lik
 Fidelity is the output cosine against the unmerged model on the same (random) inputs; accuracy
 on real data is in `benchmarks/merge_tokens_accuracy.py`.
 
-Usage: python benchmarks/merge_tokens.py [--batch 4] [--out benchmarks/merge_tokens.json]
+Usage: python benchmarks/merge_tokens.py [--batch 4] [--out benchmarks/results/merge_tokens.json]
        [--r 4,8,13,16] [--min-runs 5] [--no-dit]
 """
 
@@ -71,7 +71,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--dit-batch", type=int, default=1)
-    ap.add_argument("--out", default="benchmarks/merge_tokens.json")
+    ap.add_argument("--out", default="benchmarks/results/merge_tokens.json")
     ap.add_argument("--r", default="4,8,13,16", help="ViT merge schedules (r per block) to time")
     ap.add_argument("--min-runs", type=int, default=5)
     ap.add_argument("--no-dit", action="store_true")

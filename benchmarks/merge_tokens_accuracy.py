@@ -5,7 +5,7 @@ row gives the tokens left at the last block, top-1 accuracy on the 360 held-out 
 throughput ratio against the unmerged model on that whole set, all variants timed interleaved in
 one run.
 
-Usage: python benchmarks/merge_tokens_accuracy.py [--out benchmarks/merge_tokens_accuracy.json]
+Usage: python benchmarks/merge_tokens_accuracy.py [--out benchmarks/results/merge_tokens_accuracy.json]
 """
 
 from __future__ import annotations
@@ -22,15 +22,15 @@ from rich.table import Table
 
 import optim
 from optim import zoo
-from optim.zoo import digits_vit
 from optim.measure import machine, measure
+from optim.zoo import digits_vit
 
 R_VALUES = (0, 2, 4, 6, 8, 10, 12, 16)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="benchmarks/merge_tokens_accuracy.json")
+    ap.add_argument("--out", default="benchmarks/results/merge_tokens_accuracy.json")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)

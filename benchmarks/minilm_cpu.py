@@ -4,7 +4,7 @@ Rows: PyTorch eager fp32, torch.compile, plain ONNX Runtime (the captured graph 
 ONNX Runtime's own transformers optimizer + quantize_dynamic (the peer baseline), optim's
 cpu_fp32 pipeline and optim's default cpu pipeline. Latency ratios are against eager in the same
 run; fidelity is mean-pooled sentence-embedding cosine and nearest-neighbour agreement on real
-sentences. Usage: python benchmarks/minilm_cpu.py [--sentences 256] [--out benchmarks/minilm_cpu.json]
+sentences. Usage: python benchmarks/minilm_cpu.py [--sentences 256] [--out benchmarks/results/minilm_cpu.json]
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import optim
 import optim.targets
 from backends.onnxruntime import OrtArtifact
 from optim import zoo
-from optim.zoo.data import sentences
 from optim.measure import machine, measure
+from optim.zoo.data import sentences
 from optim.zoo.tasks import sentence_batches, sentence_embedding_fidelity
 
 
@@ -50,7 +50,7 @@ def ort_peer(model, kw, plain: OrtArtifact, tmp: Path) -> OrtArtifact:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sentences", type=int, default=256)
-    ap.add_argument("--out", default="benchmarks/minilm_cpu.json")
+    ap.add_argument("--out", default="benchmarks/results/minilm_cpu.json")
     ap.add_argument("--budget-s", type=float, default=60.0)
     args = ap.parse_args()
     warnings.filterwarnings("ignore")

@@ -8,7 +8,7 @@
 2. all-MiniLM-L6-v2 on real sentences: round-to-nearest vs GPTQ at group 128 and 32, embedding
    fidelity against fp32 on 256 sentences (64 others calibrate GPTQ), mean per-layer SQNR.
 
-Usage: python benchmarks/quantize_int4.py [--out benchmarks/quantize_int4.json]
+Usage: python benchmarks/quantize_int4.py [--out benchmarks/results/quantize_int4.json]
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from rich.table import Table
 
 import optim
 from optim import zoo
-from optim.zoo.data import sentences
 from optim.measure import machine, measure
+from optim.zoo.data import sentences
 from optim.zoo.tasks import sentence_batches, sentence_embedding_fidelity
 
 LLAMA = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 4,
@@ -82,7 +82,7 @@ def minilm(budget: float) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="benchmarks/quantize_int4.json")
+    ap.add_argument("--out", default="benchmarks/results/quantize_int4.json")
     ap.add_argument("--budget", type=float, default=15.0)
     ap.add_argument("--part", choices=["all", "decoder", "minilm"], default="all")
     args = ap.parse_args()

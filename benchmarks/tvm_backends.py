@@ -6,7 +6,7 @@ with their untuned default tiles, "tuned" is the same with measured matmul tiles
 model except stock are timed in ONE interleaved run; ratios are against ONNX Runtime in that run.
 Compile columns: the first tuned build measures the tiles (fresh cache), the second reuses them.
 
-Usage: python benchmarks/tvm_backends.py [--models minilm,gpt2] [--out benchmarks/tvm_backends.json]
+Usage: python benchmarks/tvm_backends.py [--models minilm,gpt2] [--out benchmarks/results/tvm_backends.json]
 """
 
 from __future__ import annotations
@@ -74,12 +74,12 @@ def bench(spec: dict, console: Console, with_stock: bool) -> list[dict]:
     with tempfile.TemporaryDirectory() as cache:
         os.environ["OPTIM_CACHE_DIR"] = cache  # a fresh tuning database
         t0 = time.perf_counter()
-        builds["tvm rules (untuned)"] = (btvm.lower(gm, a, k), time.perf_counter() - t0)
+        builds["tvm rules (untuned)"] = (btvm.lower(gm, (a, k), None, btvm.TvmOptions()), time.perf_counter() - t0)
         t0 = time.perf_counter()
-        builds["tvm tuned"] = (btvm.lower(gm, a, k, tune=True, progress=console.print),
+        builds["tvm tuned"] = (btvm.lower(gm, (a, k), None, btvm.TvmOptions(tune=True), console.print),
                                time.perf_counter() - t0)
         t0 = time.perf_counter()
-        cached = btvm.lower(gm, a, k, tune=True)
+        cached = btvm.lower(gm, (a, k), None, btvm.TvmOptions(tune=True))
         cache_hit_s = time.perf_counter() - t0
         assert cached.schedule == "tuned (cache hit)", cached.schedule
     cands = {"torch eager": lambda: model(*a, **k), "onnxruntime": lambda: ort(*a, **k)}
@@ -119,7 +119,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="minilm,gpt2")
     ap.add_argument("--no-stock", action="store_true", help="skip the slow stock-TVM row")
-    ap.add_argument("--out", default="benchmarks/tvm_backends.json")
+    ap.add_argument("--out", default="benchmarks/results/tvm_backends.json")
     args = ap.parse_args()
     console = Console()
     rows = []

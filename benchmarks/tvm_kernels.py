@@ -29,8 +29,8 @@ from rich.console import Console
 from rich.table import Table
 
 import optim.ops  # noqa: F401,E402  (registers torch.ops.optim)
-from optim.kernels import _int8_kernel, binary_linear, int8_matmul, pack_rows  # noqa: E402
 from optim.bits import group_mean_abs, pack_bits  # noqa: E402
+from optim.kernels import _int8_kernel, binary_linear, int8_matmul, pack_rows  # noqa: E402
 
 SHAPES = [(1024, 384, 1536), (1024, 1536, 384), (128, 768, 3072), (1024, 768, 768)]
 

@@ -24,7 +24,6 @@ from hardware.capability import place, sparse_scaling
 from hardware.opcost import Kernel
 from hardware.spec import HardwareSpec
 
-
 GEMV_ROWS = 8
 
 

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import torch
 
+from optim.kernels import binary_linear
+from optim.ops import _packed
+
 PROBE_VERSION = 3  # bump when measure() changes, so cached probes are measured again
 GEMM_N = 1024
 COPY_BYTES = 256 * 2**20
@@ -86,9 +89,6 @@ def _best(fn, repeats: int = 7) -> float:
 def measure() -> dict:
     """Achieved fp32 GEMM, int8 GEMM (oneDNN u8s8), binary GEMM (optim's packed XNOR/popcount
     TVM kernel, counted as 2·M·N·K ops like a GEMM) and copy bandwidth, best of several runs."""
-    from optim.kernels import binary_linear
-    from optim.ops import _packed
-
     n = GEMM_N
     torch.manual_seed(0)
     a, b = torch.randn(n, n), torch.randn(n, n)

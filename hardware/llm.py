@@ -13,9 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
+from hardware import fpga
 from hardware.costmodel import Calibration, estimate_kernels
 from hardware.llm_shape import LLMShape, llm_shape
-from hardware.opcost import BYTES, Kernel, graph_kernels
+from hardware.opcost import BYTES, Kernel
 from hardware.parallel import allreduce_s, check_parallel, p2p_s, shard_tp
 from hardware.spec import HardwareSpec
 from optim.errors import ConfigError
@@ -99,8 +100,6 @@ def _phase(kernels: list[Kernel], spec, cal, shape: LLMShape, tokens: int, tp: i
 def _fpga(shape: LLMShape, spec, batch: int, prompt_len: int, ctx: int, weights: str,
           kv: str) -> dict:
     """FPGA targets use the instruction-level model (hardware/fpga.py), same result layout."""
-    from hardware import fpga
-
     bits = {"weight_bits": WEIGHT_FORMATS[weights][1] * 8, "kv_bits": BYTES[kv] * 8,
             "act_bits": 8}
     pre = fpga.estimate_llm(spec, shape, phase="prefill", batch=batch, prompt_len=prompt_len,

@@ -328,7 +328,7 @@ def graph_kernels(gm: GraphModule) -> list[Kernel]:
     members: dict[Node, list[Node]] = {}
     for n in fusable:
         members.setdefault(find(n), []).append(n)
-    for root, ms in members.items():
+    for ms in members.values():
         kernels[ms[0].name] = _fused(ms)
         kernels[ms[0].name].module = module_path(ms[-1])
         order.append(ms[0].name)

@@ -8,7 +8,17 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+import passes  # noqa: F401  (registers every pass)
+from optim import render, zoo
+from optim.compare import compare_targets
+from optim.demo import run_demo
 from optim.errors import OptimError
+from optim.host_memory import keep_freed_memory as keep
+from optim.llm import estimate_llm
+from optim.registry import PASSES
+from optim.report import Report
+from optim.runner import run_pipeline_file
+from optim.targets import resolve_target, target_names
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="optim: a compiler-style optimization toolchain for transformers.")
@@ -30,11 +40,7 @@ def run(pipeline: Path = typer.Argument(..., help="pipeline YAML file"),
                  "32 MB (long sequences), and often smaller ones, then skip their page "
                  "faults; the process keeps its peak memory (glibc only)")) -> None:
     """Run a pipeline file: build the model, optimize for each target, write reports."""
-    from optim.runner import run_pipeline_file
-
     if keep_freed_memory:
-        from optim.host_memory import keep_freed_memory as keep
-
         if keep():
             console.print("host memory: freed memory is kept in the process (glibc mallopt)")
         else:
@@ -46,13 +52,10 @@ def run(pipeline: Path = typer.Argument(..., help="pipeline YAML file"),
         _fail(e)
 
 
-@app.command()
-def passes() -> None:
+@app.command("passes")
+def list_passes() -> None:
     """List registered passes with a one-line description."""
     from rich.table import Table
-
-    import passes  # noqa: F401  (registers every pass)
-    from optim.registry import PASSES
 
     t = Table("pass", "numerics", "requires", "what it does")
     for name in PASSES.names():
@@ -66,8 +69,6 @@ def targets(name: str = typer.Argument(None, help="show every number of one targ
                                                   "source")) -> None:
     """List hardware targets (one spec file each in hardware/specs/) with their provenance."""
     from rich.table import Table
-
-    from optim.targets import resolve_target, target_names
 
     try:
         if name:
@@ -98,9 +99,6 @@ def targets(name: str = typer.Argument(None, help="show every number of one targ
 def show(report: Path = typer.Argument(..., help="report JSON written by optim"),
          format: str = typer.Option("table", help="table | markdown | html")) -> None:
     """Show a saved report."""
-    from optim import render
-    from optim.report import Report
-
     try:
         d = Report.load(report).data
     except OptimError as e:
@@ -126,14 +124,8 @@ def compare(reports: list[Path] = typer.Argument(None, help="report JSON files t
             json_out: Path = typer.Option(None, "--json", help="write the report JSON here")
             ) -> None:
     """Compare saved reports side by side, or one --model across many --targets."""
-    from optim import render
-    from optim.report import Report
-
     try:
         if model:
-            from optim import zoo
-            from optim.compare import compare_targets
-
             z = zoo.load(model, batch=batch, seq=seq)
             names = [t.strip() for t in targets.split(",") if t.strip()]
             with console.status(f"{model}: optimizing and estimating on {', '.join(names)}") as st:
@@ -172,8 +164,6 @@ def llm(model: str = typer.Argument("llama2-7b", help="llama2-7b | llama2-13b | 
     """Estimate LLM prefill (time to first token) and decode (tokens/s) on targets, no weights."""
     from rich.table import Table
 
-    from optim.llm import estimate_llm
-
     t = Table("target", "devices", "TTFT ms", "decode ms/token", "tokens/s", "bound (decode)",
               "memory/device GB", "fits", title=f"{model}: batch {batch}, prompt {prompt}, "
               f"context {context or prompt}, weights {weights}, kv {kv} (estimated)")
@@ -195,8 +185,6 @@ def llm(model: str = typer.Argument("llama2-7b", help="llama2-7b | llama2-13b | 
 def demo(out: Path = typer.Option(Path("reports/minilm"), help="where to write the reports"),
          sentences: int = typer.Option(256, help="real sentences to measure fidelity on")) -> None:
     """Optimize the real all-MiniLM-L6-v2 for this CPU and print the report."""
-    from optim.demo import run_demo
-
     try:
         run_demo(out, n_sentences=sentences, console=console)
     except OptimError as e:

@@ -15,9 +15,9 @@ import yaml
 
 import passes  # noqa: F401  (registers every pass, so names are checked)
 from hardware.spec import target_names
+from optim.errors import ConfigError, UnknownNameError
 from optim.pass_base import config_from_dict
 from optim.registry import PASSES
-from optim.errors import ConfigError, UnknownNameError
 
 
 def _schema() -> dict:

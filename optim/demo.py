@@ -14,7 +14,6 @@ from optim.api import optimize
 from optim.zoo.data import sentences
 from optim.zoo.tasks import sentence_batches, sentence_embedding_fidelity
 
-
 ESTIMATE_ON = ["a100", "h100", "l4", "jetson-orin", "xeon-spr", "alveo-u280"]
 
 

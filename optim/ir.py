@@ -17,7 +17,7 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
-from optim.errors import CaptureError
+from optim.errors import BackendError, CaptureError
 
 
 @dataclass
@@ -242,8 +242,6 @@ def replace_constant(gm: torch.fx.GraphModule, node: torch.fx.Node,
 def require_lowerings(gm: torch.fx.GraphModule, lowered: set[str], backend: str) -> None:
     """Raise `BackendError` naming every optim op in `gm` that `backend` cannot lower
     (`lowered`: op names such as "attention"), and what to do instead."""
-    from optim.errors import BackendError
-
     missing = sorted({n.target.__name__.split(".")[0] for n in gm.graph.nodes
                       if n.op == "call_function" and getattr(n.target, "namespace", "") == "optim"
                       and n.target.__name__.split(".")[0] not in lowered})

@@ -12,8 +12,10 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 
-import passes  # noqa: F401  (registers cleanup and fuse_attention)
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import passes  # noqa: F401  (registers cleanup and fuse_attention)
 from hardware import llm
 from hardware.llm_shape import LLMShape
 from hardware.opcost import Kernel, graph_kernels
@@ -21,7 +23,6 @@ from optim.ir import capture
 from optim.pass_base import PassContext
 from optim.pipeline import Pipeline
 from optim.targets import Target, resolve_target
-from transformers import LlamaConfig, LlamaForCausalLM
 
 __all__ = ["estimate_llm", "decoder_kernels", "captured_decoder"]
 

@@ -15,6 +15,8 @@ from collections.abc import Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from optim.ir import flatten_inputs
+
 aten = torch.ops.aten
 
 
@@ -73,8 +75,6 @@ def node_times(gm: torch.fx.GraphModule, args: tuple, kwargs: dict | None = None
     """Per-node profile of an FX graph measured here: for every call_function node, the median
     milliseconds over `runs` interpreted calls (after one warm-up call), the shapes of its tensor
     inputs, and its output's shape (None where it is not one tensor)."""
-    from optim.ir import flatten_inputs
-
     times: dict[str, list[float]] = {}
     shapes: dict[str, tuple] = {}
 

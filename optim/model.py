@@ -13,10 +13,10 @@ from backends.base import Artifact
 from hardware.estimate import estimate, report_section
 from hardware.opcost import Kernel
 from hardware.plots import kernel_points, roofline_png
+from optim import saving
 from optim.capture import Batch
 from optim.errors import ConfigError
 from optim.registry import BACKENDS
-from optim import saving
 from optim.report import Report
 from optim.targets import resolve_target
 from passes.common.nested_width import at_width, layer_widths

@@ -28,6 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from optim.bits import expand_groups, unpack_bits
+from optim.kernels import binary_linear, pack_rows, quantize_rows, quantize_static
+
 
 @torch.library.custom_op("optim::attention", mutates_args=())
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
@@ -92,8 +95,6 @@ def _packed(w_q: Tensor) -> Tensor:
 @torch.library.custom_op("optim::linear_int8", mutates_args=())
 def linear_int8(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
                 in_scale: Tensor | None = None, act_scale: Tensor | None = None) -> Tensor:
-    from optim.kernels import quantize_rows, quantize_static  # one fused pass over x
-
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k).float().contiguous()
     zp = torch.zeros(w_q.shape[0], dtype=torch.int64)
@@ -215,13 +216,10 @@ def _(x, w_packed, scales, bias, block):
 @torch.library.custom_op("optim::linear_binary", mutates_args=())
 def linear_binary(x: Tensor, w_bits: Tensor, w_scale: Tensor, bias: Tensor | None,
                   threshold: Tensor | None, in_features: int) -> Tensor:
-    from optim.bits import expand_groups, unpack_bits
-
     lead, k = x.shape[:-1], in_features
     if threshold is None:  # weights only: unpack, then a float GEMM (no kernel beats fp32 here)
         w = unpack_bits(w_bits.T, k) * expand_groups(w_scale, k)
         return F.linear(x, w.to(x.dtype), bias)
-    from optim.kernels import binary_linear, pack_rows
 
     bits, beta = pack_rows(x.reshape(-1, k).float(), threshold, w_scale.shape[1])
     y = binary_linear(bits, w_bits, k, beta, w_scale, bias)

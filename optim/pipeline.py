@@ -103,14 +103,15 @@ class Pipeline:
         return [s.to_dict() for s in self.steps]
 
 
-def _with_prerequisites(steps: list[Step]) -> list[Step]:
-    """`steps` with every missing exact prerequisite inserted before the first step needing it."""
-    out: list[Step] = []
+def _with_prerequisites(steps: list[Step], out: list[Step] | None = None) -> list[Step]:
+    """`steps` with every missing exact prerequisite inserted before the first step needing it
+    (prerequisites of prerequisites too, each once)."""
+    out = [] if out is None else out
     for step in steps:
         for req in step.spec.requires:
             spec = PASSES.get(req)
             if req not in [s.name for s in out] and isinstance(spec.numerics, Exact):
-                out += _with_prerequisites([Step(spec, spec.make_config(None), step.name)])
+                _with_prerequisites([Step(spec, spec.make_config(None), step.name)], out)
         out.append(step)
     return out
 
@@ -158,7 +159,7 @@ def parse_text(text: str) -> list:
 def _split_top(s: str) -> list[str]:
     parts, depth, cur = [], 0, ""
     for ch in s:
-        depth += ch in "[(" 
+        depth += ch in "[("
         depth -= ch in "])"
         if ch == "," and depth == 0:
             parts.append(cur)

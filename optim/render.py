@@ -12,6 +12,8 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from hardware.plots import stage_bars_png
+
 
 def _fmt(x: Any, digits: int = 4) -> str:
     if isinstance(x, float):
@@ -337,8 +339,6 @@ def _targets_html(d: dict, plots: bool, rooflines: dict[str, bytes] | None) -> s
         out.append("<ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>")
     if plots:
         try:
-            from hardware.plots import stage_bars_png
-
             out.append("<h3>Estimated latency after each stage</h3>" +
                        _img(stage_bars_png(ests), "estimated latency after each pipeline stage"))
         except (ImportError, ValueError) as ex:  # a missing plot must not lose the report

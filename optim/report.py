@@ -10,10 +10,10 @@ reports from other runs and targets render the same way).
 
 from __future__ import annotations
 
-import json
-import math
 import dataclasses
 import datetime
+import json
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -118,7 +118,7 @@ class ReportData:
     advice: list[str]
     warnings: list[str]
     created: str = field(default_factory=lambda: datetime.datetime.now(
-        datetime.timezone.utc).isoformat(timespec="seconds"))
+        datetime.UTC).isoformat(timespec="seconds"))
 
     def to_dict(self) -> dict:
         return {"schema": SCHEMA_ID, "created": self.created, "optim_version": _version(),

@@ -12,6 +12,8 @@ from optim import render, zoo
 from optim.api import optimize
 from optim.config import load_pipeline_file
 from optim.errors import ConfigError
+from optim.zoo.data import sentences
+from optim.zoo.tasks import sentence_batches, sentence_embedding_fidelity
 
 
 def build_model(spec: dict, inputs: dict) -> zoo.ZooModel:
@@ -22,8 +24,6 @@ def build_model(spec: dict, inputs: dict) -> zoo.ZooModel:
     if "hf_dir" in spec:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoModel, AutoTokenizer
-
-        from optim.zoo.data import sentences
 
         path = spec["hf_dir"]
         if not Path(path, "config.json").is_file():
@@ -63,9 +63,6 @@ def run_pipeline_file(path: Path, out: Path | None = None, save: Path | None = N
     if inputs.get("data") == "sentences":
         if z.tokenizer is None:
             raise ConfigError(f"{path}: inputs.data 'sentences' needs a text model with a tokenizer")
-        from optim.zoo.data import sentences
-        from optim.zoo.tasks import sentence_batches, sentence_embedding_fidelity
-
         batch = z.example_kwargs["input_ids"].shape
         batches = sentence_batches(z.tokenizer, sentences(inputs.get("count", 64)), *batch)
         eval_data, task = batches[:4], sentence_embedding_fidelity(batches)
@@ -79,7 +76,7 @@ def run_pipeline_file(path: Path, out: Path | None = None, save: Path | None = N
                           backend_options=spec.get("backend_options"), eval_data=eval_data,
                           task_fidelity=task, fidelity_budget=spec.get("fidelity_budget"),
                           measure_latency=spec.get("measure_latency"), name=z.name,
-                          progress=lambda m: status.update(f"{z.name} → {target}: {m}"))
+                          progress=lambda m, t=target: status.update(f"{z.name} → {t}: {m}"))
         render.print_report(om.report.data, console)
         outputs = dict(spec.get("report") or {})
         if out is not None:

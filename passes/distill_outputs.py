@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch.fx
 
 from optim.errors import ConfigError
-from passes.common.linears import constant_linears
-from passes.common.graph_runner import split_held_out
 from optim.pass_base import Lossy, PassContext, register_pass
+from passes.common.graph_runner import split_held_out
+from passes.common.linears import constant_linears
 from passes.common.width_distill import distill
 
 

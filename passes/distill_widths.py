@@ -18,8 +18,8 @@ import torch
 import torch.fx
 
 from optim.errors import ConfigError
-from passes.common.graph_runner import split_held_out
 from optim.pass_base import Lossy, PassContext, register_pass
+from passes.common.graph_runner import split_held_out
 from passes.common.width_distill import distill
 
 

@@ -22,9 +22,9 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from passes.common.nested_width import at_width
 from hardware.opcost import graph_kernels
 from optim.pass_base import Exact, PassContext, register_pass
+from passes.common.nested_width import at_width
 from passes.common.units import leaves, order_units
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.fx
 
 from optim.ir import add_constant, get_constant, module_path
+from optim.pass_base import Lossy, PassContext, register_pass
 from passes.common.linears import (
     constant_linears,
     input_channel_energy,
@@ -25,7 +26,6 @@ from passes.common.linears import (
     weight_and_bias,
     weight_axis,
 )
-from optim.pass_base import Lossy, PassContext, register_pass
 
 aten = torch.ops.aten
 

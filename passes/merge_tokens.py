@@ -28,6 +28,7 @@ import torch
 import torch.fx
 
 import optim.ops  # noqa: F401  (registers torch.ops.optim)
+from hardware.estimate import estimate
 from optim.ir import (
     depends_on_inputs,
     downstream,
@@ -40,7 +41,6 @@ from optim.ir import (
 from optim.ops import merged_count
 from optim.pass_base import Lossy, PassContext, register_pass
 from passes.common.token_axis import TokenAxisError, retarget
-from hardware.estimate import estimate
 
 aten = torch.ops.aten
 ATTENTION = torch.ops.optim.attention.default

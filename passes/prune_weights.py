@@ -19,10 +19,15 @@ from typing import Literal
 import torch
 import torch.fx
 
-from optim.ir import get_constant, module_path, replace_constant
 from hardware.capability import UNSTRUCTURED_MAX_DENSITY
-from passes.common.linears import constant_linears, input_channel_energy, weight_and_bias, weight_axis
+from optim.ir import get_constant, module_path, replace_constant
 from optim.pass_base import Lossy, PassContext, register_pass
+from passes.common.linears import (
+    constant_linears,
+    input_channel_energy,
+    weight_and_bias,
+    weight_axis,
+)
 
 aten = torch.ops.aten
 

@@ -22,9 +22,15 @@ import torch.fx
 
 import optim.ops  # noqa: F401  (registers torch.ops.optim)
 from optim.ir import add_constant, get_constant, module_path
-from passes.common.linears import constant_linears, input_rows, linear_input, weight_and_bias, weight_axis
 from optim.ops import pack_int4, unpack_int4
 from optim.pass_base import Lossy, PassContext, register_pass
+from passes.common.linears import (
+    constant_linears,
+    input_rows,
+    linear_input,
+    weight_and_bias,
+    weight_axis,
+)
 
 aten = torch.ops.aten
 

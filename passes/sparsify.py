@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
+from hardware.opcost import graph_kernels
 from optim.ir import get_constant, replace_constant
+from optim.pass_base import Lossy, PassContext, register_pass
 from passes.common.linears import input_rows, weight_and_bias, weight_axis
 from passes.common.nested_width import at_width, counts_at, narrow
-from hardware.opcost import graph_kernels
-from optim.pass_base import Lossy, PassContext, register_pass
 from passes.common.units import order_units
 
 

@@ -9,9 +9,9 @@ os.environ["OPTIM_CACHE_DIR"] = os.path.join(
     os.environ.get("PYTEST_OPTIM_CACHE", "/tmp"), f"optim-test-cache-{os.getuid()}")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-from optim import zoo  # noqa: E402
 import backends  # noqa: E402,F401  (registers every backend)
 import passes  # noqa: E402,F401  (registers every pass)
+from optim import zoo  # noqa: E402
 
 SMALL = ["bert", "gpt2", "llama", "vit", "dit"]
 

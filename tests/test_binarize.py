@@ -9,10 +9,10 @@ import torch
 
 import optim
 import optim.ops  # noqa: F401
-from passes.binarize import binary
-from passes.binarize import qat as binary_qat
 from optim.errors import BackendError
 from optim.ir import get_constant
+from passes.binarize import binary
+from passes.binarize import qat as binary_qat
 from passes.common.graph_runner import run
 
 
@@ -130,7 +130,6 @@ def test_fpga_binary_rate_comes_from_the_finn_r_lut_cost():
     assumed LUT count, so labelled derived; the VHK158 has no LUT count and says so."""
     from hardware.capability import place
     from hardware.spec import load_spec
-    from optim.targets import resolve_target
 
     u280 = load_spec("alveo-u280")
     p = place(u280, "binary", weight_format="binary")

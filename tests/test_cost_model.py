@@ -12,8 +12,6 @@ from hardware.calibrate import fit, score
 from hardware.capability import pass_advice, place
 from hardware.costmodel import default_calibration, estimate_kernels
 from hardware.estimate import estimate
-from optim.llm import decoder_kernels, estimate_llm
-from optim.targets import resolve_target
 from hardware.llm_shape import LLMShape, llm_shape
 from hardware.opcost import graph_kernels
 from hardware.parallel import allreduce_s, shard_tp
@@ -21,8 +19,10 @@ from hardware.spec import load_spec
 from optim import zoo
 from optim.errors import ConfigError
 from optim.ir import capture
+from optim.llm import decoder_kernels, estimate_llm
 from optim.pass_base import PassContext
 from optim.pipeline import Pipeline
+from optim.targets import resolve_target
 
 
 def _graph(name, passes=(), **load):
@@ -87,8 +87,8 @@ def test_capability_matrix_never_credits_what_a_target_lacks():
 
 def test_estimate_is_physical():
     _, gm = _graph("bert", ["cleanup", "fuse_attention"], seq=64)
-    spec = load_spec("a100")
-    est = estimate(gm, spec)
+    a100 = resolve_target("a100")
+    est = estimate(gm, a100.spec, a100.calibration)
     assert est.roofline_s <= est.seconds
     for e in est.kernels:
         assert e.seconds >= max(e.compute_s, e.memory_s)
@@ -96,6 +96,7 @@ def test_estimate_is_physical():
     # more bytes never makes a kernel faster
     k = next(e.kernel for e in est.kernels if e.kernel.kind == "fused")
     big = dataclasses.replace(k, bytes={c: b * 10 for c, b in k.bytes.items()})
+    spec = a100.spec
     cal = default_calibration(spec)
     assert estimate_kernels([big], spec, cal).seconds > estimate_kernels([k], spec, cal).seconds
 

@@ -11,10 +11,10 @@ import torch
 import optim
 from optim.errors import ConfigError
 from optim.ir import get_constant
-from passes.common.linears import constant_linears, weight_and_bias
-from passes.common.graph_runner import output_error, run
 from optim.pass_base import PassContext
 from optim.registry import PASSES
+from passes.common.graph_runner import output_error, run
+from passes.common.linears import constant_linears, weight_and_bias
 
 
 def _batches(z, n, seed=0):

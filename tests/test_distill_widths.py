@@ -60,11 +60,11 @@ def test_a_failed_training_leaves_the_graph_exact(zoo_model):
     torch.testing.assert_close(om(x).logits, z.model(x).logits, atol=1e-4, rtol=1e-4)
 
 
-def test_it_needs_dynamic_width_and_sane_options(zoo_model):
+def test_it_gets_dynamic_width_inserted_and_needs_sane_options(zoo_model):
     z = zoo_model("vit")
-    with pytest.raises(optim.ConfigError, match="requires.*dynamic_width"):
-        optim.optimize(copy.deepcopy(z.model), "cpu", z.example_args,
-                       ["cleanup", "fuse_attention", "distill_widths"], measure_latency=False)
+    pipe = optim.Pipeline.build(["cleanup", "fuse_attention", "distill_widths"])
+    assert pipe.names == ["cleanup", "fuse_attention", "dynamic_width", "distill_widths"]
+    assert pipe.steps[2].inserted_for == "distill_widths"
     with pytest.raises(optim.ConfigError, match="at least two"):
         _distill(z, {"widths": [0.5]}, _batches(z, 2))
 

@@ -115,7 +115,7 @@ def test_bad_options_are_named(zoo_model):
 
 def test_trained_digits_vit_keeps_accuracy_at_half_the_tokens():
     from optim import zoo
-from optim.zoo import digits_vit
+    from optim.zoo import digits_vit
 
     z = zoo.load("digits_vit", batch=360)  # the whole held-out set
     base = digits_vit.accuracy(z.model)

@@ -9,7 +9,6 @@ from optim.pass_base import Exact
 from optim.registry import PASSES
 from tests.conftest import SMALL
 
-
 # passes that only do something after a lossy one: what runs before them in the contract
 BEFORE = {"distill_outputs": ["cleanup", "prune_weights"]}
 

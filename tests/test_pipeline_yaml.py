@@ -23,9 +23,16 @@ def test_unknown_pass_did_you_mean():
         Pipeline.build(["cleanup", "quantise"])
 
 
-def test_requires_checked_before_running():
+def test_exact_prerequisites_are_inserted_once_and_say_why():
+    pipe = Pipeline.build(["sparsify"])
+    assert pipe.names == ["cleanup", "fuse_attention", "sparsify"]
+    assert [s.inserted_for for s in pipe.steps] == ["fuse_attention", "sparsify", None]
+    assert Pipeline.build(["cleanup", "fuse_attention", "sparsify"]).inserted == []
+
+
+def test_requires_checked_before_running_when_not_inserted():
     with pytest.raises(ConfigError, match="requires \\['cleanup'\\]"):
-        Pipeline.build(["fuse_attention"])
+        Pipeline.build(["fuse_attention"], insert_prerequisites=False)
 
 
 def test_bad_option_type_and_name():

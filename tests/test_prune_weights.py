@@ -68,8 +68,8 @@ def test_two_four_is_faster_only_where_the_target_has_sparse_tensor_cores():
 
     from hardware.costmodel import default_calibration, kernel_time
     from hardware.opcost import graph_kernels
-    from hardware.spec import load_spec
     from optim import zoo
+    from optim.targets import resolve_target
 
     z = zoo.load("bert", batch=8, seq=128, hidden_size=512, intermediate_size=2048,
                  num_attention_heads=8)
@@ -77,7 +77,7 @@ def test_two_four_is_faster_only_where_the_target_has_sparse_tensor_cores():
     sparse = [k for k in graph_kernels(om.graph) if k.weight_format == "2:4"]
     assert len(sparse) == 12
     for target, faster in (("a100", True), ("cpu", False)):
-        spec = load_spec(target)
+        spec = resolve_target(target).spec
         cal = default_calibration(spec)
         t = sum(kernel_time(k, spec, cal, "fp16" if target == "a100" else "graph").seconds
                 for k in sparse)

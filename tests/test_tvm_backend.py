@@ -10,13 +10,12 @@ import sys
 
 import pytest
 import torch
+from conftest import SMALL
 
 import optim
 from backends import tvm_cuda
 from optim import numerics
 from optim.errors import BackendError
-
-from conftest import SMALL
 
 
 @pytest.mark.parametrize("name", SMALL)

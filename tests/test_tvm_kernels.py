@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from optim.kernels import binary_linear, int8_matmul, pack_rows
 from optim.bits import expand_groups, group_mean_abs, pack_bits, signs, unpack_bits
 from optim.errors import ConfigError
+from optim.kernels import binary_linear, int8_matmul, pack_rows
 
 
 @pytest.mark.parametrize("m,k,groups", [(8, 64, 1), (97, 100, 1), (5, 1, 1), (33, 384, 3)])

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from optim import zoo
-from optim.zoo import data
 from optim.errors import UnknownNameError
 from optim.numerics import mean_pool
+from optim.zoo import data
 
 
 def test_zoo_names_and_did_you_mean():

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 
 from optim.errors import UnknownNameError
+from optim.zoo import char_lm, digits_vit
+from optim.zoo.data import digits, sentences
 
 
 @dataclass
@@ -50,8 +52,6 @@ def _minilm(batch: int, seq: int, seed: int, **overrides: Any) -> ZooModel:
     """Real all-MiniLM-L6-v2 with SDPA attention; inputs are real tokenized sentences."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
-
-    from optim.zoo.data import sentences
 
     path = minilm_path()
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -139,9 +139,6 @@ def _dit(batch: int, seq: int, seed: int, **o: Any) -> ZooModel:
 
 def _digits_vit(batch: int, seq: int, seed: int, **o: Any) -> ZooModel:
     """The ViT trained here on scikit-learn digits (real weights); inputs are real test digits."""
-    from optim.zoo import digits_vit
-    from optim.zoo.data import digits
-
     if o:
         raise ValueError("digits_vit has trained weights; its config cannot be overridden")
     x, _ = digits("test")
@@ -152,8 +149,6 @@ def _digits_vit(batch: int, seq: int, seed: int, **o: Any) -> ZooModel:
 
 def _char_lm(batch: int, seq: int, seed: int, **o: Any) -> ZooModel:
     """The byte-level GPT-2 trained here on the Python manual (real weights); real text input."""
-    from optim.zoo import char_lm
-
     if o:
         raise ValueError("char_lm has trained weights; its config cannot be overridden")
     if not 2 <= seq <= char_lm.SEQ:

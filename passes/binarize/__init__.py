@@ -27,12 +27,18 @@ import torch
 import torch.fx
 
 import optim.ops  # noqa: F401  (registers torch.ops.optim)
+from optim.ir import add_constant, get_constant, module_path
+from optim.pass_base import Lossy, PassContext, register_pass
 from passes.binarize import binary
 from passes.binarize import qat as binary_qat
-from optim.ir import add_constant, get_constant, module_path
-from passes.common.linears import constant_linears, input_rows, linear_input, weight_and_bias, weight_axis
 from passes.common.graph_runner import run, split_held_out
-from optim.pass_base import Lossy, PassContext, register_pass
+from passes.common.linears import (
+    constant_linears,
+    input_rows,
+    linear_input,
+    weight_and_bias,
+    weight_axis,
+)
 
 BLOCK = re.compile(r"(^|\.)\d+(\.|$)")  # a numbered container: a transformer block
 

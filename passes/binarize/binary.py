@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from optim.bits import WORD, expand_groups, group_mean_abs, pack_bits, signs, unpack_bits  # noqa: F401

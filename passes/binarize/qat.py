@@ -19,8 +19,8 @@ import copy
 import torch
 import torch.fx
 
-from passes.binarize import binary
 from optim.ir import add_constant, get_constant, replace_constant
+from passes.binarize import binary
 from passes.common.graph_runner import output_error, output_loss, run, swap_constant
 
 

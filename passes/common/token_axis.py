@@ -41,7 +41,7 @@ class Axis:
     new: int
     inner: int = 1
 
-    def moved(self, dim: int) -> "Axis":
+    def moved(self, dim: int) -> Axis:
         return Axis(dim, self.old, self.new, self.inner)
 
 

@@ -17,8 +17,8 @@ import torch
 import torch.fx
 
 from optim.ir import get_constant, replace_constant
-from passes.common.linears import constant_linears, weight_and_bias
 from passes.common.graph_runner import output_error, output_loss, run, swap_constant
+from passes.common.linears import constant_linears, weight_and_bias
 from passes.common.nested_width import at_width
 
 

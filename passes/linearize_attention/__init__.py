@@ -29,18 +29,18 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-import passes.linearize_attention.feature_map_fit as feature_fit
 import optim.host_memory as host_memory
+import optim.ops  # noqa: F401  (registers torch.ops.optim)
+import passes.linearize_attention.feature_map_fit as feature_fit
 import passes.linearize_attention.linear_attention as la
 import passes.linearize_attention.lora_distill as lora_distill
-from passes.common.graph_runner import run as run_graph
-import optim.ops  # noqa: F401  (registers torch.ops.optim)
-from optim.ir import evaluate_nodes, module_path, refresh_meta, shape, splice, trace_function
-from passes.common.linears import constant_linears
 from hardware.estimate import estimate
 from hardware.opcost import KERNEL_RULES, graph_kernels
 from hardware.target import Target
+from optim.ir import evaluate_nodes, module_path, refresh_meta, shape, splice, trace_function
 from optim.pass_base import Lossy, PassContext, register_pass
+from passes.common.graph_runner import run as run_graph
+from passes.common.linears import constant_linears
 
 ATTENTION = torch.ops.optim.attention.default
 

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import passes.linearize_attention.flow_attention as flowformer
-from passes.linearize_attention.causal_scan import CHUNK, causal_product
 from optim.host_memory import MMAP_THRESHOLD_MAX
+from passes.linearize_attention.causal_scan import CHUNK, causal_product
 
 METHODS = ("elu", "performer", "flow", "hedgehog", "ecoformer")
 ECO_ANCHORS = 20  # EcoFormer's defaults: 20 RBF anchors, 16-bit codes
