@@ -17,7 +17,8 @@ Each model is optimized twice on the same calibration data: ordering alone, and 
 `distill_widths` (width-aware distillation, `--distill-steps`, 0 to skip); the fidelity columns
 give both (the distilled graph has the same ops and shapes, so the timing is shared).
 
-Usage: python benchmarks/dynamic_width.py [--out benchmarks/results/dynamic_width.json] [--distill-steps N]
+Usage: python benchmarks/dynamic_width.py [--out benchmarks/results/dynamic_width.json]
+       [--distill-steps N]
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ fuse_attention`) is timed in fresh processes, alternating glibc's default with t
 that the two see the same spells of this shared machine. The setting is process-wide, hence one
 process per sample; each process reports the median of `--calls` calls after three warm-ups.
 
-Usage: python benchmarks/host_memory.py [--pairs 4] [--calls 15] [--out benchmarks/results/host_memory.json]
+Usage: python benchmarks/host_memory.py [--pairs 4] [--calls 15]
+       [--out benchmarks/results/host_memory.json]
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ row gives the tokens left at the last block, top-1 accuracy on the 360 held-out 
 throughput ratio against the unmerged model on that whole set, all variants timed interleaved in
 one run.
 
-Usage: python benchmarks/merge_tokens_accuracy.py [--out benchmarks/results/merge_tokens_accuracy.json]
+Usage: python benchmarks/merge_tokens_accuracy.py
+       [--out benchmarks/results/merge_tokens_accuracy.json]
 """
 
 from __future__ import annotations

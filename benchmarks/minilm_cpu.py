@@ -4,7 +4,8 @@ Rows: PyTorch eager fp32, torch.compile, plain ONNX Runtime (the captured graph 
 ONNX Runtime's own transformers optimizer + quantize_dynamic (the peer baseline), optim's
 cpu_fp32 pipeline and optim's default cpu pipeline. Latency ratios are against eager in the same
 run; fidelity is mean-pooled sentence-embedding cosine and nearest-neighbour agreement on real
-sentences. Usage: python benchmarks/minilm_cpu.py [--sentences 256] [--out benchmarks/results/minilm_cpu.json]
+sentences. Usage: python benchmarks/minilm_cpu.py [--sentences 256]
+[--out benchmarks/results/minilm_cpu.json]
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ with their untuned default tiles, "tuned" is the same with measured matmul tiles
 model except stock are timed in ONE interleaved run; ratios are against ONNX Runtime in that run.
 Compile columns: the first tuned build measures the tiles (fresh cache), the second reuses them.
 
-Usage: python benchmarks/tvm_backends.py [--models minilm,gpt2] [--out benchmarks/results/tvm_backends.json]
+Usage: python benchmarks/tvm_backends.py [--models minilm,gpt2]
+       [--out benchmarks/results/tvm_backends.json]
 """
 
 from __future__ import annotations
