@@ -54,7 +54,8 @@ def export_onnx(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> onnx.Mod
 class OrtArtifact(Artifact):
     backend = "onnxruntime"
 
-    def __init__(self, model: onnx.ModelProto, out_spec=None, in_spec=None, threads: int | None = None):
+    def __init__(self, model: onnx.ModelProto, out_spec=None, in_spec=None,
+                 threads: int | None = None):
         self.model = model
         self.out_spec, self.in_spec = out_spec, in_spec
         self.threads = threads or os.cpu_count() or 1
@@ -91,7 +92,8 @@ class OrtArtifact(Artifact):
                                f"({', '.join(self.input_names)}), got {len(tensors)}")
         feeds = {n: t.detach().cpu().numpy() for n, t in zip(self.input_names, tensors)}
         outs = [torch.from_numpy(np.asarray(o)) for o in self.session.run(None, feeds)]
-        return pytree.tree_unflatten(outs, self.out_spec) if self.out_spec is not None else tuple(outs)
+        return (pytree.tree_unflatten(outs, self.out_spec) if self.out_spec is not None
+                else tuple(outs))
 
     def info(self) -> dict:
         return {"runtime": f"onnxruntime {ort.__version__}", "threads": self.threads,

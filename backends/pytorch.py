@@ -103,7 +103,8 @@ class TorchArtifact(Artifact):
 class TorchOptions:
     device: str = "cpu"  # "cuda" runs a copy of the graph on the GPU
     dtype: str = "float32"  # "float16" / "bfloat16": floating constants and inputs cast
-    semi_structured: str = "auto"  # CUDA 2:4 linears: "auto" (where measured faster), "always", "never"
+    # CUDA 2:4 linears: "auto" (where measured faster), "always", "never"
+    semi_structured: str = "auto"
     cuda_graph: bool = False  # CUDA: record one call on the example inputs, replay it
 
 

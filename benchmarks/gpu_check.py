@@ -484,9 +484,9 @@ def _summary(res: dict) -> None:
         print(f"TVM CUDA: rel err {t['rel_error']:.2e}, {t['tvm_cuda']['median_ms']:.3f} ms; "
               + ", ".join(f"{k} {v['median_ms']:.3f} ms" for k, v in t["eager"].items()))
     for r in res.get("sparse_shapes", []) if isinstance(res.get("sparse_shapes"), list) else []:
-        print(f"2:4 {r['tokens']}x{r['in']}->{r['out']}: dense {r['dense_ms']:.3f} ms; " + "; ".join(
-            f"{k} {v['ms']:.3f} ms {v['speedup']:.2f}x err {v['rel_error']:.1e}"
-            for k, v in r.items() if isinstance(v, dict) and "ms" in v))
+        print(f"2:4 {r['tokens']}x{r['in']}->{r['out']}: dense {r['dense_ms']:.3f} ms; "
+              + "; ".join(f"{k} {v['ms']:.3f} ms {v['speedup']:.2f}x err {v['rel_error']:.1e}"
+                          for k, v in r.items() if isinstance(v, dict) and "ms" in v))
     e = res.get("sparse_end_to_end", {})
     if "speedup_vs_dense" in e:
         print("end to end:", {k: round(v, 3) for k, v in e["speedup_vs_dense"].items()},
@@ -559,15 +559,18 @@ def report(data: Path, work: Path) -> str:
     for k, v in e["times"].items():
         out.append(f"| {k} | {v['median_ms']:.3f} | {e['speedup_vs_dense'][k]:.2f}× |")
     if "graphed_shapes" in res:
-        out += ["", "The same GEMMs replayed from CUDA graphs (host-side setup per call drops out):",
-                "", "| 2:4 GEMM (fp16) | dense ms | cuSPARSELt ms | speedup |", "|---|---|---|---|"]
+        out += ["",
+                "The same GEMMs replayed from CUDA graphs (host-side setup per call drops out):",
+                "", "| 2:4 GEMM (fp16) | dense ms | cuSPARSELt ms | speedup |",
+                "|---|---|---|---|"]
         for r in res["graphed_shapes"]:
             cs = r.get("cuSPARSELt", {})
             out.append(f"| {r['tokens']}×{r['in']}→{r['out']} | {r['dense_graph_ms']:.3f} | "
                        f"{cs.get('graph_ms', float('nan')):.3f} | "
                        f"{cs.get('speedup', float('nan')):.2f}× |")
     if "cuda_graphs" in res:
-        out += ["", "optim's torch backend on the GPU in fp16, eager against `cuda_graph=True`:", "",
+        out += ["", "optim's torch backend on the GPU in fp16, eager against `cuda_graph=True`:",
+                "",
                 "| model | variant | median ms | vs dense eager | 2:4 linears run sparse |",
                 "|---|---|---|---|---|"]
         for label, v in res["cuda_graphs"].items():
@@ -580,7 +583,8 @@ def report(data: Path, work: Path) -> str:
     if "sparse_llama" in res:
         sl = res["sparse_llama"]
         ss = sl["2:4 auto"]["semi_structured"]
-        out += ["", f"{sl['model']}, fp16, CUDA graphs: dense {sl['times']['dense']['median_ms']:.2f}"
+        out += ["", f"{sl['model']}, fp16, CUDA graphs: dense "
+                f"{sl['times']['dense']['median_ms']:.2f}"
                 f" ms, 2:4 auto {sl['times']['2:4 auto']['median_ms']:.2f} ms "
                 f"({sl['speedup']:.3f}×); {ss['converted']} of "
                 f"{ss['converted'] + len(ss['kept_dense'])} linears run on cuSPARSELt:", "",

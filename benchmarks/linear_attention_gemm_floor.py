@@ -2,9 +2,10 @@
 
 For one attention at L tokens (BERT-base shape: 12 heads × 64, batch 1) this times, in one
 interleaved run, fused softmax attention (PyTorch SDPA) and each linear method's real ops
-(`passes.linearize_attention.linear_attention.attend`, as `linearize_attention` splices them), then splits each
-linear call into the time spent in its matrix-product kernels (aten mm, bmm, baddbmm, addmm:
-timed per op inside the real call, so their caches are the real ones) and everything else.
+(`passes.linearize_attention.linear_attention.attend`, as `linearize_attention` splices them),
+then splits each linear call into the time spent in its matrix-product kernels (aten mm, bmm,
+baddbmm, addmm: timed per op inside the real call, so their caches are the real ones) and
+everything else.
 
 The GEMM time alone gives a ceiling: softmax ms / GEMM ms is the speedup the method would reach
 if every other op (feature maps, masks, scans, normalization, copies) cost nothing. Where that

@@ -3,7 +3,8 @@
 Two tables, each measured interleaved in one run:
 1. one attention (BERT-base shape: 12 heads × 64, batch 1): fused softmax (PyTorch SDPA, the
    kernel optim::attention runs) against each linear method's ops, as `linearize_attention`
-   splices them in (the same `passes.linearize_attention.linear_attention` functions), bidirectional and causal;
+   splices them in (the same `passes.linearize_attention.linear_attention` functions),
+   bidirectional and causal;
 2. a whole encoder (2 BERT-base layers, 768 wide, batch 1) optimized by optim with
    `fuse_attention` alone and with `linearize_attention` (gate off, so every length is timed;
    the cost model's estimate for softmax and linear is printed next to the measurement).

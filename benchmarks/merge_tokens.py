@@ -95,7 +95,8 @@ def main() -> None:
                   f"{r['throughput_x']:.2f}x",
                   f"{r['cosine_min']:.4f} / {r['cosine_mean']:.4f}")
     console.print(t)
-    Path(args.out).write_text(json.dumps({"machine": machine(), "batch": {"vit": args.batch, "dit": args.dit_batch},
+    Path(args.out).write_text(json.dumps({"machine": machine(),
+                                          "batch": {"vit": args.batch, "dit": args.dit_batch},
                                           "rows": rows}, indent=1))
 
 

@@ -41,7 +41,8 @@ def ort_peer(model, kw, plain: OrtArtifact, tmp: Path) -> OrtArtifact:
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.transformers.optimizer import optimize_model
 
-    torch.onnx.export(model, (), kwargs=kw, dynamo=True, opset_version=18).save(str(tmp / "plain.onnx"))
+    torch.onnx.export(model, (), kwargs=kw, dynamo=True,
+                      opset_version=18).save(str(tmp / "plain.onnx"))
     opt = optimize_model(str(tmp / "plain.onnx"), model_type="bert", num_heads=12, hidden_size=384)
     opt.save_model_to_file(str(tmp / "opt.onnx"))
     quantize_dynamic(str(tmp / "opt.onnx"), str(tmp / "int8.onnx"), weight_type=QuantType.QInt8)

@@ -52,7 +52,8 @@ def test_ort_gemm(benchmark, shape, kind):
     rng = np.random.default_rng(0)
     vi = helper.make_tensor_value_info
     if kind == "fp32":
-        s = _ort([helper.make_node("MatMul", ["x", "W"], ["y"])], [vi("x", TensorProto.FLOAT, [m, k])],
+        s = _ort([helper.make_node("MatMul", ["x", "W"], ["y"])],
+                 [vi("x", TensorProto.FLOAT, [m, k])],
                  vi("y", TensorProto.FLOAT, [m, n]),
                  [numpy_helper.from_array(rng.standard_normal((k, n), dtype=np.float32), "W")])
         feeds = {"x": rng.standard_normal((m, k), dtype=np.float32)}

@@ -75,9 +75,11 @@ def bench(spec: dict, console: Console, with_stock: bool) -> list[dict]:
     with tempfile.TemporaryDirectory() as cache:
         os.environ["OPTIM_CACHE_DIR"] = cache  # a fresh tuning database
         t0 = time.perf_counter()
-        builds["tvm rules (untuned)"] = (btvm.lower(gm, (a, k), None, btvm.TvmOptions()), time.perf_counter() - t0)
+        builds["tvm rules (untuned)"] = (btvm.lower(gm, (a, k), None, btvm.TvmOptions()),
+                                         time.perf_counter() - t0)
         t0 = time.perf_counter()
-        builds["tvm tuned"] = (btvm.lower(gm, (a, k), None, btvm.TvmOptions(tune=True), console.print),
+        builds["tvm tuned"] = (btvm.lower(gm, (a, k), None, btvm.TvmOptions(tune=True),
+                                          console.print),
                                time.perf_counter() - t0)
         t0 = time.perf_counter()
         cached = btvm.lower(gm, (a, k), None, btvm.TvmOptions(tune=True))

@@ -3,8 +3,9 @@
 The fit is least squares on log(predicted / measured) over whole-model latencies (each graph's
 kernels from `opcost`), so a 1 ms and a 100 ms model weigh the same. Eight parameters: large-GEMM
 efficiency for float and int8, the GEMM fall-off `d_half`, bandwidth efficiency, its fall-off
-`b_half`, the per-launch cost, fused attention relative to a GEMM, and the unfused share. Fitted calibrations are saved as JSON beside the cpu probe
-cache, keyed by target and backend; the driver (`optim.targets`) passes them to `estimate`.
+`b_half`, the per-launch cost, fused attention relative to a GEMM, and the unfused share. Fitted
+calibrations are saved as JSON beside the cpu probe cache, keyed by target and backend; the
+driver (`optim.targets`) passes them to `estimate`.
 """
 
 from __future__ import annotations

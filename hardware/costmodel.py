@@ -9,10 +9,10 @@ Per kernel::
 A fused run of pointwise ops costs one launch per reduction; `unfused` (0 for fusing compilers,
 fitted for ONNX Runtime's CPU executor, which fuses only known patterns) adds a share of a launch
 for each further op. `gemm_eff`, `mem_eff` and `t_launch` start from the spec (sourced large-GEMM
-and bandwidth fractions); `d_half` and `b_half` (how fast small shapes and small transfers fall off) start as
-stated defaults. A `Calibration` fitted on measurements replaces them (`hardware.calibrate`), and
-says so: every estimate names the calibration it used. `wave` is tile quantization over the
-target's compute units (128x128 output tiles on GPUs).
+and bandwidth fractions); `d_half` and `b_half` (how fast small shapes and small transfers fall
+off) start as stated defaults. A `Calibration` fitted on measurements replaces them
+(`hardware.calibrate`), and says so: every estimate names the calibration it used. `wave` is
+tile quantization over the target's compute units (128x128 output tiles on GPUs).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The `cpu` target: this machine, detected (cores, ISA, caches, memory) and measured (achieved
-fp32 and int8 GEMM rate, streaming-read and copy bandwidth). Measured once per machine and cached as JSON under
-`$OPTIM_CACHE_DIR` (default `~/.cache/optim`); `refresh=True` measures again.
+fp32 and int8 GEMM rate, streaming-read and copy bandwidth). Measured once per machine and
+cached as JSON under `$OPTIM_CACHE_DIR` (default `~/.cache/optim`); `refresh=True` measures
+again.
 
 The peaks are achieved rates of the kernels the backends call (oneDNN/MKL fp32 GEMM, oneDNN
 u8s8 GEMM), so the spec's large-GEMM efficiency is 1 by construction.

@@ -144,8 +144,8 @@ def estimate_llm(model: str | LLMShape, spec: HardwareSpec, cal: Calibration, ca
     devices = tp * pp
     prefill = _phase(decoder_kernels(shape, capture, batch=batch, seq=prompt_len, weights=weights,
                                      kv=kv), spec, cal, shape, batch * prompt_len, tp, pp, 2.0)
-    decode = _phase(decoder_kernels(shape, capture, batch=batch, seq=1, context_len=ctx, weights=weights,
-                                    kv=kv), spec, cal, shape, batch, tp, pp, 2.0)
+    decode = _phase(decoder_kernels(shape, capture, batch=batch, seq=1, context_len=ctx,
+                                    weights=weights, kv=kv), spec, cal, shape, batch, tp, pp, 2.0)
     decode["tokens_per_s"] = batch / decode["seconds"]
     decode["tokens_per_s_pipelined"] = batch / decode["pipelined_stage_s"]
     weight_bytes = shape.parameters() * WEIGHT_FORMATS[weights][1]

@@ -1,4 +1,5 @@
-"""Post-pass FX graph -> kernels with FLOPs and bytes moved by class (weights, activations, KV cache).
+"""Post-pass FX graph -> kernels with FLOPs and bytes moved by class
+(weights, activations, KV cache).
 
 What a backend launches is modelled, not what FX lists:
 - GEMM-like ops (linear, mm, bmm, matmul, conv, einsum, `optim::linear_int8`/`int4`/`binary`)

@@ -168,7 +168,8 @@ def stage_bars_png(estimates: list[dict], show_bound: bool = True) -> bytes:
     ax.set_title("estimated latency after each pipeline stage, per target", fontsize=10)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.text(0.01, -0.03, "bars: estimated by the optim cost model; black ticks: datasheet roofline "
+    fig.text(0.01, -0.03,
+             "bars: estimated by the optim cost model; black ticks: datasheet roofline "
              "(a lower bound); nothing here is measured",
              fontsize=7, color="dimgray")
     return _png(fig)

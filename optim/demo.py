@@ -27,8 +27,8 @@ def run_demo(out: Path, n_sentences: int = 256, batch: int = 8, seq: int = 128,
         z = zoo.load("minilm", batch=batch, seq=seq)
         texts = sentences(n_sentences)
         batches = sentence_batches(z.tokenizer, texts, batch, seq)
-        om = optimize(z.model, target="cpu", example_inputs=z.example_kwargs, name="all-MiniLM-L6-v2",
-                      eval_data=batches[:4], calibration=batches[:4],
+        om = optimize(z.model, target="cpu", example_inputs=z.example_kwargs,
+                      name="all-MiniLM-L6-v2", eval_data=batches[:4], calibration=batches[:4],
                       task_fidelity=sentence_embedding_fidelity(batches),
                       estimate_targets=ESTIMATE_ON,
                       progress=lambda msg: bar.update(task, description=msg))

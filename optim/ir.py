@@ -74,7 +74,8 @@ def _set(root: torch.nn.Module, qualname: str, value: Any) -> None:
 
 _HINTS = [
     (("DynamicCache", "Cache", "past_key_values"),
-     "the model returns a KV cache object; pass use_cache=False (e.g. in example kwargs or config)"),
+     "the model returns a KV cache object; pass use_cache=False (e.g. in example kwargs or "
+     "config)"),
     (("data-dependent", "GuardOnDataDependentSymNode", "Could not guard on data-dependent"),
      "control flow depends on tensor values; make it static (fixed shapes, no .item() branching)"),
     (("Dynamic control flow", "cond"),

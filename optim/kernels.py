@@ -10,10 +10,10 @@
 - `int8_matmul`: int8 × int8 → int32 accumulation, tiled with the output vectorized over AVX2.
 - `quantize_rows`: dynamic per-token int8 quantization in one pass per row (|x|max, then
   `⌊x · 127 / max + 128.5⌋` as uint8: ties round up, where torch.round goes to even, so codes
-  differ from the eager reference only on exact ties), with an optional per-channel multiplier folded in
-  (SmoothQuant's `x / s`). Eager torch needs six full passes over `x` for the same thing; this is
-  what feeds the oneDNN int8 GEMM of `optim::linear_int8`. `quantize_static` does the same with
-  one calibrated scale (static int8): a single elementwise pass.
+  differ from the eager reference only on exact ties), with an optional per-channel multiplier
+  folded in (SmoothQuant's `x / s`). Eager torch needs six full passes over `x` for the same
+  thing; this is what feeds the oneDNN int8 GEMM of `optim::linear_int8`. `quantize_static` does
+  the same with one calibrated scale (static int8): a single elementwise pass.
 
 Kernels are compiled once per shape and cached for the process. Activations are `[M, K]`;
 int8 weights are `[N, K]` (like `torch.nn.Linear`), packed binary weights `[words, N]`.
@@ -207,8 +207,8 @@ def _binary_linear_kernel(m: int, n: int, words: int, groups: int, k: int):
 def binary_linear(a_bits: torch.Tensor, w_bits: torch.Tensor, k: int, a_scale: torch.Tensor,
                   w_scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Packed ±1 activations a_bits [M, words] (`pack_rows`) times packed ±1 weights, K-major
-    w_bits [words, N] (`passes.binarize.binary.pack_bits(W).T`), with scales per row and group on both
-    sides (a_scale [M, G], w_scale [N, G]) and the bias added: fp32 [M, N]."""
+    w_bits [words, N] (`passes.binarize.binary.pack_bits(W).T`), with scales per row and group on
+    both sides (a_scale [M, G], w_scale [N, G]) and the bias added: fp32 [M, N]."""
     m, words = a_bits.shape
     n, groups = w_scale.shape
     if w_bits.shape != (words, n) or a_scale.shape != (m, groups) or words % groups:

@@ -42,7 +42,8 @@ def captured_decoder(shape: LLMShape, batch: int, seq: int) -> tuple[Kernel, ...
     # only the last position's logits are needed to pick the next token
     cap = capture(model, (ids,), {"logits_to_keep": 1})
     Pipeline.build(["cleanup", "fuse_attention"]).run(cap.gm, PassContext(
-        target=resolve_target("a100"), example_inputs=((ids,), {"logits_to_keep": 1}), calibration=[]))
+        target=resolve_target("a100"), example_inputs=((ids,), {"logits_to_keep": 1}),
+        calibration=[]))
     return tuple(graph_kernels(cap.gm))
 
 

@@ -10,7 +10,8 @@ from torch.utils import _pytree as pytree
 
 
 def tensor_leaves(out: Any) -> list[torch.Tensor]:
-    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return [t for t in pytree.tree_leaves(out)
+            if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
 def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
@@ -23,7 +24,8 @@ def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
     return 10 * math.log10(max(signal, 1e-300) / noise)
 
 
-def compare(ref_out: Any, test_out: Any, token_mask: torch.Tensor | None = None) -> dict[str, float]:
+def compare(ref_out: Any, test_out: Any,
+            token_mask: torch.Tensor | None = None) -> dict[str, float]:
     """Max abs error, mean cosine over rows of the last axis, and SQNR, over all float outputs.
 
     `token_mask` ([B, L], 1 = real token) drops padded positions from outputs shaped [B, L, ...]:
@@ -42,7 +44,8 @@ def compare(ref_out: Any, test_out: Any, token_mask: torch.Tensor | None = None)
             raise ValueError(f"output shape changed: {tuple(r.shape)} vs {tuple(t.shape)}")
         r, t = r.detach().float(), t.detach().float()
         max_abs = max(max_abs, (r - t).abs().max().item() if r.numel() else 0.0)
-        rows_r, rows_t = r.reshape(-1, r.shape[-1] if r.dim() else 1), t.reshape(-1, t.shape[-1] if t.dim() else 1)
+        rows_r, rows_t = (r.reshape(-1, r.shape[-1] if r.dim() else 1),
+                          t.reshape(-1, t.shape[-1] if t.dim() else 1))
         cos.append(torch.nn.functional.cosine_similarity(rows_r, rows_t, dim=-1, eps=1e-12))
         sq.append(sqnr_db(r, t))
     cos_all = torch.cat(cos) if cos else torch.ones(1)

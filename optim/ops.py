@@ -14,10 +14,10 @@ ONNX nodes (`backends/onnx_lowering.py`).
   one fp32 scale per `block` inputs of each output row). ONNX Runtime runs it as MatMulNBits;
   the torch kernel unpacks to fp32 and runs a dense GEMM (memory saved on disk, not time).
 - `optim::linear_binary(x, w_bits, w_scale, bias, threshold, in_features)`: sign weights packed
-  64 per int64 word, K-major ([words, N]), with a scale per output channel (or group of inputs). With a `threshold`,
-  activations are binarized too (x − τ → sign and a per-row scale) and the layer runs on the
-  packed XNOR/popcount kernel (`optim.kernels.binary_linear`); without, the weights are
-  unpacked to fp32 for a dense GEMM.
+  64 per int64 word, K-major ([words, N]), with a scale per output channel (or group of inputs).
+  With a `threshold`, activations are binarized too (x − τ → sign and a per-row scale) and the
+  layer runs on the packed XNOR/popcount kernel (`optim.kernels.binary_linear`); without, the
+  weights are unpacked to fp32 for a dense GEMM.
 """
 
 from __future__ import annotations

@@ -61,7 +61,8 @@ class PassResult:
     counts: dict[str, int] = field(default_factory=dict)
     skipped: list[Skip] = field(default_factory=list)
     seconds: float = 0.0
-    details: dict[str, Any] = field(default_factory=dict)  # pass-specific data (e.g. per-layer SQNR)
+    # pass-specific data (e.g. per-layer SQNR)
+    details: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -81,8 +82,8 @@ class PassContext:
     manager turns them into the `PassResult`.
     """
 
-    def __init__(self, target: Any = None, example_inputs: tuple = (), calibration: list | None = None,
-                 seed: int = 0):
+    def __init__(self, target: Any = None, example_inputs: tuple = (),
+                 calibration: list | None = None, seed: int = 0):
         self.target = target
         self.example_inputs = example_inputs  # (args, kwargs)
         self.calibration = calibration or []  # list of (args, kwargs) batches

@@ -1,8 +1,8 @@
 """Name tables shared by Python, YAML and the CLI: passes, backends, targets.
 
 A `Registry` maps names to entries and fails on an unknown name with the valid names and a
-did-you-mean. The tables are filled when `passes` and `backends` are imported (their `__init__` imports
-every module, each of which registers itself); the driver imports both.
+did-you-mean. The tables are filled when `passes` and `backends` are imported (their `__init__`
+imports every module, each of which registers itself); the driver imports both.
 """
 
 from __future__ import annotations

@@ -64,12 +64,14 @@ def summary_rows(d: dict) -> list[tuple[str, str]]:
         rows.append(("speedup", f"{d['speedup']['optimized_vs_original']:.2f}x "
                                 f"({d['speedup']['basis']})"))
     pad = " (padding excluded)" if d["fidelity"].get("padding") == "excluded" else ""
-    rows.append((f"output fidelity{pad}", f"cosine mean {_fmt(fid['cosine_mean'], 6)}, "
-                                    f"min {_fmt(fid['cosine_min'], 6)}, SQNR {_fmt(fid['sqnr_db'], 3)} dB, "
-                                    f"max abs err {_fmt(fid['max_abs_error'], 3)}"))
+    rows.append((f"output fidelity{pad}",
+                 f"cosine mean {_fmt(fid['cosine_mean'], 6)}, "
+                 f"min {_fmt(fid['cosine_min'], 6)}, SQNR {_fmt(fid['sqnr_db'], 3)} dB, "
+                 f"max abs err {_fmt(fid['max_abs_error'], 3)}"))
     for k, v in d["fidelity"].get("task", {}).items():
         rows.append((f"task: {k}", _fmt(v, 5)))
-    wb, wa = d["model"]["weight_bytes"], d["model"].get("weight_bytes_after", d["model"]["weight_bytes"])
+    wb, wa = (d["model"]["weight_bytes"],
+              d["model"].get("weight_bytes_after", d["model"]["weight_bytes"]))
     rows.append(("weights", f"{wb / 2**20:.1f} MiB -> {wa / 2**20:.1f} MiB"))
     for w in d.get("warnings", []):
         rows.append(("WARNING", w))
@@ -84,7 +86,8 @@ def pass_rows(d: dict) -> list[tuple[str, str, str, str, str]]:
         if p["skipped"]:
             skipped += ": " + "; ".join(sorted({s["reason"] for s in p["skipped"]}))[:120]
         f = p.get("fidelity") or {}
-        fid = f"cos {_fmt(f.get('cosine_min'), 6)}, SQNR {_fmt(f.get('sqnr_db'), 3)} dB" if f else "-"
+        fid = (f"cos {_fmt(f.get('cosine_min'), 6)}, SQNR {_fmt(f.get('sqnr_db'), 3)} dB" if f
+               else "-")
         out.append((p["name"], counts, skipped, fid, f"{p['seconds']:.2f}s"))
     return out
 
@@ -95,8 +98,8 @@ TARGET_COLUMNS = ("target", "kind", "status", "latency ms", "bound ms", "bound k
                   "throughput/s", "memory fit", "energy J", "per-pass gains", "top op")
 STATUS_LEGEND = ("latency ms has the row's status: measured = timed here, interleaved runs; "
                  "estimated = optim cost model (roofline x efficiency, calibration named below). "
-                 "bound ms is the roofline bound: datasheet peaks at 100% with no overhead, a lower "
-                 "bound on latency")
+                 "bound ms is the roofline bound: datasheet peaks at 100% with no overhead, a "
+                 "lower bound on latency")
 
 
 def _bytes(n: Any) -> str:
@@ -355,12 +358,15 @@ def to_html(d: dict, plots: bool = True, rooflines: dict[str, bytes] | None = No
     """The report as one self-contained HTML page. With `plots`, a stage bar chart drawn from
     `estimates` and the given pre-rendered `rooflines` (target name -> PNG bytes) are embedded."""
     esc = html.escape
-    summary = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in summary_rows(d))
-    passes = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in pass_rows(d))
+    summary = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>"
+                      for k, v in summary_rows(d))
+    passes = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>"
+                     for r in pass_rows(d))
     ops = "".join(f"<tr><td>{esc(k)}</td><td>{d['graph']['before'].get(k, 0)}</td>"
                   f"<td>{d['graph']['after'].get(k, 0)}</td></tr>"
                   for k in sorted(set(d["graph"]["before"]) | set(d["graph"]["after"])))
-    skipped = "".join(f"<tr><td>{esc(p['name'])}</td><td>{esc(s['where'])}</td><td>{esc(s['reason'])}</td></tr>"
+    skipped = "".join(f"<tr><td>{esc(p['name'])}</td><td>{esc(s['where'])}</td>"
+                      f"<td>{esc(s['reason'])}</td></tr>"
                       for p in d["passes"] for s in p["skipped"])
     targets = _targets_html(d, plots, rooflines)
     tables = "".join(f"<details><summary>{esc(t)}</summary>{_html_table(h, r)}</details>"
@@ -369,20 +375,28 @@ def to_html(d: dict, plots: bool = True, rooflines: dict[str, bytes] | None = No
         tables = f"<h2>Per layer</h2>{tables}"
     advice = ("<h2>Advice</h2><ul>" + "".join(f"<li>{esc(a)}</li>" for a in d["advice"]) +
               "</ul>") if d.get("advice") else ""
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>optim report</title>
-<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:80em}}
-table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}
-th{{background:#f4f4f4}}details table{{display:inline-table;margin-right:1em;vertical-align:top}}</style></head><body>
-<h1>optim report: {esc(d['model']['name'])} on {esc(d['target']['name'])}</h1>
-<table>{summary}</table>
-<h2>Passes</h2><table><tr><th>pass</th><th>what changed</th><th>skipped</th><th>fidelity after</th><th>time</th></tr>{passes}</table>
-{tables}
-{targets}
-{advice}
-<h2>Skipped matches</h2><table><tr><th>pass</th><th>where</th><th>reason</th></tr>{skipped or '<tr><td colspan=3>none</td></tr>'}</table>
-<h2>Graph ops before / after</h2><table><tr><th>op</th><th>before</th><th>after</th></tr>{ops}</table>
-<p>Every latency is labelled measured (here, interleaved runs), estimated (by what) or bound (datasheet roofline, a lower bound). Generated {esc(d['created'])} by optim {esc(d.get('optim_version', ''))}.</p>
-</body></html>"""
+    return ('<!doctype html><html><head><meta charset="utf-8"><title>optim report</title>\n'
+            "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:80em}\n"
+            "table{border-collapse:collapse;margin:1em 0}"
+            "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}\n"
+            "th{background:#f4f4f4}"
+            "details table{display:inline-table;margin-right:1em;vertical-align:top}</style>"
+            "</head><body>\n"
+            f"<h1>optim report: {esc(d['model']['name'])} on {esc(d['target']['name'])}</h1>\n"
+            f"<table>{summary}</table>\n"
+            "<h2>Passes</h2><table><tr><th>pass</th><th>what changed</th><th>skipped</th>"
+            f"<th>fidelity after</th><th>time</th></tr>{passes}</table>\n"
+            f"{tables}\n"
+            f"{targets}\n"
+            f"{advice}\n"
+            "<h2>Skipped matches</h2><table><tr><th>pass</th><th>where</th><th>reason</th></tr>"
+            f"{skipped or '<tr><td colspan=3>none</td></tr>'}</table>\n"
+            "<h2>Graph ops before / after</h2>"
+            f"<table><tr><th>op</th><th>before</th><th>after</th></tr>{ops}</table>\n"
+            "<p>Every latency is labelled measured (here, interleaved runs), estimated (by what) "
+            "or bound (datasheet roofline, a lower bound). "
+            f"Generated {esc(d['created'])} by optim {esc(d.get('optim_version', ''))}.</p>\n"
+            "</body></html>")
 
 
 def compare_table(reports: list[tuple[str, dict]]) -> Table:
@@ -402,8 +416,10 @@ def compare_table(reports: list[tuple[str, dict]]) -> Table:
     row("target", lambda d: d["target"]["name"])
     row("backend", lambda d: d["backend"]["name"])
     row("passes", lambda d: ", ".join(p["name"] for p in d["passes"]))
-    row("original latency", lambda d: _ms(next(r for r in d["latency"] if r["label"] == "original")))
-    row("optimized latency", lambda d: _ms(next(r for r in d["latency"] if r["label"] == "optimized")))
+    row("original latency",
+        lambda d: _ms(next(r for r in d["latency"] if r["label"] == "original")))
+    row("optimized latency",
+        lambda d: _ms(next(r for r in d["latency"] if r["label"] == "optimized")))
     row("speedup (same run)", lambda d: f"{d['speedup']['optimized_vs_original']:.2f}x measured")
     row("estimated on target", lambda d: f"{_num(d['estimates'][0]['estimated_ms'])} ms estimated "
                                          f"({d['estimates'][0]['target']})")

@@ -62,7 +62,8 @@ def run_pipeline_file(path: Path, out: Path | None = None, save: Path | None = N
     eval_data, task = None, None
     if inputs.get("data") == "sentences":
         if z.tokenizer is None:
-            raise ConfigError(f"{path}: inputs.data 'sentences' needs a text model with a tokenizer")
+            raise ConfigError(f"{path}: inputs.data 'sentences' needs a text model with a "
+                              "tokenizer")
         batch = z.example_kwargs["input_ids"].shape
         batches = sentence_batches(z.tokenizer, sentences(inputs.get("count", 64)), *batch)
         eval_data, task = batches[:4], sentence_embedding_fidelity(batches)

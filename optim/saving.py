@@ -31,7 +31,8 @@ FORMAT = "optim.saved/1"
 
 def save(om, directory: Path) -> Path:
     directory = Path(directory)
-    if directory.exists() and any(directory.iterdir()) and not (directory / "manifest.json").exists():
+    if (directory.exists() and any(directory.iterdir())
+            and not (directory / "manifest.json").exists()):
         raise OptimError(f"{directory} exists and is not an optim save; choose an empty directory")
     info = getattr(om.graph._graph._codegen, "pytree_info", None) if om.graph is not None else None
     manifest = {"format": FORMAT, "backend": om.backend,

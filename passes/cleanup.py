@@ -2,7 +2,8 @@
 
 Removes what export leaves for training or checking only: `dropout(x, p, train=False)`,
 `_assert_tensor_metadata`, `to(x, dtype)` when x already has that dtype, `alias`, `clone`, and
-`contiguous`-style copies of values nothing mutates. Numerics: exact (nothing is computed differently).
+`contiguous`-style copies of values nothing mutates. Numerics: exact (nothing is computed
+differently).
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ Finds every attention whatever form it was traced in: an existing
 `matmul(q, kᵀ) → [mul|div by a constant] → [add mask] → softmax(-1) → matmul(·, v)`
 (GPT-2 eager, hand-written blocks). The fused op carries heads, head size, scale, mask and
 causality; each backend lowers it to a fused kernel. A mask that lets every query see every key
-whatever the input (ViT passes an all-True one) is dropped, so kernels take their unmasked path. Requires: cleanup (no eval dropout or no-op
-casts between the steps). Numerics: exact, fp32 max abs error <= 1e-4.
+whatever the input (ViT passes an all-True one) is dropped, so kernels take their unmasked path.
+Requires: cleanup (no eval dropout or no-op casts between the steps). Numerics: exact, fp32 max
+abs error <= 1e-4.
 """
 
 from __future__ import annotations

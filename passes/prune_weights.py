@@ -1,4 +1,5 @@
-"""prune_weights: linear weights ⇒ the same weights with a Wanda/magnitude mask (unstructured or 2:4).
+"""prune_weights: linear weights ⇒ the same weights with a Wanda/magnitude mask
+(unstructured or 2:4).
 
 Every linear / addmm with a constant weight (output heads aside: `skip`) gets the weights with
 the lowest scores zeroed: Wanda scores |W_ij|·‖X_j‖ (X the layer's calibration inputs; Sun et

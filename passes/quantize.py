@@ -1,4 +1,5 @@
-"""quantize: linear(x, W, b) / addmm(b, x, Wᵀ) with constant W  ⇒  optim::linear_int8(x, W_q, s_w, b).
+"""quantize: linear(x, W, b) / addmm(b, x, Wᵀ) with constant W
+⇒  optim::linear_int8(x, W_q, s_w, b).
 
 Weights become int8 (7-bit range by default, see `weight_bits`) with one symmetric scale per
 output channel; activations are quantized per token (one symmetric scale per row) at run time,
@@ -69,7 +70,8 @@ class QuantizeConfig:
 
 
 def _linear_parts(gm, n: torch.fx.Node):
-    """(x, W [N, K] tensor, bias node) for a linear-like node with a constant weight, else a reason."""
+    """(x, W [N, K] tensor, bias node) for a linear-like node with a constant weight, else a
+    reason."""
     if n.target is aten.linear.default:
         x, w = n.args[0], n.args[1]
         b = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
@@ -144,7 +146,8 @@ def quantize(gm: torch.fx.GraphModule, cfg: QuantizeConfig, ctx: PassContext) ->
                                   f"reached {where}")
             act_scale = _static_scale(calib, cfg)
         sq = _layer_sqnr(inputs.get(n), w_ref, calib, w_q, w_scale, b, act_scale)
-        layer = {"layer": where, "shape": list(w.shape), "sqnr_db": None if sq is None else round(sq, 2)}
+        layer = {"layer": where, "shape": list(w.shape),
+                 "sqnr_db": None if sq is None else round(sq, 2)}
         if sq is not None and sq < cfg.min_sqnr_db:
             ctx.skip(where, f"calibrated SQNR {sq:.1f} dB < min_sqnr_db {cfg.min_sqnr_db:g}")
             layer["kept_float"] = True

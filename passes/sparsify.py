@@ -1,13 +1,13 @@
 """sparsify (structured): the least important heads and MLP neurons ⇒ removed, tensors shrunk.
 
-Heads and neurons are found and scored on calibration data as `passes.common.units` describes (a head
-by what it adds to the residual stream, a neuron by mean |activation| × its down-projection
-column norm), and each block keeps its most important ones: `sparsity` of them are removed in
-every block, or, with `flops`, the uniform sparsity that brings the graph's FLOPs down to that
-fraction. The weights really shrink (q/k/v/up rows, output/down columns) and every reshape
-constant carrying a head or neuron count is rewritten, so dense kernels get faster on every
-backend. With `reconstruct`, the output and down projections are refitted by least squares so
-the kept units reproduce the full layer's output on the calibration data (the dropped units'
+Heads and neurons are found and scored on calibration data as `passes.common.units` describes
+(a head by what it adds to the residual stream, a neuron by mean |activation| × its
+down-projection column norm), and each block keeps its most important ones: `sparsity` of them
+are removed in every block, or, with `flops`, the uniform sparsity that brings the graph's FLOPs
+down to that fraction. The weights really shrink (q/k/v/up rows, output/down columns) and every
+reshape constant carrying a head or neuron count is rewritten, so dense kernels get faster on
+every backend. With `reconstruct`, the output and down projections are refitted by least squares
+so the kept units reproduce the full layer's output on the calibration data (the dropped units'
 mean contribution moves into the bias). Grouped-query heads go with their key/value head; fused
 q/k/v projections (GPT-2) keep their heads, with the reason. Requires: fuse_attention.
 Numerics: lossy; per-layer reconstruction error is reported.

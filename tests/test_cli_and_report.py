@@ -98,7 +98,8 @@ def test_model_sources_python_and_hf_dir(tmp_path):
                  "backend: torch\nmeasure_latency: false\npasses: [cleanup, fuse_attention]\n")
     (report,) = run_pipeline_file(p)
     assert report["passes"][1]["counts"] == {"attention_fused": 1}
-    p.write_text(f"version: 1\nmodel: {{hf_dir: '{minilm_path()}'}}\ninputs: {{batch: 2, seq: 16}}\n"
+    p.write_text(f"version: 1\nmodel: {{hf_dir: '{minilm_path()}'}}\n"
+                 "inputs: {batch: 2, seq: 16}\n"
                  "backend: torch\nmeasure_latency: false\npasses: [cleanup, fuse_attention]\n")
     (report,) = run_pipeline_file(p)
     assert report["passes"][1]["counts"] == {"attention_fused": 6}

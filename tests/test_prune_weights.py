@@ -1,4 +1,5 @@
-"""prune_weights: Wanda/magnitude masks, unstructured and 2:4, and what the cost model makes of them."""
+"""prune_weights: Wanda/magnitude masks, unstructured and 2:4, and what the cost model makes
+of them."""
 
 from __future__ import annotations
 

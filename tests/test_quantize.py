@@ -107,7 +107,8 @@ def test_smoothing_recovers_outlier_channels():
 
 
 class _PostNorm(_OutlierMLP):
-    """The norm output also feeds a residual (post-norm BERT): folding s into γ, β would change it."""
+    """The norm output also feeds a residual (post-norm BERT): folding s into γ, β would
+    change it."""
 
     def forward(self, x):
         h = self.norm(x)

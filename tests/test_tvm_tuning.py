@@ -29,7 +29,8 @@ def test_tuning_is_recorded_then_reused_from_cache(zoo_model, tuning_cache):
     z = zoo_model("bert")
     first = _compile(z, tune=True)
     info = first.report["backend"]
-    assert info["schedule"] == "tuned" and info["tuning"]["tuned_now"] == info["tuning"]["workloads"]
+    assert info["schedule"] == "tuned"
+    assert info["tuning"]["tuned_now"] == info["tuning"]["workloads"]
     assert info["tuning"]["workloads"] >= 3 and info["tuning"]["unscheduled_kernels"] == []
     assert first.report["fidelity"]["outputs"]["max_abs_error"] <= 1e-4
     db = json.loads(next(tuning_cache.glob("tuning-*.json")).read_text())

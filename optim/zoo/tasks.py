@@ -9,7 +9,8 @@ import torch
 from optim.numerics import embedding_fidelity, mean_pool
 
 
-def sentence_batches(tokenizer, sentences: list[str], batch: int, seq: int) -> list[tuple[tuple, dict]]:
+def sentence_batches(tokenizer, sentences: list[str], batch: int,
+                     seq: int) -> list[tuple[tuple, dict]]:
     """Tokenized `(args, kwargs)` batches of exactly `batch` × `seq` (static shapes)."""
     out = []
     for i in range(0, len(sentences) - batch + 1, batch):

@@ -46,10 +46,12 @@ class Axis:
 
 
 _SAME_SHAPE = {
-    aten.gelu.default, aten.relu.default, aten.silu.default, aten.tanh.default, aten.sigmoid.default,
+    aten.gelu.default, aten.relu.default, aten.silu.default, aten.tanh.default,
+    aten.sigmoid.default,
     aten.clone.default, aten.contiguous.default, aten._to_copy.default, aten.to.dtype,
     aten.dropout.default, aten.alias.default, aten.detach.default, aten.neg.default,
-    aten.exp.default, aten.erf.default, aten.sqrt.default, aten.rsqrt.default, aten.pow.Tensor_Scalar,
+    aten.exp.default, aten.erf.default, aten.sqrt.default, aten.rsqrt.default,
+    aten.pow.Tensor_Scalar,
     aten.softmax.int, aten._softmax.default, aten._safe_softmax.default, aten.log_softmax.int,
     aten.layer_norm.default, aten.linear.default, aten.type_as.default,
 }

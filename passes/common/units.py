@@ -154,7 +154,8 @@ def plan_layers(pairs: list, heads: list[dict]) -> list[dict]:
 def order_units(gm, heads: bool, mlp: bool, batches: list, skip) -> dict | None:
     """Find every block's heads (when `heads`) and MLP neurons (when `mlp`), score them on
     `batches` and permute them most important first (the function is unchanged). Returns the
-    plan `{"layers": [...]}` that `passes.common.nested_width` slices, or None if nothing was found."""
+    plan `{"layers": [...]}` that `passes.common.nested_width` slices, or None if nothing was
+    found."""
     attns = [n for n in gm.graph.nodes if n.target is ATTENTION] if heads else []
     found = [h for h in (attention_heads(gm, n, skip) for n in attns) if h]
     pairs = blocks(gm, [m for m in (mlp_unit(gm, n) for n in gm.graph.nodes) if m], skip)

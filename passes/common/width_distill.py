@@ -5,8 +5,8 @@ every linear's weight and bias is trained so that several nested widths at once 
 original (full-width) model's outputs on calibration data: each step runs the widest and the
 narrowest width plus one other drawn at random (the "sandwich rule" of slimmable networks) on
 one batch, and the loss is the sum of their relative output errors. The width graphs read
-views of the same full weights (`passes.common.nested_width` records which constant is which prefix),
-so one set of weights serves every width, as at run time.
+views of the same full weights (`passes.common.nested_width` records which constant is which
+prefix), so one set of weights serves every width, as at run time.
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
 """linearize_attention: optim::attention (softmax, O(L²)) ⇒ linear attention aten ops (O(L)).
 
 Each fused attention becomes φ(q)·(φ(k)ᵀ·v) / φ(q)·(φ(k)ᵀ·1) (or Flowformer's flow attention),
-spliced in as plain aten ops so every backend runs it (`passes.linearize_attention.linear_attention` holds the math).
-Methods: `hedgehog` (learned feature maps fitted per layer to the layer's softmax attention
-output on calibration data: attention transfer, LoLCATs stage 1), `ecoformer` (binary hash
-codes of q and k, EcoFormer-style, their projection fitted the same way), and the training-free `elu`,
-`performer` (FAVOR+) and `flow` (Flowformer), which published work and this pass's report show
-to be poor without training.
+spliced in as plain aten ops so every backend runs it
+(`passes.linearize_attention.linear_attention` holds the math). Methods: `hedgehog` (learned
+feature maps fitted per layer to the layer's softmax attention output on calibration data:
+attention transfer, LoLCATs stage 1), `ecoformer` (binary hash codes of q and k, EcoFormer-style,
+their projection fitted the same way), and the training-free `elu`, `performer` (FAVOR+) and
+`flow` (Flowformer), which published work and this pass's report show to be poor without
+training.
 
 Causal attention (a causal flag or a causal mask) gets the chunked causal form; a decoder then
 needs a fixed [H, d′, d+1] state per sequence instead of a KV cache (`recurrent_step`). Padding

@@ -1,8 +1,8 @@
 """Fitting learned feature maps by attention transfer (Hedgehog map, LoLCATs stage 1).
 
 The model is frozen; one layer's feature-map parameters are fitted so that its linear attention
-(`passes.linearize_attention.linear_attention.attend`) reproduces the layer's softmax attention output on
-calibration samples [(q, k, v, valid)], by MSE.
+(`passes.linearize_attention.linear_attention.attend`) reproduces the layer's softmax attention
+output on calibration samples [(q, k, v, valid)], by MSE.
 """
 
 from __future__ import annotations

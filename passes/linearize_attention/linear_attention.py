@@ -12,18 +12,19 @@ Feature maps (`feature_map(method, x, params, role)`):
   orthogonal Gaussian w (Choromanski et al. 2021), on x·s^½ so that φ(q)·φ(k) estimates
   exp(q·k·s).
 - `hedgehog`: [softmax(x·W + b), softmax(−(x·W + b))] per head, W and b fitted to the layer's
-  softmax attention output on calibration data (`passes.linearize_attention.feature_map_fit`, LoLCATs stage 1).
+  softmax attention output on calibration data (`passes.linearize_attention.feature_map_fit`,
+  LoLCATs stage 1).
 - `ecoformer`: binary hash codes h(x) = [ (κ(x, anchors) − μ)·A ≥ 0 ] ∈ {0, 1}^b per head
   (EcoFormer's kernelized hashing, 2022: RBF features to anchors drawn from the calibration
   keys, a projection A), shared by queries and keys, so φ(q)·φ(k) counts shared bits and the
   attention is accumulations of v. A is fitted by attention transfer with a straight-through
-  sign (`passes.linearize_attention.feature_map_fit`), where EcoFormer fits it by supervised hashing on attention
-  pairs.
+  sign (`passes.linearize_attention.feature_map_fit`), where EcoFormer fits it by supervised
+  hashing on attention pairs.
 `flow` is Flowformer's flow attention (`passes.linearize_attention.flow_attention`).
 
-Forms: bidirectional; causal, computed in chunks (`passes.linearize_attention.causal_scan`: within a chunk a
-masked L_c×L_c product, across chunks a running [d′, d] state: no [L, d′, d] tensor is ever
-built); and the recurrent step a decoder runs instead of appending to a KV cache
+Forms: bidirectional; causal, computed in chunks (`passes.linearize_attention.causal_scan`:
+within a chunk a masked L_c×L_c product, across chunks a running [d′, d] state: no [L, d′, d]
+tensor is ever built); and the recurrent step a decoder runs instead of appending to a KV cache
 (`recurrent_step`).
 Padding is handled by zeroing the features (and flow weights) of masked keys.
 """
