@@ -1,12 +1,12 @@
 """Validate the cost model against ONNX Runtime latency measured on this machine's `cpu` target.
 
-6 zoo families x 2 sequence lengths x 2 batch sizes x 3 pipelines (unfused fp32, fused fp32,
-fused int8) = 72 configurations, plus 24 decode-like ones (wide GPT-2 and Llama layers on 1-4
-tokens, where the weights stream from memory). Phase 1 (`--measure`) optimizes each one, times the
-three pipelines of each model and shape interleaved with ONNX Runtime, and stores the post-pass
-kernels with the median latency in cost_model_cpu.json. Phase 2 (always) fits a calibration on
-half the model families and reports the error on the other half (unseen models), prints the table
-and writes the markdown for RESULTS.md.
+6 zoo families x 2 sequence lengths x 2 batch sizes x 3 pipelines (unfused fp32, fused fp32, fused
+int8) = 72 configurations, plus 24 decode-like ones (wide GPT-2 and Llama layers on 1-4 tokens,
+where the weights stream from memory): 96 in all, 8 families. Phase 1 (`--measure`) optimizes each
+one, times the three pipelines of each model and shape interleaved with ONNX Runtime, and stores
+the post-pass kernels with the median latency in cost_model_cpu.json. Phase 2 (always) fits a
+calibration on half the model families and reports the error on the other half (unseen models),
+prints the table and writes the markdown for RESULTS.md.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/cost_model_cpu.py --measure   # ~15 min, 2 cores
     python benchmarks/cost_model_cpu.py                                     # refit from JSON

@@ -124,7 +124,8 @@ def pass_advice(spec: HardwareSpec, passes: list[str], precision: str = "graph")
         elif spec.kind == "cpu" and not {"vnni", "amx", "avx512_vnni"} & spec.features:
             out.append(f"quantize (int8): {spec.name} has no VNNI/AMX; int8 GEMMs use AVX2 "
                        "u8s8 madd at most ~2x fp32 and per-token quantization costs a pass "
-                       "over the activations (measured here: ~1x, see benchmarks/RESULTS.md).")
+                       "over the activations (measured here: ~1x, benchmarks/RESULTS.md "
+                       "section 1).")
     for name in passes:
         if name in ("sparsify_2_4", "sparsify") and not spec.sparse_2_4:
             out.append(f"{name}: {spec.name} has no 2:4 sparse math; only weight bytes shrink.")

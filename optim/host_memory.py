@@ -12,7 +12,7 @@ the heap's free top to the kernel (`mallopt(M_MMAP_MAX, 0)`, `mallopt(M_TRIM_THR
 so freed pages are reused once the heap has grown to the working set. Measured on this VM
 (2026-12-01): flow attention over 16384 tokens faulted about 63k pages per call by default, and
 0–12k per call after the first with the setting; bidirectional flow then ran 2× faster at
-16384 tokens (`benchmarks/RESULTS.md`, linear attention runs 12 and 13). Since then optim's
+16384 tokens (`benchmarks/results/HISTORY.md`, linear attention runs 12 and 13). Since then optim's
 linear attention makes its large temporaries a segment at a time, and that call faults about
 16k pages (its 50 MB output) by default. Smaller tensors pay
 too whenever the heap's free top passes glibc's trim threshold and is handed back: a plain

@@ -64,11 +64,13 @@ class PassRun:
 def run_pass(name: str, graph: torch.fx.GraphModule, args: tuple = (), kwargs: dict | None = None,
              *, options: dict | None = None, target: str | Target = "xeon-spr",
              calibration: list | None = None, prerequisites: bool = True,
-             seed: int = 0) -> PassRun:
+             teacher: torch.fx.GraphModule | None = None, seed: int = 0) -> PassRun:
     """Run pass `name` with `options` on a copy of `graph` at the example `(args, kwargs)`.
 
     `calibration`: (args, kwargs) batches for passes that calibrate (default: the example).
     `target`: what the pass's cost-model gates read (default: a sourced spec, so no probe runs).
+    `teacher`: the graph whose outputs a training pass matches (default: `graph` itself; give
+    the original model's graph when `graph` already went through a lossy pass).
     """
     kwargs = dict(kwargs or {})
     gm = copy.deepcopy(graph)
@@ -82,7 +84,7 @@ def run_pass(name: str, graph: torch.fx.GraphModule, args: tuple = (), kwargs: d
     with torch.no_grad():
         before = run_graph(gm, example)
         if any(step.spec.teacher for step in pipe.steps):
-            ctx.teacher = {id(b): run_graph(gm, b) for b in batches}
+            ctx.teacher = {id(b): run_graph(teacher or gm, b) for b in batches}
         results = pipe.run(gm, ctx)
         after = run_graph(gm, example)
     return PassRun(gm, results[-1], results, before, after, hist_before, op_histogram(gm))

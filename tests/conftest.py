@@ -26,3 +26,28 @@ def zoo_model():
         return cache[name]
 
     return get
+
+
+@pytest.fixture
+def shipped_pipeline(tmp_path):
+    """A shipped pipeline file as written, with some fields made smaller (`inputs.seq`,
+    `passes.distill_widths.steps`, ...), saved to a temporary file: the file's own structure
+    runs end to end in seconds instead of minutes."""
+    import yaml
+
+    from optim.config import shipped_pipelines
+
+    def shrink(name: str, **changes) -> str:
+        spec = yaml.safe_load(shipped_pipelines()[name].read_text())
+        for dotted, value in changes.items():
+            section, key = dotted.split("__")
+            if section == "inputs":
+                spec["inputs"][key] = value
+                continue
+            step = next(p for p in spec["passes"] if isinstance(p, dict) and section in p)
+            step[section][key] = value
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        return str(path)
+
+    return shrink

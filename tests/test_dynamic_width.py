@@ -174,12 +174,13 @@ def test_real_minilm_permutation_is_exact_in_float64():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
-def test_shipped_yaml_pipeline_runs(tmp_path):
-    from optim.config import shipped_pipelines
+def test_shipped_yaml_pipeline_runs(tmp_path, shipped_pipeline):
     from optim.runner import run_pipeline_file
 
+    path = shipped_pipeline("minilm_widths", inputs__count=24, inputs__seq=48,
+                            distill_widths__steps=12)
     # `out` as a str, as a script passes it (a Path works too)
-    report, = run_pipeline_file(shipped_pipelines()["minilm_widths"], out=str(tmp_path))
+    report, = run_pipeline_file(path, out=str(tmp_path))
     res = next(p for p in report["passes"] if p["name"] == "dynamic_width")
     assert res["counts"] == {"attention_heads_ordered": 6, "mlp_neurons_ordered": 6,
                              "layers_nested": 6}

@@ -86,8 +86,3 @@ def test_two_four_is_faster_only_where_the_target_has_sparse_tensor_cores():
                                   "fp16" if target == "a100" else "graph").seconds
                       for k in sparse)
         assert (t < 0.95 * t_dense) == faster, target
-
-
-def test_bad_options_are_named(zoo_model):
-    with pytest.raises(optim.ConfigError, match=r"sparsity must be in \(0, 1\)"):
-        _prune(zoo_model("bert"), {"sparsity": 1.0})

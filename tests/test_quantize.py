@@ -44,21 +44,6 @@ def test_quantize_gpt2_skips_lm_head_with_reason(zoo_model):
     assert om.report["model"]["weight_bytes_after"] < om.report["model"]["weight_bytes"]
 
 
-def test_min_sqnr_keeps_layers_float(zoo_model):
-    z = zoo_model("bert")
-    with pytest.raises(optim.PassError, match="calibrated SQNR"):
-        optim.optimize(z.model, "cpu", z.example_args, example_kwargs=z.example_kwargs,
-                       pipeline=["cleanup", "quantize"], quantize={"min_sqnr_db": 200.0},
-                       backend="torch", measure_latency=False)
-    om = optim.optimize(z.model, "cpu", z.example_args, example_kwargs=z.example_kwargs,
-                        pipeline=["cleanup", "quantize"], quantize={"min_sqnr_db": 31.0},
-                        backend="torch", measure_latency=False)
-    r = om.report.pass_result("quantize")
-    kept = [x for x in r["details"]["layers"] if x.get("kept_float")]
-    assert all(x["sqnr_db"] < 31.0 for x in kept)
-    assert r["counts"].get("linear_quantized", 0) + len(kept) == 12
-
-
 @pytest.mark.parametrize("name", ["bert", "llama"])
 def test_ort_int8_matches_torch_int8(name, zoo_model):
     z = zoo_model(name)
