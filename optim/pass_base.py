@@ -96,7 +96,8 @@ class PassContext:
         self.details: dict[str, Any] = {}
 
     def record(self, kind: str, n: int = 1) -> None:
-        self._counts[kind] += n
+        if n:  # a zero count adds no key: `counts` lists only what happened
+            self._counts[kind] += n
 
     def skip(self, where: str, reason: str) -> None:
         self._skips.append(Skip(where, reason))

@@ -74,9 +74,11 @@ class Pipeline:
         for s in self.steps:
             missing = [r for r in s.spec.requires if r not in seen]
             if missing:
+                lossy = [r for r in missing if not isinstance(PASSES.get(r).numerics, Exact)]
+                why = (f"{lossy} change numerics, so they are not added for you" if lossy else
+                       "prerequisites are not inserted in this pipeline")
                 raise ConfigError(f"pass {s.name!r} requires {missing} to run before it, and "
-                                  f"they change numerics, so they are not added for you; add "
-                                  f"them earlier in the pipeline")
+                                  f"{why}; add them earlier in the pipeline")
             seen.add(s.name)
 
     def run(self, gm, ctx: PassContext, after_each=None) -> list[PassResult]:
