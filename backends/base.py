@@ -55,6 +55,7 @@ class Backend:
     lower: Callable[[torch.fx.GraphModule, Batch, Target, Any, Progress], Artifact]
     load: Callable[[Path, dict, Any, Any], Artifact]
     summary: str
+    dynamic: bool = False  # runs the dynamic axes of `gm.meta["shapes"]` (optim.shapes)
 
     def make_options(self, options: Any) -> Any:
         return config_from_dict(self.options, options, f"backend {self.name!r}")
@@ -63,13 +64,14 @@ class Backend:
         return [f.name for f in dataclasses.fields(self.options)]
 
 
-def register_backend(name: str, *, options: type, load: Callable):
+def register_backend(name: str, *, options: type, load: Callable, dynamic: bool = False):
     """Register `lower(gm, example, target, options, progress) -> Artifact` as backend `name`;
-    the docstring's first line is its summary."""
+    the docstring's first line is its summary. `dynamic`: the artifact runs every shape in the
+    ranges of `gm.meta["shapes"]` (otherwise the driver captures static shapes for it)."""
 
     def deco(lower):
         summary = (lower.__doc__ or "").strip().splitlines()[0] if lower.__doc__ else name
-        BACKENDS.add(name, Backend(name, options, lower, load, summary))
+        BACKENDS.add(name, Backend(name, options, lower, load, summary, dynamic))
         return lower
 
     return deco

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import onnxscript
 import torch
 import torch.fx
 from torch.utils import _pytree as pytree
@@ -27,6 +28,7 @@ from backends.onnx_lowering import OPSET, translation_table
 from hardware.target import Target
 from optim.errors import BackendError
 from optim.ir import require_lowerings
+from optim.shapes import export_program
 
 
 def export_onnx(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> onnx.ModelProto:
@@ -40,9 +42,16 @@ def export_onnx(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> onnx.Mod
             lg.setLevel(logging.ERROR)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(gm, args, kwargs=kwargs, dynamo=True, opset_version=OPSET,
+            exported = export_program(gm, args, kwargs)  # dynamic axes become symbolic dims
+            dynamic = bool(exported.range_constraints)
+            # the exporter's fusions (opset-23 RotaryEmbedding) build caches ORT rejects at
+            # other shapes (measured: Llama at batch 3 after export at 2): with dynamic axes
+            # only the plain optimizer runs (constant folding), and ORT's session fuses
+            program = torch.onnx.export(exported, dynamo=True, opset_version=OPSET,
                                         custom_translation_table=translation_table(),
-                                        optimize=True, verbose=False, report=False)
+                                        optimize=not dynamic, verbose=False, report=False)
+            if dynamic:
+                onnxscript.optimizer.optimize(program.model)
     except Exception as e:
         raise BackendError(f"ONNX export failed: {type(e).__name__}: {str(e)[:500]}") from e
     finally:
@@ -115,7 +124,7 @@ def load(directory: Path, manifest: dict, in_spec=None, out_spec=None) -> OrtArt
                        in_spec=in_spec)
 
 
-@register_backend("onnxruntime", options=OrtOptions, load=load)
+@register_backend("onnxruntime", options=OrtOptions, load=load, dynamic=True)
 def lower(gm: torch.fx.GraphModule, example: Batch, target: Target, options: OrtOptions,
           progress: Progress | None = None) -> OrtArtifact:
     """ONNX export (opset 23, optim's ops as ONNX/contrib ops) run by an ORT CPU session."""

@@ -24,6 +24,7 @@ from backends.semi_structured import MODES, convert
 from hardware.target import Target
 from optim.errors import BackendError, OptimError
 from optim.ir import op_histogram
+from optim.shapes import export_program
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -90,7 +91,7 @@ class TorchArtifact(Artifact):
     def save(self, directory: Path) -> dict:
         """The CPU fp32 graph as torch's export archive, and the options it was lowered with."""
         args, kwargs = self.example
-        ep = torch.export.export(self.source, args, kwargs, strict=False)
+        ep = export_program(self.source, args, kwargs)  # with its dynamic axes
         if not self.options.cuda_graph:  # a CUDA graph is recorded on them
             ep.example_inputs = None
         torch.export.save(ep, directory / "program.pt2")
@@ -123,7 +124,7 @@ def load(directory: Path, manifest: dict, in_spec=None, out_spec=None) -> TorchA
                          f"backend_options={{}}") from e
 
 
-@register_backend("torch", options=TorchOptions, load=load)
+@register_backend("torch", options=TorchOptions, load=load, dynamic=True)
 def lower(gm: torch.fx.GraphModule, example: Batch, target: Target | None,
           options: TorchOptions, progress: Progress | None = None) -> TorchArtifact:
     """`device`: "cpu" or "cuda"; `dtype`: float32, float16 or bfloat16 for the weights and

@@ -22,7 +22,7 @@ import torch
 from hardware.capability import estimate_advice, pass_advice
 from hardware.estimate import DEFAULT_PRECISION
 from optim import timing, verify
-from optim.capture import Batch, Inputs, capture_model, describe_inputs, weight_bytes
+from optim.capture import Batch, Inputs, describe_inputs, weight_bytes
 from optim.config import load_pipeline_file, shipped_pipeline_passes
 from optim.errors import ConfigError, NumericsError
 from optim.ir import op_histogram
@@ -31,7 +31,7 @@ from optim.model import OptimizedModel, load
 from optim.pipeline import Pipeline
 from optim.report import ModelFacts, Report, ReportData
 from optim.targets import Target, resolve_target
-from optim.transform import run_passes
+from optim.transform import capture_and_run
 
 __all__ = ["optimize", "OptimizedModel", "load", "resolve_pipeline"]
 
@@ -43,7 +43,7 @@ def optimize(model: torch.nn.Module, target: str | Target = "cpu", example_input
              task_fidelity: Callable[[Callable, Callable], dict] | None = None,
              fidelity_budget: dict | None = None, measure_latency: bool | None = None,
              estimate_targets: list[str] | None = None, name: str | None = None,
-             progress: Callable[[str], None] | None = None,
+             dynamic: Any = None, progress: Callable[[str], None] | None = None,
              **pass_options: dict) -> OptimizedModel:
     """Optimize `model` for `target` and return a callable `OptimizedModel` with a report.
 
@@ -64,16 +64,23 @@ def optimize(model: torch.nn.Module, target: str | Target = "cpu", example_input
         measure_latency: time original and optimized here, interleaved, in one run (default:
             only when the target is this machine's `cpu`).
         estimate_targets: more targets to estimate in the same report.
+        dynamic: which input axes may vary at call time. Default: batch and sequence axes of
+            token inputs and the batch axis of the rest, where the backend runs more than one
+            shape (`optim.shapes`); `{"batch": (1, 64), "seq": (1, 512)}` sets the ranges (and
+            makes failing to keep them an error), `{"seq": None}` keeps an axis static,
+            False keeps every shape static.
         **pass_options: per-pass option overrides, e.g. `quantize={"skip": ["classifier"]}`.
     """
     say = progress or (lambda msg: None)
     tgt = resolve_target(target)
     chosen, options = resolve_backend(backend, tgt, backend_options)
     pipe = resolve_pipeline(pipeline, tgt.default_pipeline, pass_options)
-    inputs = Inputs.from_user(example_inputs, example_kwargs, eval_data, calibration)
-    original = capture_model(model, inputs, say)  # ①
-    passes = run_passes(original, pipe, tgt, inputs, say)  # ②
-    artifact, lower_s = lower(passes.gm, inputs.example, tgt, chosen, options, say)  # ③
+    inputs = Inputs.from_user(example_inputs, example_kwargs, eval_data, calibration, dynamic)
+    if not chosen.dynamic:
+        inputs = inputs.static(None, f"the {chosen.name} backend compiles for one shape")
+    original, passes = capture_and_run(model, inputs, pipe, tgt, say)  # ① ②
+    artifact, lower_s = lower(passes.gm, inputs.example, tgt, chosen, options,
+                              original.shapes, say)  # ③
     fidelity = verify.fidelity(original, artifact, inputs, task_fidelity, say)  # ④
     warnings = verify.check_budget(fidelity, fidelity_budget)
     latency, speedup = [], {}
@@ -96,7 +103,8 @@ def optimize(model: torch.nn.Module, target: str | Target = "cpu", example_input
         warnings=warnings)).validate()
     if warnings and fidelity_budget and fidelity_budget.get("enforce", True):
         raise NumericsError("fidelity budget not met: " + "; ".join(warnings))
-    return OptimizedModel(artifact, report, passes.gm, inputs.example, passes.stages, options)
+    return OptimizedModel(artifact, report, passes.gm, inputs.example, passes.stages, options,
+                          original.shapes)
 
 
 def resolve_pipeline(pipeline: Any, target_default: str, overrides: dict) -> Pipeline:
@@ -125,7 +133,7 @@ def _model_facts(model, name, original, gm, inputs) -> ModelFacts:
     return ModelFacts(name or type(model).__name__, type(model).__qualname__,
                       sum(p.numel() for p in model.parameters()), original.flops,
                       original.weight_bytes, weight_bytes(gm), describe_inputs(*inputs.example),
-                      captured.seconds)
+                      captured.seconds, original.shapes.to_dict())
 
 
 def _target_facts(t: Target) -> dict:

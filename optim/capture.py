@@ -1,6 +1,8 @@
 """① Capture: the user's inputs checked and split into the example, evaluation and calibration
-batches; the original model run once on them (reference outputs, FLOPs); the graph traced by
-torch.export (`optim.ir.capture`). The user's model is put back in the mode it was in."""
+batches; the graph traced by torch.export (`optim.ir.capture`) with dynamic batch and sequence
+axes where the inputs have them (`optim.shapes`); the original model run on the evaluation
+batches and on probe batches at other shapes (reference outputs, FLOPs). The user's model is
+put back in the mode it was in."""
 
 from __future__ import annotations
 
@@ -8,11 +10,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
+from optim import shapes
 from optim.errors import CaptureError, ConfigError
 from optim.ir import Captured, capture
+from optim.shapes import ShapeError, ShapeSpec
 
 Batch = tuple[tuple, dict]
 
@@ -22,15 +25,26 @@ class Inputs:
     example: Batch  # what the graph is traced with
     evals: list[Batch]  # fidelity is measured on these
     calibration: list[Batch]  # passes that calibrate read these
+    shapes: ShapeSpec  # which axes may vary, and their ranges
+    dynamic_asked: bool = False  # the user set the ranges: failing to keep them is an error
 
     @classmethod
     def from_user(cls, example_inputs: Any, example_kwargs: dict | None = None,
-                  eval_data: list | None = None, calibration: list | None = None) -> Inputs:
+                  eval_data: list | None = None, calibration: list | None = None,
+                  dynamic: Any = None) -> Inputs:
         example = _as_batch(example_inputs, example_kwargs)
+        spec = shapes.infer(*example, dynamic)
         evals = list(eval_data) if eval_data else [example]
-        _check_shapes("eval_data", evals, example)
-        _check_shapes("calibration", list(calibration or []), example)
-        return cls(example, evals, list(calibration) if calibration else evals)
+        _check_shapes("eval_data", evals, spec)
+        _check_shapes("calibration", list(calibration or []), spec)
+        return cls(example, evals, list(calibration) if calibration else evals, spec,
+                   isinstance(dynamic, dict))
+
+    def static(self, axis: str | None, reason: str) -> Inputs:
+        """These inputs with `axis` (None: every axis) static at the example's size."""
+        spec = self.shapes.all_static(reason) if axis is None else self.shapes.without(axis,
+                                                                                      reason)
+        return Inputs(self.example, self.evals, self.calibration, spec, self.dynamic_asked)
 
 
 @dataclass
@@ -42,6 +56,8 @@ class Original:
     flops: float
     captured: Captured
     weight_bytes: int  # of the captured graph, before any pass
+    shapes: ShapeSpec  # what the captured graph accepts (export may narrow the ranges)
+    probes: list[tuple[str, Batch, Any]]  # (label, batch at another shape, original's output)
 
 
 def capture_model(model: torch.nn.Module, inputs: Inputs, say=lambda msg: None) -> Original:
@@ -55,11 +71,34 @@ def capture_model(model: torch.nn.Module, inputs: Inputs, say=lambda msg: None) 
             say("running the original model")
             refs = [model(*a, **k) for a, k in inputs.evals]
             flops = _count_flops(model, args, kwargs)
-        say("capturing the graph with torch.export")
-        captured = capture(model, args, kwargs)
+        captured, spec = _capture(model, inputs, say)
+        with torch.no_grad():
+            probes = [(label, batch, model(*batch[0], **batch[1]))
+                      for label, batch in shapes.probes(spec, inputs.example)]
     finally:
         model.train(was_training)
-    return Original(model, refs, flops, captured, weight_bytes(captured.gm))
+    return Original(model, refs, flops, captured, weight_bytes(captured.gm), spec, probes)
+
+
+def _capture(model: torch.nn.Module, inputs: Inputs, say) -> tuple[Captured, ShapeSpec]:
+    args, kwargs = inputs.example
+    spec = inputs.shapes
+    if not spec.dynamic:
+        say("capturing the graph with torch.export")
+        return capture(model, args, kwargs), spec
+    say(f"capturing the graph with torch.export (dynamic: {', '.join(spec.ranges)})")
+    try:
+        captured = capture(model, args, kwargs, shapes.export_shapes(spec, args, kwargs))
+    except CaptureError as e:
+        if inputs.dynamic_asked:
+            raise CaptureError(f"{e}\n  the model could not be traced with dynamic "
+                               f"{', '.join(spec.ranges)}; pass dynamic=False for static "
+                               f"shapes") from e
+        say("dynamic shapes failed; capturing with static shapes")
+        first = str(e).splitlines()[0][:200]
+        return capture(model, args, kwargs), spec.all_static(
+            f"torch.export could not trace it with dynamic shapes ({first})")
+    return captured, shapes.accepted(spec, captured.program)
 
 
 def token_mask(kwargs: dict) -> torch.Tensor | None:
@@ -100,20 +139,16 @@ def _as_batch(example_inputs: Any, example_kwargs: dict | None) -> Batch:
     return tuple(example_inputs), dict(example_kwargs or {})
 
 
-def _check_shapes(what: str, batches: list, example: Batch) -> None:
-    """The graph is traced with static shapes: every batch must match the example's."""
-
-    def shapes(batch):
-        return [tuple(t.shape) for t in pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)]
-
-    want = shapes(example)
+def _check_shapes(what: str, batches: list, spec: ShapeSpec) -> None:
+    """Every batch must be one the graph accepts: the example's dtypes and ranks, its sizes on
+    static axes, and sizes within the ranges on dynamic ones."""
     for i, b in enumerate(batches):
         if not (isinstance(b, tuple) and len(b) == 2):
             raise ConfigError(f"{what}[{i}] must be an (args, kwargs) pair")
-        if shapes(b) != want:
-            raise ConfigError(f"{what}[{i}] has input shapes {shapes(b)}, but the model is traced "
-                              f"with {want}: the graph has static shapes, so every batch must "
-                              f"match the example inputs (same batch size and length)")
+        try:
+            spec.check(*b)
+        except ShapeError as e:
+            raise ConfigError(f"{what}[{i}]: {e}") from None
 
 
 def _count_flops(model, args, kwargs) -> float:

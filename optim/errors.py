@@ -46,6 +46,18 @@ class PassError(OptimError):
         )
 
 
+class StaticShapeError(PassError):
+    """A pass left a graph that no longer runs at other sizes of a dynamic axis (it baked the
+    traced size in). The driver captures again with that axis static, unless the user asked
+    for it to be dynamic."""
+
+    def __init__(self, name: str, before: list[str], axis: str, detail: str):
+        self.axis, self.detail = axis, detail
+        super().__init__(name, before, RuntimeError(
+            f"after it the graph no longer runs at another {axis} ({detail}); it needs a "
+            f"static {axis}: optimize with dynamic={{{axis!r}: None}}, or drop the pass"))
+
+
 class NumericsError(OptimError):
     """A pass broke its numerics contract or the pipeline's fidelity budget."""
 

@@ -1,8 +1,10 @@
 """Capture: a PyTorch model traced by `torch.export` into an FX graph of aten ops.
 
 The graph is `ep.module()`: weights are `get_attr` nodes, inputs and outputs keep the model's
-pytree structure, and every node carries `meta["val"]` (a meta tensor with shape and dtype).
-Shapes are static: they come from the example inputs.
+pytree structure, and every node carries `meta["val"]` (a meta tensor with shape and dtype) at
+the example inputs' shapes. Captured with dynamic shapes (`optim.shapes`), the graph computes
+its sizes from its inputs (`sym_size` nodes) and runs at any shape in the declared ranges;
+`meta["val"]` still holds the example's sizes, which is what passes reason about.
 """
 
 from __future__ import annotations
@@ -26,10 +28,13 @@ class Captured:
     args: tuple
     kwargs: dict
     seconds: float
+    program: torch.export.ExportedProgram | None = None  # what export returned
 
 
-def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> Captured:
-    """Trace `model(*args, **kwargs)` into an FX graph with its own copy of the weights."""
+def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
+            dynamic_shapes: Any = None) -> Captured:
+    """Trace `model(*args, **kwargs)` into an FX graph with its own copy of the weights;
+    `dynamic_shapes` as `torch.export` takes them (`optim.shapes.export_shapes`)."""
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"optimize() takes a torch.nn.Module, got {type(model).__name__}")
     kwargs = dict(kwargs or {})
@@ -39,14 +44,15 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> 
     t0 = time.perf_counter()
     try:
         with torch.no_grad():
-            ep = torch.export.export(model, args, kwargs, strict=False)
+            ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes,
+                                     strict=False)
     except Exception as e:  # torch.export raises many types; all become one clear error
         raise CaptureError(_explain_capture_failure(model, e)) from e
     finally:
         model.train(was_training)
     gm = ep.module()
     _own_weights(gm)
-    captured = Captured(gm, args, kwargs, time.perf_counter() - t0)
+    captured = Captured(gm, args, kwargs, time.perf_counter() - t0, ep)
     refresh_meta(gm, args, kwargs)
     return captured
 
@@ -172,8 +178,16 @@ def downstream(node: torch.fx.Node) -> set:
 
 
 def depends_on_inputs(node: torch.fx.Node) -> bool:
-    """Whether `node`'s value can change with the graph's inputs (weights are get_attr)."""
-    return node.op == "placeholder" or any(a.op == "placeholder" for a in upstream(node))
+    """Whether `node`'s values can change with the values of the graph's inputs (weights are
+    get_attr). Reading an input's size does not count: in a graph with dynamic shapes,
+    `ones(batch, seq)` or a CLS token expanded to the batch hold the same values at any shape."""
+    if node.op == "placeholder":
+        return True
+    reads = _reachable(node, lambda n: [] if n.target in _SIZE_READS else n.all_input_nodes)
+    return any(a.op == "placeholder" for a in reads)
+
+
+_SIZE_READS = {torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default}
 
 
 def evaluate_nodes(gm: torch.fx.GraphModule, nodes: list, args: tuple, kwargs: dict) -> dict:

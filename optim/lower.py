@@ -12,6 +12,7 @@ import backends  # noqa: F401  (registers every backend)
 from backends.base import Artifact, Backend
 from optim.capture import Batch
 from optim.registry import BACKENDS
+from optim.shapes import ShapeSpec
 from optim.targets import Target
 
 
@@ -22,8 +23,13 @@ def resolve_backend(name: str | None, target: Target, options: Any) -> tuple[Bac
 
 
 def lower(gm: torch.fx.GraphModule, example: Batch, target: Target, backend: Backend,
-          options: Any, say=lambda msg: None) -> tuple[Artifact, float]:
+          options: Any, shapes: ShapeSpec | None = None,
+          say=lambda msg: None) -> tuple[Artifact, float]:
+    """`shapes` travels with the graph as `gm.meta["shapes"]`: a backend that runs more than
+    one shape exports the dynamic axes it names."""
     say(f"lowering to {backend.name}")
+    if shapes is not None:
+        gm.meta["shapes"] = shapes
     t0 = time.perf_counter()
     artifact = backend.lower(gm, example, target, options, say)
     return artifact, time.perf_counter() - t0

@@ -18,6 +18,7 @@ from optim.capture import Batch
 from optim.errors import ConfigError
 from optim.registry import BACKENDS
 from optim.report import Report
+from optim.shapes import ShapeSpec
 from optim.targets import resolve_target
 from passes.common.nested_width import at_width, layer_widths
 
@@ -27,13 +28,15 @@ class OptimizedModel:
 
     def __init__(self, artifact: Artifact, report: Report,
                  graph: torch.fx.GraphModule | None = None, example: Batch | None = None,
-                 stages: dict[str, list[Kernel]] | None = None, backend_options: Any = None):
+                 stages: dict[str, list[Kernel]] | None = None, backend_options: Any = None,
+                 shapes: ShapeSpec | None = None):
         self.artifact = artifact
         self.report = report
         self.graph = graph
         self.example = example  # the (args, kwargs) it was traced with
         self.stages = stages or {}  # kernels after capture and after each pass (cost model)
         self.backend_options = backend_options  # how `artifact` was lowered (nested widths too)
+        self.shapes = shapes  # the inputs it accepts: dtypes, ranks, dynamic ranges
         self._widths: dict = {}  # nested width -> artifact (dynamic_width)
         self.width_plan: dict | None = None  # dynamic_width's plan, when not the report's
 
@@ -47,6 +50,8 @@ class OptimizedModel:
         return getattr(self.artifact, "cuda_source", None)
 
     def __call__(self, *args, **kwargs):
+        if self.shapes is not None:  # a clear error instead of a backend's guard failure
+            self.shapes.check(args, kwargs)
         with torch.inference_mode():
             return self.artifact(*args, **kwargs)
 
@@ -82,6 +87,8 @@ class OptimizedModel:
         if key not in self._widths:
             args, kwargs = self.example
             gm = at_width(self.graph, plan, list(key), args, kwargs)
+            if self.shapes is not None:
+                gm.meta["shapes"] = self.shapes
             backend = BACKENDS.get(self.backend)
             options = self.backend_options or backend.make_options(None)
             target = resolve_target(self.report["target"]["name"])
@@ -89,6 +96,8 @@ class OptimizedModel:
         artifact = self._widths[key]
 
         def run(*args, **kwargs):
+            if self.shapes is not None:
+                self.shapes.check(args, kwargs)
             with torch.inference_mode():
                 return artifact(*args, **kwargs)
 
@@ -138,6 +147,7 @@ class OptimizedModel:
 def load(directory: str | Path) -> OptimizedModel:
     """Load a model written by `OptimizedModel.save` (in this or a fresh process)."""
     saved = saving.load(Path(directory))
-    om = OptimizedModel(saved.artifact, saved.report, saved.graph, saved.example)
+    om = OptimizedModel(saved.artifact, saved.report, saved.graph, saved.example,
+                        shapes=saved.shapes)
     om.width_plan = saved.width_plan
     return om

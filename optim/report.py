@@ -50,11 +50,14 @@ class ModelFacts:
     weight_bytes_after: int
     inputs: list[dict]
     capture_seconds: float
+    shapes: dict | None = None  # `optim.shapes.ShapeSpec.to_dict()`: dynamic axes and ranges
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["class"] = d.pop("cls")
         d["capture_seconds"] = round(self.capture_seconds, 3)
+        if d["shapes"] is None:
+            d.pop("shapes")
         return d
 
 

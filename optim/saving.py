@@ -10,6 +10,7 @@ a failure leaves nothing half-written.
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import tempfile
@@ -25,6 +26,7 @@ import optim.ops  # noqa: F401  (saved graphs refer to torch.ops.optim)
 from optim.errors import OptimError
 from optim.registry import BACKENDS
 from optim.report import Report
+from optim.shapes import ShapeSpec, export_program
 
 FORMAT = "optim.saved/1"
 
@@ -37,15 +39,16 @@ def save(om, directory: Path) -> Path:
     info = getattr(om.graph._graph._codegen, "pytree_info", None) if om.graph is not None else None
     manifest = {"format": FORMAT, "backend": om.backend,
                 "in_spec": treespec_dumps(info.in_spec) if info else None,
-                "out_spec": treespec_dumps(info.out_spec) if info else None}
+                "out_spec": treespec_dumps(info.out_spec) if info else None,
+                "shapes": om.shapes.to_dict() if om.shapes is not None else None}
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".optim-save-", dir=directory.parent))
     try:
         manifest.update(om.artifact.save(tmp))
         if om.report.pass_details("dynamic_width").get("plan") and om.graph is not None:
             args, kwargs = om.example  # nested widths are built from the graph
-            torch.export.save(torch.export.export(om.graph, args, kwargs, strict=False),
-                              tmp / "graph.pt2")  # with its example inputs
+            torch.export.save(export_program(om.graph, args, kwargs),
+                              tmp / "graph.pt2")  # with its example inputs and dynamic axes
             manifest["graph"] = "graph.pt2"
             # the width plan names FX nodes; export renames them, so keep the names in order
             manifest["graph_nodes"] = [[n.name, str(n.target)] for n in om.graph.graph.nodes
@@ -68,6 +71,7 @@ class Saved:
     graph: torch.fx.GraphModule | None = None
     example: tuple | None = None
     width_plan: dict | None = None
+    shapes: ShapeSpec | None = None
 
 
 def load(directory: Path) -> Saved:
@@ -83,16 +87,52 @@ def load(directory: Path) -> Saved:
     report = Report.load(directory / "report.json")
     if manifest.get("backend") not in BACKENDS:
         raise OptimError(f"{directory}: unknown backend {manifest.get('backend')!r}")
-    in_spec = treespec_loads(manifest["in_spec"]) if manifest.get("in_spec") else None
-    out_spec = treespec_loads(manifest["out_spec"]) if manifest.get("out_spec") else None
+    in_spec, out_spec = _treespec(manifest, "in_spec"), _treespec(manifest, "out_spec")
     artifact = BACKENDS.get(manifest["backend"]).load(directory, manifest, in_spec, out_spec)
     saved = Saved(artifact, report, getattr(artifact, "source", None))
+    if manifest.get("shapes"):
+        saved.shapes = ShapeSpec.from_dict(manifest["shapes"])
     if manifest.get("graph"):
         ep = torch.export.load(directory / manifest["graph"])
         saved.graph, saved.example = ep.module(), ep.example_inputs
         names = _name_map(saved.graph, manifest["graph_nodes"])
         saved.width_plan = _translated(report.pass_details("dynamic_width")["plan"], names)
     return saved
+
+
+# packages whose output classes (e.g. transformers' ModelOutput) register themselves with
+# torch's pytree when their module is imported; a saved spec may name only these
+PYTREE_PACKAGES = ("transformers", "diffusers")
+
+
+def _treespec(manifest: dict, key: str):
+    """A saved input/output structure. A fresh process has not imported the model's output
+    classes yet: their modules are imported first (from `PYTREE_PACKAGES` only, never a module
+    the file names elsewhere)."""
+    text = manifest.get(key)
+    if not text:
+        return None
+    for name in _type_names(json.loads(text)):
+        module = name.rpartition(".")[0]
+        if module.split(".")[0] in PYTREE_PACKAGES:
+            try:
+                importlib.import_module(module)
+            except ImportError as e:
+                raise OptimError(f"the saved model returns {name}; importing {module} failed "
+                                 f"({e}): install the package it came from") from e
+    try:
+        return treespec_loads(text)
+    except NotImplementedError as e:
+        raise OptimError(f"the saved {key} names a type this process cannot rebuild: {e}") from e
+
+
+def _type_names(tree) -> list[str]:
+    if isinstance(tree, list):
+        return [n for item in tree for n in _type_names(item)]
+    if isinstance(tree, dict):
+        own = [tree["type"]] if isinstance(tree.get("type"), str) else []
+        return own + _type_names(tree.get("children_spec", []))
+    return []
 
 
 def _name_map(gm: torch.fx.GraphModule, saved: list) -> dict[str, str]:

@@ -11,8 +11,8 @@ import torch.fx
 
 from hardware.opcost import Kernel, graph_kernels
 from optim import numerics
-from optim.capture import Inputs, Original, token_mask
-from optim.errors import NumericsError
+from optim.capture import Inputs, Original, capture_model, token_mask
+from optim.errors import NumericsError, StaticShapeError
 from optim.ir import op_histogram
 from optim.pass_base import Exact, PassContext
 from optim.pipeline import Pipeline
@@ -29,6 +29,22 @@ class Transformed:
     histogram_before: dict[str, int]
 
 
+def capture_and_run(model: torch.nn.Module, inputs: Inputs, pipe: Pipeline, target: Target,
+                    say=lambda msg: None) -> tuple[Original, Transformed]:
+    """① capture and ② passes. A pass that bakes the traced size of a dynamic axis into the
+    graph is found by the probe check; unless the user asked for that axis to be dynamic, the
+    model is captured again with it static (the report's shapes say which pass needed it)."""
+    while True:
+        original = capture_model(model, inputs, say)
+        try:
+            return original, run_passes(original, pipe, target, inputs, say)
+        except StaticShapeError as e:
+            if inputs.dynamic_asked or e.axis not in original.shapes.ranges:
+                raise
+            say(f"{e.pass_name} needs a static {e.axis}; capturing again with it static")
+            inputs = inputs.static(e.axis, f"{e.pass_name} needs it ({e.detail})")
+
+
 def run_passes(original: Original, pipe: Pipeline, target: Target, inputs: Inputs,
                say=lambda msg: None) -> Transformed:
     gm = original.captured.gm
@@ -38,6 +54,7 @@ def run_passes(original: Original, pipe: Pipeline, target: Target, inputs: Input
                       calibration=inputs.calibration)
     (args, kwargs), ref = inputs.evals[0], original.refs[0]
     fidelity: dict[str, dict] = {}
+    done: list = []  # results of the steps that passed their checks
 
     def check(step, result):
         fid = numerics.compare(ref, gm(*args, **kwargs), token_mask(kwargs))
@@ -49,6 +66,7 @@ def run_passes(original: Original, pipe: Pipeline, target: Target, inputs: Input
                 raise NumericsError(f"exact pass broke its contract: max abs error "
                                     f"{fid['max_abs_error']:.3g} > {step.spec.numerics.atol:g}")
         stages[step.name] = graph_kernels(gm)
+        _check_other_shapes(gm, step, original.probes, [r.name for r in done])
 
     say(f"running passes: {', '.join(pipe.names) or '(none)'}")
     for step in pipe.inserted:
@@ -56,9 +74,26 @@ def run_passes(original: Original, pipe: Pipeline, target: Target, inputs: Input
     with torch.no_grad():
         if any(step.spec.teacher for step in pipe.steps):  # outputs before any pass ran
             ctx.teacher = {id(b): run_graph(gm, b) for b in ctx.calibration}
-        results = pipe.run(gm, ctx, after_each=check)
+        results = pipe.run(gm, ctx, after_each=lambda s, r: (check(s, r), done.append(r)))
     records = [PassRecord(r.name, r.changed, r.counts, [vars(s) for s in r.skipped], r.seconds,
                           r.details, s.spec.numerics.describe(), fidelity.get(s.name),
                           s.inserted_for)
                for r, s in zip(results, pipe.steps)]
     return Transformed(gm, records, stages, histogram_before)
+
+
+def _check_other_shapes(gm, step, probes: list, before: list[str]) -> None:
+    """The graph must still run at the probe shapes (one per dynamic axis) and give outputs of
+    the original model's shapes there; an exact pass must also keep its tolerance there."""
+    for label, (args, kwargs), ref in probes:
+        try:
+            fid = numerics.compare(ref, gm(*args, **kwargs), token_mask(kwargs))
+        except Exception as e:  # a size baked into a view, a guard, a shape mismatch
+            detail = f"at {label}: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+            raise StaticShapeError(step.name, before, label.split()[0], detail) from e
+        if isinstance(step.spec.numerics, Exact):
+            scale = max(1.0, max((t.abs().max().item() for t in numerics.tensor_leaves(ref)),
+                                 default=1.0))
+            if fid["max_abs_error"] > step.spec.numerics.atol * scale:
+                raise NumericsError(f"exact pass broke its contract at {label}: max abs error "
+                                    f"{fid['max_abs_error']:.3g} > {step.spec.numerics.atol:g}")

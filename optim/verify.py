@@ -1,5 +1,6 @@
 """④ Verification: the lowered artifact's outputs against the original model's on every
-evaluation batch (padding excluded), an optional task metric, and the user's fidelity budget."""
+evaluation batch (padding excluded) and, with dynamic shapes, on a batch at another size of
+each dynamic axis; an optional task metric; the user's fidelity budget."""
 
 from __future__ import annotations
 
@@ -20,6 +21,11 @@ def fidelity(original: Original, artifact: Callable, inputs: Inputs,
                  for r, o, (_, k) in zip(original.refs, outs, inputs.evals)]
     result = {"outputs": _aggregate(per_batch), "batches": len(inputs.evals),
               "padding": "excluded" if token_mask(inputs.evals[0][1]) is not None else "none"}
+    if original.probes:
+        with torch.inference_mode():
+            result["other_shapes"] = [
+                {"shape": label, **numerics.compare(ref, artifact(*a, **k), token_mask(k))}
+                for label, (a, k), ref in original.probes]
     if task is not None:
         say("measuring task fidelity")
         model = original.model
