@@ -77,6 +77,7 @@ def run_pipeline_file(path: Path, out: Path | None = None, save: Path | None = N
                           backend_options=spec.get("backend_options"), eval_data=eval_data,
                           task_fidelity=task, fidelity_budget=spec.get("fidelity_budget"),
                           measure_latency=spec.get("measure_latency"), name=z.name,
+                          dynamic=spec.get("dynamic"),
                           progress=lambda m, t=target: status.update(f"{z.name} → {t}: {m}"))
         render.print_report(om.report.data, console)
         outputs = dict(spec.get("report") or {})

@@ -19,7 +19,7 @@ import torch
 import torch.fx
 
 import passes  # noqa: F401  (registers every pass)
-from optim import numerics
+from optim import numerics, shapes
 from optim.ir import capture, op_histogram
 from optim.pass_base import PassContext, PassResult
 from optim.pipeline import Pipeline
@@ -29,10 +29,18 @@ from passes.common.graph_runner import run as run_graph
 __all__ = ["capture_example", "run_pass", "PassRun"]
 
 
-def capture_example(model: torch.nn.Module, args: tuple, kwargs: dict | None = None
-                    ) -> torch.fx.GraphModule:
-    """`model` captured by torch.export at the example's shapes (the graph owns its weights)."""
-    return capture(model, args, kwargs).gm
+def capture_example(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
+                    dynamic: Any = False) -> torch.fx.GraphModule:
+    """`model` captured by torch.export at the example's shapes (the graph owns its weights);
+    with `dynamic` (True or ranges, as `optimize` takes it) its batch and sequence axes stay
+    symbolic, and `gm.meta["shapes"]` holds the accepted `optim.shapes.ShapeSpec`."""
+    kwargs = dict(kwargs or {})
+    if dynamic is False:
+        return capture(model, args, kwargs).gm
+    spec = shapes.infer(args, kwargs, dynamic)
+    captured = capture(model, args, kwargs, shapes.export_shapes(spec, args, kwargs))
+    captured.gm.meta["shapes"] = shapes.accepted(spec, captured.program)
+    return captured.gm
 
 
 @dataclass

@@ -184,6 +184,9 @@ def _step(n: torch.fx.Node, axes: dict) -> Axis | None:
 
 
 def _resize(size: int, ax: Axis, n) -> int:
+    if not isinstance(size, int):  # read from an input at run time (a dynamic axis)
+        raise TokenAxisError(f"{_where(n)}: the size to rewrite is computed from a dynamic input "
+                             f"shape, not a constant")
     if size % (ax.old * ax.inner):
         raise TokenAxisError(f"{_where(n)}: size {size} does not hold {ax.old} whole tokens")
     return size // ax.old * ax.new
@@ -221,7 +224,7 @@ def _view(n: torch.fx.Node, ax: Axis) -> Axis:
             sizes = list(n.args[1])
             if sizes[j] == -1:  # inferred: follows the token count by itself
                 return Axis(j, ax.old, ax.new, q // after)
-            sizes = [s if s != -1 else dst[i] for i, s in enumerate(sizes)]
+            # other sizes stay as traced: a -1 or a size read from an input (dynamic shapes)
             sizes[j] = _resize(sizes[j], Axis(j, ax.old, ax.new, q // after), n)
             n.args = (x, sizes, *n.args[2:])
             return Axis(j, ax.old, ax.new, q // after)
