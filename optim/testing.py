@@ -19,14 +19,14 @@ import torch
 import torch.fx
 
 import passes  # noqa: F401  (registers every pass)
-from optim import numerics, shapes
+from optim import numerics, shapes, zoo
 from optim.ir import capture, op_histogram
 from optim.pass_base import PassContext, PassResult
 from optim.pipeline import Pipeline
 from optim.targets import Target, resolve_target
 from passes.common.graph_runner import run as run_graph
 
-__all__ = ["capture_example", "run_pass", "PassRun"]
+__all__ = ["capture_example", "capture_zoo", "run_pass", "PassRun"]
 
 
 def capture_example(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
@@ -41,6 +41,12 @@ def capture_example(model: torch.nn.Module, args: tuple, kwargs: dict | None = N
     captured = capture(model, args, kwargs, shapes.export_shapes(spec, args, kwargs))
     captured.gm.meta["shapes"] = shapes.accepted(spec, captured.program)
     return captured.gm
+
+
+def capture_zoo(name: str, **options) -> tuple[torch.fx.GraphModule, zoo.ZooModel]:
+    """Zoo model `name` (`optim.zoo.load` options) and its graph captured at its example."""
+    z = zoo.load(name, **options)
+    return capture_example(z.model, z.example_args, z.example_kwargs), z
 
 
 @dataclass

@@ -8,40 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from optim import numerics, zoo
+from optim import numerics
 from optim.errors import ConfigError, PassError
 from optim.ir import get_constant
-from optim.testing import capture_example, run_pass
+from optim.testing import capture_example, capture_zoo, run_pass
 from passes.binarize import binary
+from tests.passes.small_models import FfnBlocks
 
 BINARY = torch.ops.optim.linear_binary.default
 LINEAR = torch.ops.aten.linear.default
-
-
-class _Ffn(torch.nn.Module):
-    def __init__(self, d: int = 64, hidden: int = 128):
-        super().__init__()
-        self.norm = torch.nn.LayerNorm(d)
-        self.up = torch.nn.Linear(d, hidden)
-        self.down = torch.nn.Linear(hidden, d)
-
-    def forward(self, x):
-        return self.down(F.gelu(self.up(self.norm(x))))
-
-
-class _Blocks(torch.nn.Module):
-    """Two pre-norm residual MLP blocks ("blocks.0.up", ...: numbered, so binarized), with
-    default nn.Linear init: the blocks matter to the output far more than in the zoo's random
-    models (BERT with every block linear binarized keeps 32 dB end to end)."""
-
-    def __init__(self):
-        super().__init__()
-        self.blocks = torch.nn.ModuleList([_Ffn(), _Ffn()])
-
-    def forward(self, x):
-        for b in self.blocks:
-            x = x + b(x)
-        return x
 
 
 class _NearMiss(torch.nn.Module):
@@ -71,8 +46,7 @@ def _binary_nodes(gm):
 
 @pytest.fixture(scope="module")
 def bert():
-    z = zoo.load("bert")  # 2 layers x (q, k, v, o, intermediate, output), all in encoder.layer.N
-    return capture_example(z.model, z.example_args, z.example_kwargs), z
+    return capture_zoo("bert")  # 2 layers x (q, k, v, o, intermediate, output) in encoder.layer.N
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +60,7 @@ def free(bert):
 @pytest.fixture(scope="module")
 def blocks():
     torch.manual_seed(0)
-    model, x = _Blocks().eval(), torch.randn(4, 16, 64)
+    model, x = FfnBlocks(residual=True).eval(), torch.randn(4, 16, 64)
     return capture_example(model, (x,)), (x,)
 
 

@@ -6,8 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from optim import zoo
-from optim.testing import capture_example, run_pass
+from optim.testing import capture_example, capture_zoo, run_pass
 
 aten = torch.ops.aten
 
@@ -58,8 +57,7 @@ def no_ops():
 
 @pytest.fixture(scope="module")
 def bert():
-    z = zoo.load("bert")
-    return capture_example(z.model, z.example_args, z.example_kwargs), z
+    return capture_zoo("bert")
 
 
 def _targets(gm):

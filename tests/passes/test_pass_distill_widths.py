@@ -8,12 +8,12 @@ import copy
 import pytest
 import torch
 
-from optim import numerics, zoo
+from optim import numerics
 from optim.errors import ConfigError
 from optim.pass_base import PassContext
 from optim.registry import PASSES
 from optim.targets import resolve_target
-from optim.testing import capture_example, run_pass
+from optim.testing import capture_zoo, run_pass
 from passes.common.graph_runner import output_error
 from passes.common.graph_runner import run as run_graph
 from passes.common.nested_width import at_width
@@ -29,8 +29,7 @@ def _batches(x: torch.Tensor, n: int, seed: int = 0) -> list:
 
 @pytest.fixture(scope="module")
 def vit():
-    z = zoo.load("vit")
-    return capture_example(z.model, z.example_args, z.example_kwargs), z
+    return capture_zoo("vit")
 
 
 @pytest.fixture(scope="module")

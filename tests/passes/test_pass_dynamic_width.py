@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from optim import zoo
 from optim.errors import ConfigError, PassError
 from optim.ir import get_constant
-from optim.testing import capture_example, run_pass
+from optim.testing import capture_example, capture_zoo, run_pass
 from passes.common.linears import constant_linears, weight_and_bias
 
 
@@ -39,8 +38,7 @@ def _weights(gm) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def bert():
-    z = zoo.load("bert")
-    return capture_example(z.model, z.example_args, z.example_kwargs), z
+    return capture_zoo("bert")
 
 
 @pytest.fixture(scope="module")

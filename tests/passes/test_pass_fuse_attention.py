@@ -6,9 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from optim import zoo
 from optim.errors import ConfigError, PassError
-from optim.testing import capture_example, run_pass
+from optim.testing import capture_example, capture_zoo, run_pass
 
 ATTENTION = torch.ops.optim.attention.default
 
@@ -71,14 +70,12 @@ def _hand(mode, seq=5):
 
 @pytest.fixture(scope="module")
 def bert():
-    z = zoo.load("bert")
-    return capture_example(z.model, z.example_args, z.example_kwargs), z
+    return capture_zoo("bert")
 
 
 @pytest.fixture(scope="module")
 def gpt2():
-    z = zoo.load("gpt2")
-    return capture_example(z.model, z.example_args, z.example_kwargs), z
+    return capture_zoo("gpt2")
 
 
 def test_sdpa_fused_on_bert(bert):

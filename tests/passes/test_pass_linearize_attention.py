@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from optim import numerics, zoo
+from optim import numerics
 from optim.errors import ConfigError, PassError
-from optim.testing import capture_example, run_pass
+from optim.testing import capture_example, capture_zoo, run_pass
 
 FAST = {"method": "elu", "gate": False}
 
@@ -38,14 +38,12 @@ class _Biased(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def bert():
-    z = zoo.load("bert")  # padding mask on the last row
-    return capture_example(z.model, z.example_args, z.example_kwargs), z
+    return capture_zoo("bert")  # padding mask on the last row
 
 
 @pytest.fixture(scope="module")
 def gpt2():
-    z = zoo.load("gpt2")  # causal
-    return capture_example(z.model, z.example_args, z.example_kwargs), z
+    return capture_zoo("gpt2")  # causal
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from optim import zoo
 from optim.errors import ConfigError, PassError
 from optim.ir import get_constant
-from optim.testing import capture_example, run_pass
+from optim.testing import capture_example, capture_zoo, run_pass
 
 LINEAR = torch.ops.aten.linear.default
 
@@ -77,8 +76,7 @@ def _x(*shape, seed=1):
 
 @pytest.fixture(scope="module")
 def bert():
-    z = zoo.load("bert")  # 2 layers: q/k/v/o 64x64, intermediate 128x64, output 64x128
-    return capture_example(z.model, z.example_args, z.example_kwargs), z
+    return capture_zoo("bert")  # 2 layers: q/k/v/o 64x64, intermediate 128x64, output 64x128
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from optim import numerics, zoo
+from optim import numerics
 from optim.errors import ConfigError, PassError
-from optim.testing import capture_example, run_pass
+from optim.testing import capture_example, capture_zoo, run_pass
 
 MERGE = torch.ops.optim.merge_tokens.default
 ATTENTION = torch.ops.optim.attention.default
@@ -60,8 +60,7 @@ def _block_inputs(mode):
 
 @pytest.fixture(scope="module")
 def vit():
-    z = zoo.load("vit")  # 16 patches + CLS, 2 blocks
-    return capture_example(z.model, z.example_args, z.example_kwargs), z
+    return capture_zoo("vit")  # 16 patches + CLS, 2 blocks
 
 
 @pytest.fixture(scope="module")

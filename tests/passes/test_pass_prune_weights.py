@@ -8,37 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from optim import numerics, zoo
+from optim import numerics
 from optim.errors import ConfigError, PassError
 from optim.ir import get_constant
-from optim.testing import capture_example, run_pass
+from optim.testing import capture_example, capture_zoo, run_pass
+from tests.passes.small_models import FfnBlocks, WeightIsAnInput
 
 LINEAR = torch.ops.aten.linear.default
-
-
-class _Ffn(torch.nn.Module):
-    def __init__(self, d: int = 64, hidden: int = 128):
-        super().__init__()
-        self.norm = torch.nn.LayerNorm(d)
-        self.up = torch.nn.Linear(d, hidden)
-        self.down = torch.nn.Linear(hidden, d)
-
-    def forward(self, x):
-        return self.down(F.gelu(self.up(self.norm(x))))
-
-
-class _Blocks(torch.nn.Module):
-    """Two pre-norm residual MLP blocks (default nn.Linear init: the blocks matter to the output
-    far more than in the zoo's random models, where BERT keeps 40 dB at 50% sparsity)."""
-
-    def __init__(self):
-        super().__init__()
-        self.blocks = torch.nn.ModuleList([_Ffn(), _Ffn()])
-
-    def forward(self, x):
-        for b in self.blocks:
-            x = x + b(x)
-        return x
 
 
 class _NearMiss(torch.nn.Module):
@@ -67,11 +43,6 @@ class _LoudInputs(torch.nn.Module):
         return self.fc(x)
 
 
-class _WeightIsAnInput(torch.nn.Module):
-    def forward(self, x, w):
-        return F.linear(x, w)
-
-
 def _weights(gm) -> dict[str, torch.Tensor]:
     """Each constant linear's weight [out, in], by the linear's weight constant name."""
     return {n.args[1].target: get_constant(gm, n.args[1]) for n in gm.graph.nodes
@@ -80,8 +51,7 @@ def _weights(gm) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def bert():
-    z = zoo.load("bert")  # 2 layers x 6 linears; 64 inputs each, 128 for output.dense
-    return capture_example(z.model, z.example_args, z.example_kwargs), z
+    return capture_zoo("bert")  # 2 layers x 6 linears; 64 inputs each, 128 for output.dense
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +63,7 @@ def pruned(bert):
 @pytest.fixture(scope="module")
 def blocks():
     torch.manual_seed(0)
-    model, x = _Blocks().eval(), torch.randn(4, 16, 64)
+    model, x = FfnBlocks(residual=True).eval(), torch.randn(4, 16, 64)
     return capture_example(model, (x,)), (x,)
 
 
@@ -195,7 +165,7 @@ def test_near_misses_stay_dense_with_the_reason():
 def test_a_graph_with_nothing_to_prune_is_an_error():
     torch.manual_seed(0)
     args = (torch.randn(2, 5, 32), torch.randn(16, 32))
-    gm = capture_example(_WeightIsAnInput(), args)
+    gm = capture_example(WeightIsAnInput(), args)
     with pytest.raises(PassError, match=r"expected \['linears_masked'\] > 0") as e:
         run_pass("prune_weights", gm, args)
     assert isinstance(e.value.cause, ConfigError) and e.value.before == ["cleanup"]

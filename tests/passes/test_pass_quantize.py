@@ -7,38 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from optim import zoo
 from optim.errors import ConfigError, PassError
 from optim.ir import get_constant
-from optim.testing import capture_example, run_pass
+from optim.testing import capture_example, capture_zoo, run_pass
+from tests.passes.small_models import FfnBlocks, WeightIsAnInput
 
 INT8 = torch.ops.optim.linear_int8.default
-
-
-class _Ffn(torch.nn.Module):
-    def __init__(self, d: int = 64, hidden: int = 128):
-        super().__init__()
-        self.norm = torch.nn.LayerNorm(d)
-        self.up = torch.nn.Linear(d, hidden)
-        self.down = torch.nn.Linear(hidden, d)
-
-    def forward(self, x):
-        return self.down(F.gelu(self.up(self.norm(x))))
-
-
-class _Stack(torch.nn.Module):
-    """Two norm -> up -> gelu -> down blocks and no residual: the output is the quantized layers'
-    own output, so its SQNR is the int8 error itself (the zoo's random models have residual
-    streams that hide most of it: BERT with every block linear binarized still scores 32 dB)."""
-
-    def __init__(self):
-        super().__init__()
-        self.blocks = torch.nn.ModuleList([_Ffn(), _Ffn()])
-
-    def forward(self, x):
-        for b in self.blocks:
-            x = b(x)
-        return x
 
 
 class _NearMiss(torch.nn.Module):
@@ -55,19 +29,13 @@ class _NearMiss(torch.nn.Module):
         return self.head(g + self.tiny(s))
 
 
-class _WeightIsAnInput(torch.nn.Module):
-    def forward(self, x, w):
-        return F.linear(x, w)
-
-
 def _int8_nodes(gm):
     return [n for n in gm.graph.nodes if n.target is INT8]
 
 
 @pytest.fixture(scope="module")
 def bert():
-    z = zoo.load("bert")  # 2 post-norm layers, 6 linears each, hidden 64
-    return capture_example(z.model, z.example_args, z.example_kwargs), z
+    return capture_zoo("bert")  # 2 post-norm layers, 6 linears each, hidden 64
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +47,7 @@ def quantized(bert):
 @pytest.fixture(scope="module")
 def stack():
     torch.manual_seed(0)
-    model, x = _Stack().eval(), torch.randn(4, 16, 64)
+    model, x = FfnBlocks(residual=False).eval(), torch.randn(4, 16, 64)
     return capture_example(model, (x,)), (x,)
 
 
@@ -207,7 +175,7 @@ def test_near_misses_stay_float_with_the_reason(near_miss):
 def test_a_graph_with_nothing_to_quantize_is_an_error():
     torch.manual_seed(0)
     args = (torch.randn(2, 5, 32), torch.randn(16, 32))
-    gm = capture_example(_WeightIsAnInput(), args)
+    gm = capture_example(WeightIsAnInput(), args)
     with pytest.raises(PassError, match=r"expected \['linear_quantized'\] > 0") as e:
         run_pass("quantize", gm, args)
     assert "weight is not a constant" in str(e.value)

@@ -7,38 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from optim import numerics, zoo
+from optim import numerics
 from optim.errors import ConfigError, PassError
 from optim.ir import get_constant
 from optim.ops import unpack_int4
-from optim.testing import capture_example, run_pass
+from optim.testing import capture_example, capture_zoo, run_pass
+from tests.passes.small_models import FfnBlocks, WeightIsAnInput
 
 INT4 = torch.ops.optim.linear_int4.default
-
-
-class _Ffn(torch.nn.Module):
-    def __init__(self, d: int = 64, hidden: int = 128):
-        super().__init__()
-        self.norm = torch.nn.LayerNorm(d)
-        self.up = torch.nn.Linear(d, hidden)
-        self.down = torch.nn.Linear(hidden, d)
-
-    def forward(self, x):
-        return self.down(F.gelu(self.up(self.norm(x))))
-
-
-class _Stack(torch.nn.Module):
-    """Two blocks, no residual: the output SQNR is the 4-bit error itself (the zoo's random
-    models have residual streams that hide most of a block's error)."""
-
-    def __init__(self):
-        super().__init__()
-        self.blocks = torch.nn.ModuleList([_Ffn(), _Ffn()])
-
-    def forward(self, x):
-        for b in self.blocks:
-            x = b(x)
-        return x
 
 
 class _NearMiss(torch.nn.Module):
@@ -53,15 +29,9 @@ class _NearMiss(torch.nn.Module):
         return self.head(g + self.tiny(s))
 
 
-class _WeightIsAnInput(torch.nn.Module):
-    def forward(self, x, w):
-        return F.linear(x, w)
-
-
 @pytest.fixture(scope="module")
 def bert():
-    z = zoo.load("bert")  # 2 layers; 64 inputs to every linear but output.dense (128)
-    return capture_example(z.model, z.example_args, z.example_kwargs), z
+    return capture_zoo("bert")  # 2 layers; 64 inputs to every linear but output.dense (128)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +44,7 @@ def q32(bert):
 @pytest.fixture(scope="module")
 def stack():
     torch.manual_seed(0)
-    model, x = _Stack().eval(), torch.randn(4, 16, 64)
+    model, x = FfnBlocks(residual=False).eval(), torch.randn(4, 16, 64)
     return capture_example(model, (x,)), (x,)
 
 
@@ -165,7 +135,7 @@ def test_near_misses_stay_float_with_the_reason():
 def test_a_graph_with_nothing_to_quantize_is_an_error():
     torch.manual_seed(0)
     args = (torch.randn(2, 5, 32), torch.randn(16, 32))
-    gm = capture_example(_WeightIsAnInput(), args)
+    gm = capture_example(WeightIsAnInput(), args)
     with pytest.raises(PassError, match=r"expected \['linear_int4'\] > 0") as e:
         run_pass("quantize_int4", gm, args, options={"group_size": 32})
     assert isinstance(e.value.cause, ConfigError) and e.value.before == ["cleanup"]

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from optim import numerics, zoo
+from optim import numerics
 from optim.errors import ConfigError, PassError
 from optim.ir import get_constant
-from optim.testing import capture_example, run_pass
+from optim.testing import capture_example, capture_zoo, run_pass
 
 
 class _FusedQkv(torch.nn.Module):
@@ -54,8 +54,7 @@ def _weight(gm, module: str, kind: str = "weight") -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def bert():
-    z = zoo.load("bert")  # 2 layers, 4 heads of 16, 128 MLP neurons
-    return capture_example(z.model, z.example_args, z.example_kwargs), z
+    return capture_zoo("bert")  # 2 layers, 4 heads of 16, 128 MLP neurons
 
 
 @pytest.fixture(scope="module")
