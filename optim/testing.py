@@ -26,7 +26,7 @@ from optim.pipeline import Pipeline
 from optim.targets import Target, resolve_target
 from passes.common.graph_runner import run as run_graph
 
-__all__ = ["capture_example", "capture_zoo", "run_pass", "PassRun"]
+__all__ = ["capture_example", "capture_zoo", "histogram_diff", "run_pass", "PassRun"]
 
 
 def capture_example(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
@@ -41,6 +41,12 @@ def capture_example(model: torch.nn.Module, args: tuple, kwargs: dict | None = N
     captured = capture(model, args, kwargs, shapes.export_shapes(spec, args, kwargs))
     captured.gm.meta["shapes"] = shapes.accepted(spec, captured.program)
     return captured.gm
+
+
+def histogram_diff(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """Ops whose count changed from `before` to `after` (op histograms), and by how much."""
+    return {k: after.get(k, 0) - before.get(k, 0) for k in sorted(set(before) | set(after))
+            if after.get(k, 0) != before.get(k, 0)}
 
 
 def capture_zoo(name: str, **options) -> tuple[torch.fx.GraphModule, zoo.ZooModel]:
@@ -69,10 +75,7 @@ class PassRun:
         return numerics.sqnr_db(ref, got)
 
     def ops_added(self) -> dict[str, int]:
-        keys = set(self.histogram_before) | set(self.histogram_after)
-        return {k: self.histogram_after.get(k, 0) - self.histogram_before.get(k, 0)
-                for k in sorted(keys)
-                if self.histogram_after.get(k, 0) != self.histogram_before.get(k, 0)}
+        return histogram_diff(self.histogram_before, self.histogram_after)
 
 
 def run_pass(name: str, graph: torch.fx.GraphModule, args: tuple = (), kwargs: dict | None = None,

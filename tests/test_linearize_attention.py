@@ -14,6 +14,7 @@ import passes.linearize_attention.feature_map_fit as feature_fit
 import passes.linearize_attention.flow_attention as flow
 import passes.linearize_attention.linear_attention as la
 from optim.errors import PassError
+from tests.passes.small_models import MaskedAttention
 
 METHODS = la.METHODS
 
@@ -301,25 +302,12 @@ def test_gate_rewrites_long_sequences():
     assert all(la_["estimated_ms"]["linear"] < la_["estimated_ms"]["softmax"] for la_ in layers)
 
 
-class _Biased(torch.nn.Module):
-    """One attention with a constant mask: an ALiBi-style bias, or a sliding window."""
-
-    def __init__(self, mask):
-        super().__init__()
-        self.qkv = torch.nn.Linear(16, 48)
-        self.register_buffer("mask", mask)
-
-    def forward(self, x):
-        q, k, v = self.qkv(x).view(1, -1, 3, 2, 8).permute(2, 0, 3, 1, 4)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
-
-
 @pytest.mark.parametrize("mask,reason", [
     (-0.5 * (torch.arange(12)[:, None] - torch.arange(12)).abs().float(), "additive bias"),
     ((torch.arange(12)[:, None] - torch.arange(12)).abs() <= 2, "neither a padding mask"),
 ])
 def test_refuses_masks_it_cannot_express(mask, reason):
-    model = _Biased(mask).eval()
+    model = MaskedAttention(mask).eval()
     x = torch.randn(1, 12, 16)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(PassError, match=reason):

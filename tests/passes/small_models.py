@@ -40,3 +40,16 @@ class WeightIsAnInput(torch.nn.Module):
 
     def forward(self, x, w):
         return F.linear(x, w)
+
+
+class MaskedAttention(torch.nn.Module):
+    """One SDPA over 2 heads of 8 with a constant mask buffer (boolean, or an additive bias)."""
+
+    def __init__(self, mask: torch.Tensor):
+        super().__init__()
+        self.qkv = torch.nn.Linear(16, 48)
+        self.register_buffer("mask", mask)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).view(1, -1, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)

@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from optim.errors import ConfigError, PassError
-from optim.testing import capture_example, capture_zoo, run_pass
+from optim.testing import capture_example, capture_zoo, histogram_diff, run_pass
+from tests.passes.small_models import MaskedAttention
 
 ATTENTION = torch.ops.optim.attention.default
-
-
-def _diff(before: dict, after: dict) -> dict:
-    return {k: after.get(k, 0) - before.get(k, 0) for k in sorted(set(before) | set(after))
-            if after.get(k, 0) != before.get(k, 0)}
 
 
 class _Block(torch.nn.Module):
@@ -49,19 +44,6 @@ class _Block(torch.nn.Module):
         raise ValueError(self.mode)
 
 
-class _ConstantMask(torch.nn.Module):
-    """SDPA with a constant boolean mask: all True (a no-op) or a real band."""
-
-    def __init__(self, mask):
-        super().__init__()
-        self.qkv = torch.nn.Linear(16, 48)
-        self.register_buffer("mask", mask)
-
-    def forward(self, x):
-        q, k, v = self.qkv(x).view(1, -1, 3, 2, 8).permute(2, 0, 3, 1, 4)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
-
-
 def _hand(mode, seq=5):
     torch.manual_seed(0)
     x = torch.randn(2, seq, 16)
@@ -91,9 +73,9 @@ def test_sdpa_fused_on_bert(bert):
     # the fused op is the only change on top of cleanup's
     cleaned = run.results[0]
     assert cleaned.name == "cleanup" and cleaned.changed
-    assert _diff(run_pass("cleanup", gm, z.example_args, z.example_kwargs).histogram_after,
-                 run.histogram_after) == {"aten.scaled_dot_product_attention": -2,
-                                          "optim.attention": 2}
+    after_cleanup = run_pass("cleanup", gm, z.example_args, z.example_kwargs).histogram_after
+    assert histogram_diff(after_cleanup, run.histogram_after) == {
+        "aten.scaled_dot_product_attention": -2, "optim.attention": 2}
     assert run.max_abs_error() < 1e-4
 
 
@@ -108,8 +90,8 @@ def test_explicit_chain_fused_on_gpt2(gpt2):
     after = run.histogram_after
     assert after["optim.attention"] == 2
     assert "aten.softmax" not in after and "aten.matmul" not in after
-    added = _diff(run_pass("cleanup", gm, z.example_args, z.example_kwargs).histogram_after,
-                  after)
+    after_cleanup = run_pass("cleanup", gm, z.example_args, z.example_kwargs).histogram_after
+    added = histogram_diff(after_cleanup, after)
     assert added["aten.softmax"] == -2 and added["aten.matmul"] == -4
     assert added["optim.attention"] == 2
     assert run.max_abs_error() < 1e-4
@@ -163,14 +145,14 @@ def test_min_seq_len_is_a_strict_lower_bound():
 def test_constant_all_true_mask_is_dropped_but_a_real_one_kept():
     torch.manual_seed(0)
     x = torch.randn(1, 6, 16)
-    everything = capture_example(_ConstantMask(torch.ones(6, 6, dtype=torch.bool)).eval(), (x,))
+    everything = capture_example(MaskedAttention(torch.ones(6, 6, dtype=torch.bool)).eval(), (x,))
     run = run_pass("fuse_attention", everything, (x,))
     assert run.result.counts == {"attention_fused": 1, "no_op_mask_dropped": 1}
     attn, = [n for n in run.gm.graph.nodes if n.target is ATTENTION]
     assert attn.args[3] is None
     assert run.max_abs_error() < 1e-5
     band = (torch.arange(6)[:, None] - torch.arange(6)).abs() <= 1
-    banded = capture_example(_ConstantMask(band).eval(), (x,))
+    banded = capture_example(MaskedAttention(band).eval(), (x,))
     run = run_pass("fuse_attention", banded, (x,))
     assert run.result.counts == {"attention_fused": 1}  # no no_op_mask_dropped
     attn, = [n for n in run.gm.graph.nodes if n.target is ATTENTION]

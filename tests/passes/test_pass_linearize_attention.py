@@ -5,35 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from optim import numerics
 from optim.errors import ConfigError, PassError
-from optim.testing import capture_example, capture_zoo, run_pass
+from optim.testing import capture_example, capture_zoo, histogram_diff, run_pass
+from tests.passes.small_models import MaskedAttention
 
 FAST = {"method": "elu", "gate": False}
 
 
-def _diff(before: dict, after: dict) -> dict:
-    return {k: after.get(k, 0) - before.get(k, 0) for k in sorted(set(before) | set(after))
-            if after.get(k, 0) != before.get(k, 0)}
-
-
 def _cosine_min(run) -> float:
     return numerics.compare(run.before, run.after)["cosine_min"]
-
-
-class _Biased(torch.nn.Module):
-    """One attention with a constant mask: an ALiBi-style bias, or a sliding window."""
-
-    def __init__(self, mask):
-        super().__init__()
-        self.qkv = torch.nn.Linear(16, 48)
-        self.register_buffer("mask", mask)
-
-    def forward(self, x):
-        q, k, v = self.qkv(x).view(1, -1, 3, 2, 8).permute(2, 0, 3, 1, 4)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +54,7 @@ def test_counts_and_layers_on_padded_bert(bert_elu):
 def test_histogram_optim_attention_replaced_by_aten_ops(bert, bert_elu):
     gm, z = bert
     fused = run_pass("fuse_attention", gm, z.example_args, z.example_kwargs)
-    added = _diff(fused.histogram_after, bert_elu.histogram_after)
+    added = histogram_diff(fused.histogram_after, bert_elu.histogram_after)
     assert added["optim.attention"] == -2
     assert added["aten.elu"] == 4  # φ(q) and φ(k) per layer
     assert added["aten.matmul"] > 0
@@ -132,7 +114,7 @@ def test_gate_refuses_short_sequences_with_both_estimates(bert):
 def test_masks_it_cannot_express_are_refused(mask, reason):
     torch.manual_seed(0)
     x = torch.randn(1, 12, 16)
-    gm = capture_example(_Biased(mask).eval(), (x,))
+    gm = capture_example(MaskedAttention(mask).eval(), (x,))
     with pytest.raises(PassError, match="expected \\['attention_linearized'\\] > 0") as err:
         run_pass("linearize_attention", gm, (x,), options=FAST)
     assert reason in str(err.value)

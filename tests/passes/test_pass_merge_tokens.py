@@ -9,15 +9,10 @@ import torch.nn.functional as F
 
 from optim import numerics
 from optim.errors import ConfigError, PassError
-from optim.testing import capture_example, capture_zoo, run_pass
+from optim.testing import capture_example, capture_zoo, histogram_diff, run_pass
 
 MERGE = torch.ops.optim.merge_tokens.default
 ATTENTION = torch.ops.optim.attention.default
-
-
-def _diff(before: dict, after: dict) -> dict:
-    return {k: after.get(k, 0) - before.get(k, 0) for k in sorted(set(before) | set(after))
-            if after.get(k, 0) != before.get(k, 0)}
 
 
 class _Block(torch.nn.Module):
@@ -86,7 +81,7 @@ def test_counts_and_tokens_per_block(merged):
 def test_histogram_adds_merges_and_the_proportional_bias(vit, merged):
     gm, z = vit
     fused = run_pass("fuse_attention", gm, z.example_args)
-    added = _diff(fused.histogram_after, merged.histogram_after)
+    added = histogram_diff(fused.histogram_after, merged.histogram_after)
     assert added["optim.merge_tokens"] == 2
     assert added["aten.log"] == 1  # log(size) added to the scores of the second block only
     assert "optim.unmerge_tokens" not in merged.histogram_after
