@@ -22,7 +22,7 @@ import importlib
 _PUBLIC = {
     "optimize": "optim.api", "load": "optim.api", "OptimizedModel": "optim.model",
     "compare_targets": "optim.compare", "Pipeline": "optim.pipeline", "Report": "optim.report",
-    "numerics": "optim.numerics",
+    "numerics": "optim.numerics", "encode": "optim.embeddings", "ShapeError": "optim.shapes",
     "OptimError": "optim.errors", "CaptureError": "optim.errors", "ConfigError": "optim.errors",
     "PassError": "optim.errors", "NumericsError": "optim.errors", "BackendError": "optim.errors",
     "UnknownNameError": "optim.errors",
