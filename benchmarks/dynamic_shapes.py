@@ -69,7 +69,10 @@ class OrtPeer:
         opt.save_model_to_file(str(tmp / "opt.onnx"))
         quantize_dynamic(str(tmp / "opt.onnx"), str(tmp / "int8.onnx"),
                          weight_type=QuantType.QInt8)
-        self.session = ort.InferenceSession(str(tmp / "int8.onnx"),
+        so = ort.SessionOptions()
+        # a spinning ORT pool would steal the 2 cores from the next row of the interleaved run
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(tmp / "int8.onnx"), so,
                                             providers=["CPUExecutionProvider"])
         self.names = [i.name for i in self.session.get_inputs()]
 

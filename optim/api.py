@@ -75,9 +75,8 @@ def optimize(model: torch.nn.Module, target: str | Target = "cpu", example_input
     tgt = resolve_target(target)
     chosen, options = resolve_backend(backend, tgt, backend_options)
     pipe = resolve_pipeline(pipeline, tgt.default_pipeline, pass_options)
-    inputs = Inputs.from_user(example_inputs, example_kwargs, eval_data, calibration, dynamic)
-    if not chosen.dynamic:
-        inputs = inputs.static(None, f"the {chosen.name} backend compiles for one shape")
+    inputs = Inputs.from_user(example_inputs, example_kwargs, eval_data, calibration,
+                              dynamic).for_backend(chosen.name, chosen.dynamic)
     original, passes = capture_and_run(model, inputs, pipe, tgt, say)  # ① ②
     artifact, lower_s = lower(passes.gm, inputs.example, tgt, chosen, options,
                               original.shapes, say)  # ③

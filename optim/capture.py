@@ -40,6 +40,17 @@ class Inputs:
         return cls(example, evals, list(calibration) if calibration else evals, spec,
                    isinstance(dynamic, dict))
 
+    def for_backend(self, name: str, runs_dynamic: bool) -> Inputs:
+        """These inputs as a backend can run them: all static for one that compiles one shape
+        (an error when the user asked for ranges)."""
+        if runs_dynamic or not self.shapes.dynamic:
+            return self
+        if self.dynamic_asked:
+            raise ConfigError(f"dynamic ranges were asked for, but the {name} backend compiles "
+                              f"for one shape; use backend 'torch' or 'onnxruntime', or "
+                              f"dynamic=False")
+        return self.static(None, f"the {name} backend compiles for one shape")
+
     def static(self, axis: str | None, reason: str) -> Inputs:
         """These inputs with `axis` (None: every axis) static at the example's size."""
         spec = self.shapes.all_static(reason) if axis is None else self.shapes.without(axis,

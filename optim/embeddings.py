@@ -37,8 +37,13 @@ def plan_batches(lengths: Sequence[int], max_tokens: int, max_batch: int) -> lis
     return batches
 
 
-def encode(model: Callable, tokenizer, texts: Sequence[str], *, max_tokens: int = 4096,
-           max_batch: int = 128, max_length: int | None = None,
+# MiniLM int8 on 256 real sentences, Xeon, 2 threads (2026-12-05): 1024 tokens / 64 sentences
+# per batch 0.34 s; 512/16 0.44 s, 2048/64 0.48 s, 4096/128 0.37 s, 16384/256 1.29 s
+MAX_TOKENS, MAX_BATCH = 1024, 64
+
+
+def encode(model: Callable, tokenizer, texts: Sequence[str], *, max_tokens: int = MAX_TOKENS,
+           max_batch: int = MAX_BATCH, max_length: int | None = None,
            progress: bool = False) -> torch.Tensor:
     """Unit-length embeddings of `texts`, one row each, in their order (module docstring).
     `max_length` truncates (default: what the model accepts, else the tokenizer's limit)."""

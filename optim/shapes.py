@@ -177,7 +177,7 @@ def accepted(spec: ShapeSpec, ep: torch.export.ExportedProgram) -> ShapeSpec:
         for d, size in zip(want.dims, val.shape):
             if isinstance(d, str):
                 symbols.setdefault(d, []).append(size)
-    out = spec
+    out = ShapeSpec(spec.inputs, dict(spec.ranges), dict(spec.static), dict(spec.traced))
     for axis, sizes in symbols.items():
         if any(isinstance(s, int) for s in sizes):
             out = out.without(axis, "the model fixes it (torch.export specialized it to the "

@@ -159,6 +159,9 @@ def test_static_shapes_when_asked_and_for_a_backend_that_compiles_one(minilm):
     assert tvm.report["model"]["shapes"]["static"] == {
         "batch": "the tvm backend compiles for one shape",
         "seq": "the tvm backend compiles for one shape"}
+    with pytest.raises(optim.ConfigError, match="the tvm backend compiles for one shape; use"):
+        optim.optimize(minilm.model, "cpu", example_kwargs=minilm.example_kwargs,
+                       pipeline="cleanup", backend="tvm", dynamic={"batch": (1, 8)})
 
 
 def test_a_pass_that_bakes_the_length_makes_it_static_with_the_reason(zoo_model):
