@@ -194,3 +194,15 @@ def test_dynamic_ranges_in_a_pipeline_file(tmp_path):
     report, = run_pipeline_file(p, out=tmp_path)
     assert report["model"]["shapes"]["ranges"] == {"batch": [1, 4]}
     assert "seq" in report["model"]["shapes"]["static"]
+
+
+@pytest.mark.parametrize("dynamic, message", [
+    ("yes", "dynamic must be True, False or a dict"),
+    ({"time": (1, 4)}, r"unknown axis \['time'\]"),
+    ({"batch": (0, 4)}, r"dynamic\['batch'\] must be \(min, max\) with 1 <= min <= max"),
+    ({"seq": (8, 4)}, r"dynamic\['seq'\] must be"),
+])
+def test_bad_ranges_are_named(dynamic, message):
+    ids = torch.ones(2, 8, dtype=torch.long)
+    with pytest.raises(optim.ConfigError, match=message):
+        shapes.infer((ids,), {}, dynamic)
