@@ -50,6 +50,8 @@ def summary_rows(d: dict) -> list[tuple[str, str]]:
              + (f" ({d['backend']['chosen_because']})" if d["backend"].get("chosen_because")
                 else "")),
             ("pipeline", ", ".join(p["name"] for p in d["passes"]) or "(none)")]
+    if d["model"].get("shapes"):
+        rows.append(("input shapes", _shapes(d["model"]["shapes"])))
     be = d["backend"]
     if "schedule" in be:  # compiled backends: what compiled it, how tuned, how long it took
         tuning = be.get("tuning") or {}
@@ -68,6 +70,10 @@ def summary_rows(d: dict) -> list[tuple[str, str]]:
                  f"cosine mean {_fmt(fid['cosine_mean'], 6)}, "
                  f"min {_fmt(fid['cosine_min'], 6)}, SQNR {_fmt(fid['sqnr_db'], 3)} dB, "
                  f"max abs err {_fmt(fid['max_abs_error'], 3)}"))
+    for other in d["fidelity"].get("other_shapes", []):
+        rows.append((f"fidelity at {other['shape']}",
+                     f"cosine mean {_fmt(other['cosine_mean'], 6)}, "
+                     f"min {_fmt(other['cosine_min'], 6)}"))
     for k, v in d["fidelity"].get("task", {}).items():
         rows.append((f"task: {k}", _fmt(v, 5)))
     wb, wa = (d["model"]["weight_bytes"],
@@ -76,6 +82,14 @@ def summary_rows(d: dict) -> list[tuple[str, str]]:
     for w in d.get("warnings", []):
         rows.append(("WARNING", w))
     return rows
+
+
+def _shapes(s: dict) -> str:
+    """Dynamic axes with their ranges, then static ones with the reason."""
+    dynamic = [f"{a} {lo}..{hi}" for a, (lo, hi) in s["ranges"].items()]
+    static = [f"{a} static at {s.get('traced', {}).get(a, '?')} ({why})"
+              for a, why in s["static"].items()]
+    return "; ".join(dynamic + static) or "static (no batch or sequence axis)"
 
 
 def pass_rows(d: dict) -> list[tuple[str, str, str, str, str]]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import optim
-from optim import numerics, shapes
+from optim import numerics, render, shapes
 from optim.pass_base import Exact
 from optim.registry import PASSES
 from optim.shapes import ShapeError
@@ -100,6 +100,8 @@ def test_optimized_minilm_runs_other_shapes_and_loads_with_them(backend, minilm,
     facts = om.report["model"]["shapes"]
     assert facts["ranges"] == {"batch": [1, 1024], "seq": [1, 512]}  # 512 positions in BERT
     assert [f["shape"] for f in om.report["fidelity"]["other_shapes"]] == ["batch 5", "seq 17"]
+    page = render.to_markdown(om.report.data)
+    assert "batch 1..1024; seq 1..512" in page and "fidelity at seq 17" in page
     for batch, seq in [(1, 1), (3, 9), (8, 128)]:
         kwargs = _tokens(minilm, batch, seq)
         fid = numerics.compare(minilm.model(**kwargs), om(**kwargs), kwargs["attention_mask"])
