@@ -180,8 +180,10 @@ def accepted(spec: ShapeSpec, ep: torch.export.ExportedProgram) -> ShapeSpec:
     out = ShapeSpec(spec.inputs, dict(spec.ranges), dict(spec.static), dict(spec.traced))
     for axis, sizes in symbols.items():
         if any(isinstance(s, int) for s in sizes):
-            out = out.without(axis, "the model fixes it (torch.export specialized it to the "
-                                    "traced size)")
+            why = (f"traced at {axis} {spec.traced[axis]}, which torch.export always fixes: "
+                   f"trace with a {axis} of 2 or more" if spec.traced[axis] <= 1 else
+                   "the model fixes it (torch.export specialized it to the traced size)")
+            out = out.without(axis, why)
             continue
         lo, hi = out.ranges[axis]
         for s in sizes:  # export's lower bound of 2 is its 0/1 rule, not the model's: kept

@@ -186,6 +186,16 @@ def test_a_pass_that_bakes_the_length_makes_it_static_with_the_reason(zoo_model)
                        dynamic={"batch": (1, 8), "seq": (1, 64)})
 
 
+def test_an_example_batch_of_one_is_static_with_the_fix(zoo_model):
+    z = zoo_model("gpt2")
+    om = optim.optimize(z.model, "cpu", (z.example_args[0][:1],),
+                        example_kwargs=z.example_kwargs, pipeline="cleanup", backend="torch",
+                        measure_latency=False)
+    facts = om.report["model"]["shapes"]
+    assert list(facts["ranges"]) == ["seq"]
+    assert "trace with a batch of 2 or more" in facts["static"]["batch"]
+
+
 def test_dynamic_ranges_in_a_pipeline_file(tmp_path):
     from optim.runner import run_pipeline_file
 
