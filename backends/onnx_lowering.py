@@ -2,6 +2,8 @@
 
 - optim::attention  ⇒  ONNX `Attention` (opset 23, one fused node): q, k, v stay [B, H, L, D];
   a mask that does not already span [Lq, Lk] is expanded first (ORT's kernel checks the shape).
+- optim::attention_trimmed  ⇒  Slice q, k, v and the mask to the first max(positions) + 1
+  positions, `Attention` there, Pad with zeros back to the full length.
 - optim::linear_int4  ⇒  `com.microsoft.MatMulNBits` (bits 4, the packed weight as it is).
 - optim::linear_int8  ⇒  per-token quantization (Abs, ReduceMax, QuantizeLinear along the token
   axis to uint8, zero point 128), `com.microsoft.MatMulIntegerToFloat` (u8 × s8 GEMM, int32
@@ -66,6 +68,24 @@ def attention(q, k, v, mask, scale: float, causal: bool):
     return op.Attention(q, k, v, mask, scale=scale, is_causal=int(causal))[0]
 
 
+def attention_trimmed(q, k, v, mask, scale: float, positions):
+    """Attention over the first n = max(positions) + 1 positions, zeros after (padding)."""
+    zero, two = op.Constant(value_ints=[0]), op.Constant(value_ints=[2])
+    n = op.Add(op.ReduceMax(positions, keepdims=1), op.Constant(value_ints=[1]))
+    qn, kn, vn = (op.Slice(t, zero, n, two) for t in (q, k, v))
+    if mask is None:
+        y = op.Attention(qn, kn, vn, scale=scale)[0]
+    else:
+        target = op.Concat(op.Shape(mask, start=0, end=2), op.Shape(q, start=2, end=3),
+                           op.Shape(k, start=2, end=3), axis=0)
+        mask = op.Slice(op.Expand(mask, target), op.Concat(zero, zero, axis=0),
+                        op.Concat(n, n, axis=0), op.Constant(value_ints=[2, 3]))
+        y = op.Attention(qn, kn, vn, mask, scale=scale)[0]
+    rest = op.Sub(op.Shape(q, start=2, end=3), n)
+    pads = op.Concat(op.Constant(value_ints=[0, 0, 0, 0, 0, 0]), rest, zero, axis=0)
+    return op.Pad(y, pads)
+
+
 def linear_int8(x, w_q, w_scale, bias, in_scale=None, act_scale=None):
     k = op.Shape(x, start=-1)
     x2 = op.Reshape(x, op.Concat(op.Constant(value_ints=[-1]), k, axis=0))  # [M, K]
@@ -99,5 +119,6 @@ def linear_int4(x, w_packed, scales, bias, block: int):
 
 def translation_table() -> dict:
     return {torch.ops.optim.attention.default: attention,
+            torch.ops.optim.attention_trimmed.default: attention_trimmed,
             torch.ops.optim.linear_int8.default: linear_int8,
             torch.ops.optim.linear_int4.default: linear_int4}

@@ -230,6 +230,21 @@ def _attention(n: Node) -> Kernel:
                   nodes=[n.name])
 
 
+def _attention_trimmed(n: Node) -> Kernel:
+    """Attention over the first `meta["attended"]` positions (the longest sequence of the
+    batch it was estimated at; remove_padding sets it), else over all of them."""
+    k = _attention(n)
+    attended = n.meta.get("attended")
+    if attended is None or attended >= k.shape[2]:
+        return k
+    bsz, heads, lq, lk, d = k.shape
+    f = attended / lq
+    k.flops *= f * f
+    k.bytes = {c: v * f for c, v in k.bytes.items()}
+    k.shape = (bsz, heads, attended, attended, d)
+    return k
+
+
 def _sdpa(n: Node) -> list[Kernel]:
     """`aten.scaled_dot_product_attention` left in the graph is costed unfused (QK^T GEMM, softmax
     over the [Lq, Lk] scores in memory, PV GEMM): ONNX export and TVM decompose it; only
@@ -259,7 +274,7 @@ KERNEL_RULES: dict[str, Callable[[Node], Kernel | list[Kernel]]] = {
     "optim.linear_int8": _linear_int8, "optim.linear_int4": _linear_int4,
     "optim.linear_binary": _linear_binary,
     "optim.merge_tokens": _merge_tokens, "optim.unmerge_tokens": _unmerge_tokens,
-    "optim.attention": _attention,
+    "optim.attention": _attention, "optim.attention_trimmed": _attention_trimmed,
     "aten.scaled_dot_product_attention": _sdpa, "aten.embedding": _embedding,
 }
 

@@ -128,9 +128,17 @@ def flatten_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list:
     return list(tree_flatten_spec((args, kwargs), info.in_spec))
 
 
+# op -> fn(input values of a node) -> meta entries that depend on values, not only shapes
+# (`optim.ops` registers one for attention_trimmed: the length it attends over); a non-fake
+# `refresh_meta` records them, so the cost model sees them at the inputs the graph last ran on
+VALUE_META: dict[Any, Any] = {}
+
+
 class _MetaRecorder(torch.fx.Interpreter):
     def run_node(self, n):
         out = super().run_node(n)
+        if n.target in VALUE_META:
+            n.meta.update(VALUE_META[n.target](*self.fetch_args_kwargs_from_env(n)[0]))
         n.meta["val"] = pytree.tree_map(
             lambda t: t.detach().to("meta") if isinstance(t, torch.Tensor) else t, out)
         return out
@@ -181,10 +189,16 @@ def depends_on_inputs(node: torch.fx.Node) -> bool:
     """Whether `node`'s values can change with the values of the graph's inputs (weights are
     get_attr). Reading an input's size does not count: in a graph with dynamic shapes,
     `ones(batch, seq)` or a CLS token expanded to the batch hold the same values at any shape."""
+    return bool(value_inputs(node))
+
+
+def value_inputs(node: torch.fx.Node) -> set:
+    """The graph inputs (placeholders) whose values `node` reads, directly or not; reading an
+    input's size does not count."""
     if node.op == "placeholder":
-        return True
+        return {node}
     reads = _reachable(node, lambda n: [] if n.target in _SIZE_READS else n.all_input_nodes)
-    return any(a.op == "placeholder" for a in reads)
+    return {a for a in reads if a.op == "placeholder"}
 
 
 _SIZE_READS = {torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default}

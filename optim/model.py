@@ -20,6 +20,7 @@ from optim.registry import BACKENDS
 from optim.report import Report
 from optim.shapes import ShapeSpec
 from optim.targets import resolve_target
+from optim.timing import kernels_at
 from passes.common.nested_width import at_width, layer_widths
 
 
@@ -55,16 +56,22 @@ class OptimizedModel:
         with torch.inference_mode():
             return self.artifact(*args, **kwargs)
 
-    def estimate(self, target: str, **options) -> dict:
+    def estimate(self, target: str, inputs: Batch | None = None, **options) -> dict:
         """The cost model's view of this model on `target` (any name `optim targets` lists):
-        estimated latency after each pass, bound, bytes by class, memory fit, energy."""
+        estimated latency after each pass, bound, bytes by class, memory fit, energy. With
+        `inputs` (args, kwargs), the optimized graph alone, at those inputs' shapes (and, after
+        remove_padding, their real token counts) instead of the example's."""
         if not self.stages:
             raise ConfigError("this model has no graph stages to estimate (loaded from disk?); "
                               "run optimize() again to estimate it")
         m = self.report["model"]
         memory = float(m.get("weight_bytes_after", m["weight_bytes"]))
-        return report_section(self.stages, resolve_target(target), memory_bytes=memory,
-                              **options)
+        stages = self.stages
+        if inputs is not None:
+            if self.shapes is not None:
+                self.shapes.check(*inputs)
+            stages = {"optimized": kernels_at(self.graph, *inputs)}
+        return report_section(stages, resolve_target(target), memory_bytes=memory, **options)
 
     def rooflines(self) -> dict[str, bytes]:
         """A roofline PNG per estimated target with every kernel of the optimized graph on it."""

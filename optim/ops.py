@@ -7,6 +7,9 @@ ONNX nodes (`backends/onnx_lowering.py`).
 - `optim::attention(q, k, v, mask, scale, causal)`: softmax(q·kᵀ·scale + mask)·v in one kernel.
   q: [B, H, Lq, D]; k, v: [B, Hkv, Lk, D] with H % Hkv == 0 (grouped-query attention);
   mask: additive float or boolean (True = attend), broadcastable to [B, H, Lq, Lk].
+- `optim::attention_trimmed(q, k, v, mask, scale, positions)`: the same (non-causal) attention
+  over the first n = max(positions) + 1 positions only; later positions, padding in every
+  sequence of the batch, output zeros. `positions`: each real token's position in its sequence.
 - `optim::merge_tokens(x, metric, size, r, protect)`: ToMe bipartite soft matching; returns the
   merged tokens, their sizes and where every input token went (for `optim::unmerge_tokens`).
 - `optim::linear_int4(x, w_packed, scales, bias, block)`: weight-only 4-bit linear, ONNX
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from optim.bits import expand_groups, unpack_bits
+from optim.ir import VALUE_META
 from optim.kernels import binary_linear, pack_rows, quantize_rows, quantize_static
 
 
@@ -65,6 +69,29 @@ def _attention_backward(ctx, grad):
 
 
 attention.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+@torch.library.custom_op("optim::attention_trimmed", mutates_args=())
+def attention_trimmed(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
+                      positions: Tensor) -> Tensor:
+    n = int(positions.max()) + 1 if positions.numel() else 0
+    if n >= q.shape[-2]:
+        return attention(q, k, v, mask, scale, False)
+    out = q.new_zeros((*q.shape[:-1], v.shape[-1]))
+    if mask is not None:
+        mask = mask[..., :n, :] if mask.shape[-2] > 1 else mask
+        mask = mask[..., :n] if mask.shape[-1] > 1 else mask
+    out[..., :n, :] = attention(q[..., :n, :], k[..., :n, :], v[..., :n, :], mask, scale, False)
+    return out
+
+
+@attention_trimmed.register_fake
+def _(q, k, v, mask, scale, positions):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+VALUE_META[torch.ops.optim.attention_trimmed.default] = lambda q, k, v, mask, scale, positions: {
+    "attended": int(positions.max()) + 1 if positions.numel() else 0}
 
 
 # ---- optim::linear_int8: int8 weights, dynamic per-token int8 activations ----

@@ -22,5 +22,6 @@ from passes import (  # noqa: F401
     prune_weights,
     quantize,
     quantize_int4,
+    remove_padding,
     sparsify,
 )

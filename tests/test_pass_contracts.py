@@ -12,7 +12,8 @@ from optim.testing import capture_example, run_pass
 BEFORE = {"distill_outputs": "prune_weights"}
 # passes that must refuse a model kind, and the words their refusal gives
 REFUSES = {("merge_tokens", m): "causal mask" for m in ("gpt2", "llama")} | \
-    {("merge_tokens", "bert"): "padding mask"}
+    {("merge_tokens", "bert"): "padding mask"} | \
+    {("remove_padding", m): "nothing is padding" for m in ("gpt2", "llama", "vit", "dit")}
 # options the contract runs with: the zoo's tiny models are below linear attention's and token
 # merging's break-even, so their cost-model gates are off here (their own tests test them)
 OPTIONS = {"linearize_attention": {"gate": False, "fit_steps": 40},
