@@ -31,8 +31,8 @@ def zoo_model():
 @pytest.fixture
 def shipped_pipeline(tmp_path):
     """A shipped pipeline file as written, with some fields made smaller (`inputs.seq`,
-    `passes.distill_widths.steps`, ...), saved to a temporary file: the file's own structure
-    runs end to end in seconds instead of minutes."""
+    `passes.distill_widths.steps`, `dynamic`, ...), saved to a temporary file: the file's own
+    structure runs end to end in seconds instead of minutes."""
     import yaml
 
     from optim.config import shipped_pipelines
@@ -40,6 +40,9 @@ def shipped_pipeline(tmp_path):
     def shrink(name: str, **changes) -> str:
         spec = yaml.safe_load(shipped_pipelines()[name].read_text())
         for dotted, value in changes.items():
+            if "__" not in dotted:  # a top-level key, e.g. dynamic=False
+                spec[dotted] = value
+                continue
             section, key = dotted.split("__")
             if section == "inputs":
                 spec["inputs"][key] = value

@@ -13,10 +13,11 @@ from passes.common.linears import weight_and_bias, weight_axis
 
 
 def _nest(z, opts=None, backend="torch"):
+    # static shapes: these tests are about widths (other shapes: tests/test_dynamic_shapes.py)
     return optim.optimize(copy.deepcopy(z.model), "cpu", z.example_args,
                           ["cleanup", "fuse_attention", {"dynamic_width": opts or {}}],
                           example_kwargs=z.example_kwargs, backend=backend,
-                          measure_latency=False)
+                          measure_latency=False, dynamic=False)
 
 
 def _first(out):
@@ -132,7 +133,8 @@ def test_widths_survive_save_and_load(backend, zoo_model, tmp_path):
     om.save(tmp_path / "m")
     again = optim.load(tmp_path / "m")
     assert again.backend == backend
-    for width in (0.5, [1.0, 0.5]):
+    # each width is a lowering of its own: ONNX Runtime checks the per-layer one only
+    for width in (0.5, [1.0, 0.5]) if backend == "torch" else ([1.0, 0.5],):
         a = _first(om.at_width(width)(*z.example_args, **z.example_kwargs))
         b = _first(again.at_width(width)(*z.example_args, **z.example_kwargs))
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
@@ -177,8 +179,9 @@ def test_real_minilm_permutation_is_exact_in_float64():
 def test_shipped_yaml_pipeline_runs(tmp_path, shipped_pipeline):
     from optim.runner import run_pipeline_file
 
-    path = shipped_pipeline("minilm_widths", inputs__count=24, inputs__seq=48,
-                            distill_widths__steps=12)
+    path = shipped_pipeline("minilm_widths", inputs__count=16, inputs__seq=32,
+                            distill_widths__steps=6, dynamic=False,
+                            measure_latency=False)
     # `out` as a str, as a script passes it (a Path works too)
     report, = run_pipeline_file(path, out=str(tmp_path))
     res = next(p for p in report["passes"] if p["name"] == "dynamic_width")

@@ -51,9 +51,16 @@ def _assert_same_at_real_tokens(ref, got, mask):
     assert hidden[~keep].abs().max().item() == 0 if (~keep).any() else True
 
 
-def test_packed_graph_equals_padded_graph_at_real_tokens(minilm):
+@pytest.fixture(scope="module")
+def graphs(minilm):
+    """MiniLM captured with dynamic shapes: fused (padded) and after remove_padding."""
     gm = capture_example(minilm.model, (), minilm.example_kwargs, dynamic=True)
-    run = run_pass("remove_padding", gm, (), minilm.example_kwargs)
+    return run_pass("fuse_attention", gm, (), minilm.example_kwargs).gm, \
+        run_pass("remove_padding", gm, (), minilm.example_kwargs)
+
+
+def test_packed_graph_equals_padded_graph_at_real_tokens(minilm, graphs):
+    run = graphs[1]
     assert run.result.counts["ops_packed"] >= 6 * 8  # every layer's linears, norms and adds
     assert run.result.counts["attention_trimmed"] == 6
     assert all(c["max_abs_error"] <= 1e-4 for c in run.result.details["checks"])
@@ -105,26 +112,28 @@ def test_refuses_a_model_that_reads_padded_positions():
         run_pass("remove_padding", gm, (), {"input_ids": ids, "attention_mask": mask})
 
 
-def _estimate_ms(gm, kwargs, target: str) -> float:
+def _estimate_ms(kernels, target: str) -> float:
     t = resolve_target(target)
-    return estimate(kernels_at(gm, (), kwargs), t.spec, t.calibration).seconds * 1e3
+    return estimate(kernels, t.spec, t.calibration).seconds * 1e3
 
 
-def test_cost_model_charges_real_tokens_and_the_trimmed_attention(minilm):
+def test_cost_model_charges_real_tokens_and_the_trimmed_attention(minilm, graphs):
+    padded, packed = graphs[0], graphs[1].gm
     small = _batch(minilm, [20, 3, 9, 14], 128)  # 46 real tokens of 512, longest 20
-    gm = capture_example(minilm.model, (), small, dynamic=True)
-    padded = run_pass("fuse_attention", gm, (), small).gm
-    packed = run_pass("remove_padding", gm, (), small).gm
-    gemm_rows = {k.shape[1] for k in graph_kernels(packed) if k.kind == "gemm"}
+    kernels = kernels_at(packed, (), small)
+    gemm_rows = {k.shape[1] for k in kernels if k.kind == "gemm"}
     assert 46 in gemm_rows and 512 not in gemm_rows, gemm_rows
-    attn = [k.shape for k in graph_kernels(packed) if k.kind == "attention"]
+    attn = [k.shape for k in kernels if k.kind == "attention"]
     assert attn and all(s[2] == s[3] == 20 for s in attn)
     # at another batch: 64 rows of 5..40 real tokens padded to 128
     large = _batch(minilm, [5 + (7 * i) % 36 for i in range(64)], 128)
-    rows = {k.shape[1] for k in kernels_at(packed, (), large) if k.kind == "gemm"}
+    at = {("packed", "small"): kernels, ("packed", "large"): kernels_at(packed, (), large),
+          ("padded", "small"): kernels_at(padded, (), small),
+          ("padded", "large"): kernels_at(padded, (), large)}
+    rows = {k.shape[1] for k in at["packed", "large"] if k.kind == "gemm"}
     assert rows == {int(large["attention_mask"].sum()), 64}, rows  # the pooler: one per row
-    gain = {(t, name): _estimate_ms(padded, b, t) / _estimate_ms(packed, b, t)
-            for t in ("xeon-spr", "a100") for name, b in (("small", small), ("large", large))}
+    gain = {(t, b): _estimate_ms(at["padded", b], t) / _estimate_ms(at["packed", b], t)
+            for t in ("xeon-spr", "a100") for b in ("small", "large")}
     assert gain["xeon-spr", "small"] > 2 and gain["xeon-spr", "large"] > 2, gain
     assert gain["a100", "large"] > 1.2, gain
     # four short rows on an A100 are launch-bound: the gathers and scatters cost more kernels
