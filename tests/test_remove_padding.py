@@ -8,7 +8,6 @@ import torch
 
 import optim
 from hardware.estimate import estimate
-from hardware.opcost import graph_kernels
 from optim import numerics
 from optim.errors import PassError
 from optim.targets import resolve_target
@@ -43,10 +42,10 @@ BATCHES = {
 }
 
 
-def _assert_same_at_real_tokens(ref, got, mask):
+def _assert_same_at_real_tokens(ref, got, mask, label: str):
     keep = mask.bool()
     fid = numerics.compare(ref, got, mask)
-    assert fid["max_abs_error"] <= 1e-4, fid
+    assert fid["max_abs_error"] <= 1e-4, (label, fid)
     hidden = got["last_hidden_state"] if isinstance(got, dict) else got.last_hidden_state
     assert hidden[~keep].abs().max().item() == 0 if (~keep).any() else True
 
@@ -68,7 +67,7 @@ def test_packed_graph_equals_padded_graph_at_real_tokens(minilm, graphs):
         kwargs = _batch(minilm, lengths, seq)
         with torch.no_grad():
             _assert_same_at_real_tokens(minilm.model(**kwargs), run.gm(**kwargs),
-                                        kwargs["attention_mask"])
+                                        kwargs["attention_mask"], label)
 
 
 def test_packed_model_runs_through_onnxruntime_and_reloads(minilm, tmp_path):
@@ -82,8 +81,9 @@ def test_packed_model_runs_through_onnxruntime_and_reloads(minilm, tmp_path):
         kwargs = _batch(minilm, lengths, seq)
         with torch.no_grad():
             ref = minilm.model(**kwargs)
-        _assert_same_at_real_tokens(ref, om(**kwargs), kwargs["attention_mask"])
-        _assert_same_at_real_tokens(ref, loaded(**kwargs), kwargs["attention_mask"])
+        _assert_same_at_real_tokens(ref, om(**kwargs), kwargs["attention_mask"], label)
+        _assert_same_at_real_tokens(ref, loaded(**kwargs), kwargs["attention_mask"],
+                                    f"{label}, loaded")
 
 
 class _ReadsPadding(torch.nn.Module):
