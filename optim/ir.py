@@ -165,6 +165,18 @@ def refresh_meta(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, fake: bool
                 if isinstance(t, torch.Tensor) else t, n.meta["val"])
 
 
+def trial_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of `gm`'s graph (and its meta) over the same weights: a pass rewrites the copy,
+    checks it, and keeps it (`gm.graph = copy.graph`) or drops it."""
+    import copy
+
+    out = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    out.graph._codegen = copy.deepcopy(gm.graph._codegen)
+    out.meta.update(gm.meta)
+    out.recompile()
+    return out
+
+
 def _reachable(node: torch.fx.Node, step) -> set:
     seen, todo = set(), [node]
     while todo:

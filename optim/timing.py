@@ -4,16 +4,14 @@ Every row says which it is and where it came from."""
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 
 import torch
-import torch.fx
 
 from hardware.estimate import report_section
 from hardware.opcost import Kernel, graph_kernels
 from optim.capture import Batch
-from optim.ir import refresh_meta
+from optim.ir import refresh_meta, trial_copy
 from optim.measure import measure
 from optim.report import LatencyRow
 from optim.targets import Target
@@ -35,7 +33,7 @@ def measure_here(model: torch.nn.Module, artifact: Callable, example: Batch, bac
 def kernels_at(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list[Kernel]:
     """The kernels `gm` launches at these inputs (one real run on a copy of its graph: shapes,
     packed token counts and trimmed attention lengths as they are for these inputs)."""
-    at = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))  # shares the weights
+    at = trial_copy(gm)  # shares the weights
     refresh_meta(at, args, kwargs)
     return graph_kernels(at)
 

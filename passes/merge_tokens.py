@@ -36,6 +36,7 @@ from optim.ir import (
     module_path,
     refresh_meta,
     shape,
+    trial_copy,
     upstream,
 )
 from optim.ops import merged_count
@@ -90,7 +91,7 @@ def merge_tokens(gm: torch.fx.GraphModule, cfg: MergeTokensConfig, ctx: PassCont
     modes = ["merge", "unmerge"] if cfg.mode == "auto" else [cfg.mode]
     failures = []
     for mode in modes:
-        trial = _copy(gm)
+        trial = trial_copy(gm)
         try:
             blocks = _apply(trial, cfg, mode, args, kwargs)
         except TokenAxisError as e:
@@ -118,16 +119,6 @@ def merge_tokens(gm: torch.fx.GraphModule, cfg: MergeTokensConfig, ctx: PassCont
 
 def _estimated_ms(gm: torch.fx.GraphModule, ctx: PassContext) -> float:
     return estimate(gm, ctx.target.spec, ctx.target.calibration).seconds * 1e3
-
-
-def _copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    import copy
-
-    g = copy.deepcopy(gm.graph)
-    out = torch.fx.GraphModule(gm, g)
-    out.graph._codegen = copy.deepcopy(gm.graph._codegen)
-    out.recompile()
-    return out
 
 
 def _unmergeable_attention(n: torch.fx.Node, masks: dict) -> str | None:

@@ -23,7 +23,6 @@ real tokens, fp32 max abs error <= 1e-4.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +30,14 @@ import torch.fx
 
 import optim.ops  # noqa: F401  (registers torch.ops.optim)
 from optim import numerics
-from optim.ir import flatten_inputs, module_path, refresh_meta, shape, value_inputs
+from optim.ir import (
+    flatten_inputs,
+    module_path,
+    refresh_meta,
+    shape,
+    trial_copy,
+    value_inputs,
+)
 from optim.pass_base import Exact, PassContext, register_pass
 
 aten = torch.ops.aten
@@ -73,7 +79,7 @@ def remove_padding(gm: torch.fx.GraphModule, cfg: RemovePaddingConfig, ctx: Pass
     if mask is None:
         ctx.skip("graph", why)
         return
-    trial = _copy(gm)
+    trial = trial_copy(gm)
     packer = _Packer(trial, trial.graph.find_nodes(op="placeholder", target=mask.target)[0])
     packed, unpacks = packer.run()
     trimmed = packer.trim_attention() if cfg.trim_attention else []
@@ -109,8 +115,7 @@ def _padding_mask(gm: torch.fx.GraphModule):
     if not attns:
         return None, "no fused attention (run fuse_attention first)"
     if any(n.args[5] for n in attns):
-        return None, "causal attention (a decoder): it pads on the left and caches keys; " \
-                     "generate() serves it"
+        return None, "causal attention (a decoder): it pads on the left and caches keys"
     sources = set()
     for n in attns:
         m = n.args[3]
@@ -312,15 +317,6 @@ class _Packer:
             filled = g.call_function(aten.index_put.default, (flat, [self.flat], rows))
             out = g.call_function(aten.view.default, (filled, [self.b_size, self.l_size, *rest]))
         return out
-
-
-def _copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    g = copy.deepcopy(gm.graph)
-    out = torch.fx.GraphModule(gm, g)
-    out.graph._codegen = copy.deepcopy(gm.graph._codegen)
-    out.meta.update(gm.meta)
-    out.recompile()
-    return out
 
 
 def _uneven_lengths(gm, mask: torch.fx.Node, args: tuple, kwargs: dict, longest: int):
