@@ -1,6 +1,11 @@
 """tvm backend: the rewritten graph → torch.export → Relax (optim's ops via `tvm_lowering`) →
 `tvm.compile` for this CPU (LLVM, the host's `-mcpu`), run in a Relax VirtualMachine.
 
+Dynamic axes stay symbolic (Relax shape variables): one executable runs every shape in the
+ranges of `gm.meta["shapes"]`. Matmul tiles are tuned at three shape buckets
+(`shape_buckets`), and a kernel whose buckets chose different tiles holds all of them behind
+one branch per call (`tvm_schedules.Dispatch`).
+
 Weights stay Relax parameters (bound at run time, not folded into the code); work that depends
 on weights only (transposes) is lifted into `main_transform_params` and done once at load.
 Kernels are scheduled by our CPU rules (`tvm_schedules`: register-tiled matmuls with fused
@@ -25,6 +30,7 @@ from backends.tvm_relax import TvmArtifact, to_relax
 from hardware.target import Target
 from optim.errors import BackendError
 from optim.kernels import host_target
+from optim.shapes import ShapeSpec
 
 # idle TVM worker threads must not spin: on a 2-core machine they would steal the cores from
 # whatever runs next (the same reason the ORT session disables spinning)
@@ -76,7 +82,49 @@ def load(directory: Path, manifest: dict, in_spec=None, out_spec=None) -> TvmCpu
     return TvmCpuArtifact.load_from(directory, manifest, in_spec, out_spec)
 
 
-@register_backend("tvm", options=TvmOptions, load=load)
+def _legalize_and_fuse(mod):
+    """Relax's "zero" pipeline (legalize, annotate, fold, fuse), with one fix for symbolic
+    shapes: TVM's pattern analysis calls a reshape with a symbolic size opaque (its index
+    arithmetic divides by a shape variable), so nothing would fuse across it and every
+    reshape would be a copy; a reshape is injective, and is marked so before fusion. (Not
+    where its shape holds a min/if_then_else from a slice: TVM's FuseTIR cannot type those.)"""
+    from tvm import relax, tirx
+    from tvm.relax import transform as rt
+
+    mod = rt.AnnotateTIROpPattern()(rt.LegalizeOps()(mod))
+    opaque, injective = 8, 2  # TVM's OpPatternKind values
+    for gv, func in list(mod.functions_items()):
+        if (isinstance(func, tirx.PrimFunc) and gv.name_hint.startswith("reshape")
+                and int(func.attrs["op_pattern"]) == opaque
+                and not any(word in func.script() for word in ("T.min", "if_then_else"))):
+            mod[gv] = func.with_attr("op_pattern", injective)
+    return relax.transform.FuseTIR()(rt.FuseOps()(rt.FoldConstant()(mod)))
+
+
+def shape_buckets(gm: torch.fx.GraphModule, mod) -> list[dict]:
+    """The shapes at which symbolic matmuls are tuned: every dynamic axis small (a quarter of
+    the traced size), at the traced size, and large (4x), within its range; each with the
+    values of the TIR shape variables that stand for the axes in `mod`."""
+    spec = gm.meta.get("shapes")
+    if not isinstance(spec, ShapeSpec) or not spec.dynamic:
+        return []
+    tensors = [i for i in spec.inputs if i.dtype != "-"]
+    names = {}  # TIR var name -> axis
+    for want, param in zip(tensors, mod["main"].params):
+        for axis, dim in zip(want.dims, param.ty.shape.values):
+            if isinstance(axis, str) and hasattr(dim, "name"):
+                names[dim.name] = axis
+    out = []
+    for scale in (0.25, 1, 4):
+        sizes = {a: min(hi, max(lo, round(spec.traced[a] * scale)))
+                 for a, (lo, hi) in spec.ranges.items()}
+        label = " x ".join(f"{a} {n}" for a, n in sizes.items())
+        if all(b["label"] != label for b in out):
+            out.append({"label": label, "vars": {v: sizes[a] for v, a in names.items()}})
+    return out
+
+
+@register_backend("tvm", options=TvmOptions, load=load, dynamic=True)
 def lower(gm: torch.fx.GraphModule, example: Batch, target: Target | None,
           options: TvmOptions, progress: Progress | None = None) -> TvmCpuArtifact:
     """Relax compiled for this CPU (our schedules, tuned tiles); GPU targets also get CUDA code.
@@ -102,10 +150,10 @@ def lower(gm: torch.fx.GraphModule, example: Batch, target: Target | None,
     with tgt:
         mod = relax.transform.FastMathTransform()(mod) if fast_math else mod
         mod = relax.transform.LiftTransformParams()(mod)
-        mod = relax.get_pipeline("zero")(mod)
+        mod = _legalize_and_fuse(mod)
         db = tvm_tuning.TuningDB(target)
         configs, tuning = tvm_tuning.tune(mod, tgt, db, measure=tune, budget_s=tune_budget_s,
-                                          progress=progress)
+                                          progress=progress, buckets=shape_buckets(gm, mod))
         mod = dl.ApplyDefaultSchedule(*tvm_schedules.default_rules(configs))(mod)
     tuning["unscheduled_kernels"] = tvm_schedules.unscheduled(mod)
     try:

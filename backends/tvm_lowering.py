@@ -7,6 +7,9 @@
 - `aten.gelu` ⇒ its erf (or tanh) formula in elementwise Relax ops, so that the fast-math pass
   can swap in vectorizable erf/tanh and the whole GELU fuses into the matmul before it (TVM's own
   gelu op legalizes to a scalar libm `erff` call per element).
+- `aten.slice` ⇒ TVM's, on a non-negative axis (decomposed `torch.diff` slices axis -1,
+  which TVM's slice rejects under symbolic shapes), with a length TVM cannot simplify
+  (`min(s, 512)` where s ≤ 512) restated as torch's symbol.
 - `aten.amax` ⇒ Relax `max` over the same axes; `aten.exp2` ⇒ exp(x·ln 2) (TVM's torch importer
   knows neither; linear attention's performer features use both).
 - `optim::linear_int8(x, w_q, w_scale, bias, in_scale, act_scale)` ⇒ x · in_scale (if given),
@@ -20,7 +23,8 @@ from __future__ import annotations
 import math
 
 import torch
-from tvm import relax
+import tvm
+from tvm import relax, tirx
 from tvm.relax import op as R
 
 
@@ -30,9 +34,53 @@ def _arg(importer, node, i):
 
 
 def _meta(node, i):
-    """Shape and dtype of argument i, from the FX node's fake-tensor metadata."""
+    """Shape and dtype of argument i, from the FX node's fake-tensor metadata (a symbolic size
+    stays a torch SymInt: use `_dims` where sizes may be symbolic)."""
     val = node.args[i].meta["val"]
-    return [int(d) for d in val.shape], val.dtype
+    return [d if isinstance(d, torch.SymInt) else int(d) for d in val.shape], val.dtype
+
+
+def _dims(x: relax.Expr) -> list:
+    """The Relax shape of `x`: ints and symbolic TIR expressions."""
+    return list(x.ty.shape.values)
+
+
+def convert_slice(node, importer) -> relax.Var:
+    """TVM's slice, with the result's shape restated where TVM cannot simplify it:
+    `position_ids[:, :seq]` of a 512-long buffer has length min(seq, 512), which TVM keeps as
+    `T.min(s, 512)` although s ≤ 512; the broadcasts after it then lose their shapes. torch
+    knows the length is `s` (its range bounds it): match-cast to torch's shape (checked at run
+    time)."""
+    if len(node.args) > 1 and isinstance(node.args[1], int) and node.args[1] < 0:
+        # the node belongs to the program `to_relax` exported for this import alone
+        node.args = (node.args[0], node.args[1] % node.args[0].meta["val"].dim(),
+                     *node.args[2:])
+    out = importer._slice(node)
+    sinfo = out.ty
+    if not isinstance(sinfo, relax.TensorType) or sinfo.shape is None:
+        return out
+    names = {v.name: v for d in _dims(importer.env[node.args[0]]) + _dims(out)
+             for v in _vars(d)}
+    want, changed = [], False
+    for got, size in zip(_dims(out), node.meta["val"].shape):
+        expr = size.node.expr if isinstance(size, torch.SymInt) else None
+        if expr is not None and expr.is_Symbol and str(expr) in names and \
+                not _same(got, names[str(expr)]):
+            want.append(names[str(expr)])
+            changed = True
+        else:
+            want.append(got)
+    if not changed:
+        return out
+    return importer.block_builder.emit(R.reshape(out, want))
+
+
+def _vars(d) -> list:
+    return tirx.analysis.undefined_vars(d) if tvm.ir.is_prim_expr(d) else []
+
+
+def _same(a, b) -> bool:
+    return tvm.ir.is_prim_expr(a) and a.same_as(b)
 
 
 def convert_attention(node, importer) -> relax.Var:
@@ -51,12 +99,12 @@ def convert_attention(node, importer) -> relax.Var:
             neg = relax.const(float("-inf"), "float32")
             mask = bb.emit(R.where(mask, relax.const(0.0, "float32"), neg))
         scores = bb.emit(R.add(scores, mask))
-    if causal:
-        lq, lk = qs[2], ks[2]
-        ones = R.ones((lq, lk), "float32")
-        keep = bb.emit(R.tril(ones, lk - lq))
-        additive = bb.emit(R.multiply(R.subtract(relax.const(1.0, "float32"), keep),
-                                      relax.const(-1e30, "float32")))
+    if causal:  # query i (of the last lq positions) sees keys up to its own position
+        lq, lk = _dims(q)[2], _dims(k)[2]
+        rows = R.expand_dims(R.arange(lk - lq, lk, dtype="int64"), 1)
+        cols = R.expand_dims(R.arange(0, lk, dtype="int64"), 0)
+        additive = bb.emit(R.where(R.less_equal(cols, rows), relax.const(0.0, "float32"),
+                                   relax.const(-1e30, "float32")))
         scores = bb.emit(R.add(scores, additive))
     probs = bb.emit(R.nn.softmax(scores, axis=-1))
     return bb.emit(R.matmul(probs, v))
@@ -65,8 +113,8 @@ def convert_attention(node, importer) -> relax.Var:
 def convert_linear_int8(node, importer) -> relax.Var:
     bb = importer.block_builder
     x, w_q, w_scale, bias = (_arg(importer, node, i) for i in range(4))
-    shape = _meta(node, 0)[0]
-    k, n = shape[-1], _meta(node, 1)[0][0]
+    shape = _dims(x)
+    k, n = int(shape[-1]), _meta(node, 1)[0][0]
     x2 = bb.emit(R.reshape(x, (-1, k)))
     if len(node.args) > 4 and node.args[4] is not None:
         x2 = bb.emit(R.multiply(x2, _arg(importer, node, 4)))
@@ -127,6 +175,7 @@ def convert_exp2(node, importer) -> relax.Var:
 
 
 CONVERT_MAP = {"amax.default": convert_amax,
+               "slice.Tensor": convert_slice,
                "exp2.default": convert_exp2,
                "attention.default": convert_attention,
                "linear_int8.default": convert_linear_int8,

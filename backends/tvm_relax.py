@@ -14,6 +14,7 @@ from torch.utils import _pytree as pytree
 from backends.base import Artifact
 from optim.errors import BackendError
 from optim.ir import require_lowerings
+from optim.shapes import ShapeSpec
 
 LIFTED = "main_transform_params"  # Relax's name for the function LiftTransformParams makes
 
@@ -121,11 +122,30 @@ def to_relax(gm: torch.fx.GraphModule, args: tuple, kwargs: dict):
     tensors = tuple(t for t in flat if isinstance(t, torch.Tensor))
     try:
         # TVM's importer takes tensor inputs only: bind the rest (flags like use_cache=False)
-        ep = torch.export.export(_TensorsOnly(gm, flat, in_spec), tensors, strict=False)
+        ep = torch.export.export(_TensorsOnly(gm, flat, in_spec), tensors, strict=False,
+                                 dynamic_shapes=_tensor_shapes(gm, flat))
         mod = from_exported_program(ep, keep_params_as_input=True, custom_convert_map=CONVERT_MAP)
     except Exception as e:
         raise BackendError(f"lowering to Relax failed: {type(e).__name__}: {str(e)[:400]}") from e
-    return relax.frontend.detach_params(mod)
+    mod, params = relax.frontend.detach_params(mod)
+    # the importer records each symbolic size's upper bound, and Relax's memory planning would
+    # then reserve every buffer at its largest shape up front (an LM head at batch 256 x 1024
+    # tokens: tens of GB); without the bound, buffers are sized by each call's shapes
+    main = mod["main"]
+    if main.attrs is not None and "tir_var_upper_bound" in main.attrs:
+        mod["main"] = main.without_attr("tir_var_upper_bound")
+    return mod, params
+
+
+def _tensor_shapes(gm: torch.fx.GraphModule, flat: list) -> tuple | None:
+    """export's dynamic_shapes for the tensor leaves of `flat`, from `gm.meta["shapes"]`."""
+    spec = gm.meta.get("shapes")
+    if not isinstance(spec, ShapeSpec) or not spec.dynamic:
+        return None
+    dims = {axis: torch.export.Dim(axis, min=lo, max=hi) for axis, (lo, hi) in spec.ranges.items()}
+    per_tensor = tuple({i: dims[d] for i, d in enumerate(want.dims) if isinstance(d, str)}
+                       for want, leaf in zip(spec.inputs, flat) if isinstance(leaf, torch.Tensor))
+    return (per_tensor,)  # one entry: forward's *tensors
 
 
 class _TensorsOnly(torch.nn.Module):

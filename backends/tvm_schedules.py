@@ -29,6 +29,7 @@ from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
 VECTOR_LANES = 8  # fp32 lanes in an AVX2 register
 PARALLEL_MIN_ELEMENTS = 1 << 14  # below this a parallel launch costs more than it saves
+SYMBOLIC = -1  # a MatmulShape extent that depends on the call's shape (dynamic batch or length)
 
 
 class ScheduleRuleMiss(Exception):
@@ -56,8 +57,8 @@ class MatmulShape:
     """What a schedule depends on: batch (product of the batch loops), M, N, K, the dtypes and
     whether the right operand has batch dimensions of its own (attention) or is a weight."""
 
-    batch: int
-    m: int
+    batch: int  # SYMBOLIC where it depends on the call's shape
+    m: int  # SYMBOLIC where it depends on the call's shape
     n: int
     k: int
     dtype: str
@@ -65,15 +66,20 @@ class MatmulShape:
 
     def key(self) -> str:
         rhs = "bb" if self.batched_rhs else "w"
-        return f"b{self.batch}-m{self.m}-n{self.n}-k{self.k}-{self.dtype}-{rhs}"
+        b, m, n, k = ("?" if v == SYMBOLIC else v for v in (self.batch, self.m, self.n, self.k))
+        return f"b{b}-m{m}-n{n}-k{k}-{self.dtype}-{rhs}"
+
+    @property
+    def symbolic(self) -> bool:
+        return SYMBOLIC in (self.batch, self.m, self.n, self.k)
 
 
 def default_config(shape: MatmulShape) -> MatmulConfig:
     """The untuned choice: a 4 x 16 tile (8 ymm accumulators, room for the operands), packing
     B's column panels when many row tiles reuse them or when they need padding (packing pads
     them for free; unpacked, every load would be bounds-checked)."""
-    nr = 16 if shape.n >= 16 else VECTOR_LANES
-    return MatmulConfig(mr=4, nr=nr, pack=shape.m >= 64 or shape.n % nr != 0)
+    nr = 16 if shape.n == SYMBOLIC or shape.n >= 16 else VECTOR_LANES
+    return MatmulConfig(mr=4, nr=nr, pack=shape.symbolic or shape.m >= 64 or shape.n % nr != 0)
 
 
 def candidates(shape: MatmulShape) -> list[MatmulConfig]:
@@ -81,8 +87,19 @@ def candidates(shape: MatmulShape) -> list[MatmulConfig]:
     without packing (only with, where N needs padding: unpacked, every load is checked)."""
     tiles = [(4, 16), (6, 16), (4, 24), (2, 32), (4, 8), (8, 8)]
     return [MatmulConfig(mr, nr, p) for mr, nr in tiles for p in (True, False)
-            if nr <= max(shape.n, VECTOR_LANES) and mr <= max(shape.m, 1)
+            if (shape.n == SYMBOLIC or nr <= max(shape.n, VECTOR_LANES))
+            and (shape.m == SYMBOLIC or mr <= max(shape.m, 1))
             and (p or shape.n % nr == 0)]
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """Tiles chosen per shape bucket for a matmul with a symbolic extent (dynamic batch or
+    length): `(most, config)` pairs by increasing work, where work is batch·M·N·K of the call;
+    a call runs the first config whose `most` bounds its work (the last has None: the rest).
+    The kernel holds every variant and branches once per call."""
+
+    choices: tuple[tuple[int | None, MatmulConfig], ...]
 
 
 def workload_key(func) -> str:
@@ -111,9 +128,43 @@ class Matmul(CPUScheduleRule):
         main, others, shape = found
         config = self.configs.get(workload_key(func)) or default_config(shape)
         try:
+            if isinstance(config, Dispatch):
+                return [_Scheduled(schedule_dispatch(func, config))]
             return schedule_matmul(sch, main, others, shape, config)
         except (ScheduleError, ScheduleRuleMiss):  # e.g. a reduction after the matmul
             return None
+
+
+class _Scheduled:
+    """A finished PrimFunc where dlight expects a Schedule (it reads `.mod["main"]`)."""
+
+    def __init__(self, func):
+        self.mod = {"main": func}
+
+
+def matmul_work(func):
+    """batch·M·N·K of the matmul in `func`, as a TIR expression of its shape variables."""
+    infos = normalize_prim_func(s_tir.Schedule(func))
+    main = next(b for b in infos if not b.is_injective())
+    work = tirx.IntImm("int64", 1)
+    for d in main.dom():  # in int64: an LM head's batch·M·N·K overflows int32
+        work = work * (d if isinstance(d, int) else d.astype("int64"))
+    return work
+
+
+def schedule_dispatch(func, dispatch: Dispatch):
+    """`func` scheduled once per config of `dispatch`, the variants joined by a branch on the
+    call's work (one test per call, none inside the loops)."""
+    variants = []
+    for most, config in dispatch.choices:
+        sch = s_tir.Schedule(func)
+        main, others, shape = find_matmul(sch)
+        variants.append((most, schedule_matmul(sch, main, others, shape, config).mod["main"]))
+    work = matmul_work(func)
+    body = variants[-1][1].body
+    for most, variant in reversed(variants[:-1]):
+        body = tirx.IfThenElse(work <= most, variant.body, body)
+    return variants[0][1].with_body(body)
 
 
 def find_matmul(sch: s_tir.Schedule):
@@ -135,15 +186,20 @@ def find_matmul(sch: s_tir.Schedule):
         return None
     if not isinstance(block.body.value, tirx.Add):  # c = c + a * b (possibly with casts)
         return None
-    dom = [int(d) for d in main.dom()]
+    dom = [_static(d) for d in main.dom()]
     lhs, rhs = (r.source for r in block.reads)
     batch = 1
     for d in dom[:-3]:
-        batch *= d
+        batch = batch * d if isinstance(batch, int) and isinstance(d, int) else SYMBOLIC
     shape = MatmulShape(batch=batch, m=dom[-3], n=dom[-2], k=dom[-1],
                         dtype=f"{lhs.dtype}x{rhs.dtype}->{block.writes[0].source.dtype}",
                         batched_rhs=len(rhs.shape) > 2)
     return main.block_rv, [b for b in infos if b is not main], shape
+
+
+def _static(d):
+    """An extent as an int, or SYMBOLIC when it depends on a shape variable."""
+    return int(d) if isinstance(d, (int, tirx.IntImm)) else SYMBOLIC
 
 
 def schedule_matmul(sch: s_tir.Schedule, main, others: list, shape: MatmulShape,
@@ -154,7 +210,9 @@ def schedule_matmul(sch: s_tir.Schedule, main, others: list, shape: MatmulShape,
     padding is folded into the weight-panel packing and the guarded write-back, so the inner
     loop never tests bounds."""
     mr, nr = config.mr, config.nr
-    pad = [mr if shape.m % mr else 1, nr if shape.n % nr else 1]
+    # a symbolic extent is padded to whole tiles too (it may not divide)
+    pad = [mr if shape.m == SYMBOLIC or shape.m % mr else 1,
+           nr if shape.n == SYMBOLIC or shape.n % nr else 1]
     if pad != [1, 1]:
         n_batch = len(sch.get_loops(main)) - 3
         sch.pad_einsum(main, [1] * n_batch + pad + [1])
@@ -166,18 +224,26 @@ def schedule_matmul(sch: s_tir.Schedule, main, others: list, shape: MatmulShape,
     # the block that copies the padded result out: epilogues fold into it, and it stays a block
     # of its own (folding it into the write-back would drop its bounds check)
     unpad = sch.get_consumers(write_back)[0] if pad != [1, 1] else None
-    keep = [sch.get(b) for b in (main, write_back, panel, unpad) if b is not None]
+    # a symbolic M padded to whole row tiles: the padded copy of A is its own pass, so that
+    # the inner loop loads rows without a bounds test
+    lhs_pad = _producer_of(sch, main, 0) if shape.m == SYMBOLIC and pad[0] != 1 else None
+    keep = [sch.get(b) for b in (main, write_back, panel, unpad, lhs_pad) if b is not None]
     rest = [b for b in sch.get_child_blocks(sch.get_sblock("root"))
             if not any(sch.get(b).same_as(k) for k in keep)]
     if not _inline_all(sch, rest):
         raise ScheduleRuleMiss("a block around the matmul cannot be fused into it")
+    if lhs_pad is not None:
+        rows, *cols = sch.get_loops(lhs_pad)
+        sch.parallel(rows)
+        if cols and _static(sch.get(cols[-1]).extent) % VECTOR_LANES == 0:
+            sch.vectorize(sch.split(cols[-1], [None, VECTOR_LANES])[1])
     loops = sch.get_loops(main)
     batch, (i, j, k) = loops[:-3], loops[-3:]
     io, ii = sch.split(i, [None, mr])
     jo, ji = sch.split(j, [None, nr])
     outer = (sch.fuse(*batch) if len(batch) > 1 else batch[0]) if batch else None
     sch.reorder(*([outer] if outer else []), jo, io, k, ii, ji)
-    if shape.batch * shape.m * shape.n >= PARALLEL_MIN_ELEMENTS:
+    if shape.symbolic or shape.batch * shape.m * shape.n >= PARALLEL_MIN_ELEMENTS:
         sch.parallel(outer if outer else jo)
     if panel is not None:  # one column panel of B, packed contiguous, serves every row tile
         sch.compute_at(panel, jo)
@@ -191,6 +257,15 @@ def schedule_matmul(sch: s_tir.Schedule, main, others: list, shape: MatmulShape,
     if unpad is not None:  # the tile's in-bounds part, right after the tile is written
         sch.reverse_compute_at(unpad, tile)
     return sch
+
+
+def _producer_of(sch: s_tir.Schedule, block, index: int):
+    """The block that writes `block`'s read `index` (None if it is a function input)."""
+    buf = sch.get(block).reads[index].source
+    for b in sch.get_producers(block):
+        if any(w.source.same_as(buf) for w in sch.get(b).writes):
+            return b
+    return None
 
 
 def _inline_all(sch: s_tir.Schedule, blocks: list) -> bool:
@@ -230,15 +305,30 @@ class Injective(CPUScheduleRule):
 
 
 def _flat_parallel_vectorized(sch: s_tir.Schedule, block, threads: int) -> bool:
-    """One block's loop nest fused into one loop, split into vectors and thread chunks; False
-    for a symbolic extent."""
+    """One block's loop nest fused into one loop, split into vectors and thread chunks. With a
+    symbolic extent (dynamic shapes) only the static inner loops are fused and vectorized, and
+    the outer loops, up to the last symbolic one, run in parallel: fusing a symbolic extent
+    would cost integer divisions by it on every element (the loops fused for threads have a
+    symbolic extent at most in their first one)."""
     loops = sch.get_loops(block)
-    extents = [sch.get(lp).extent for lp in loops]
-    if not loops or not all(isinstance(e, (int, tirx.IntImm)) for e in extents):
+    if not loops:
         return False
+    extents = [_static(sch.get(lp).extent) for lp in loops]
+    if SYMBOLIC in extents:
+        last = max(i for i, e in enumerate(extents) if e == SYMBOLIC)
+        outer, inner = loops[: max(last, 1)], loops[last + 1:]
+        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+        static_inner = 1
+        for e in extents[last + 1:]:
+            static_inner *= e
+        if inner and static_inner % VECTOR_LANES == 0:
+            fused = sch.fuse(*inner) if len(inner) > 1 else inner[0]
+            _, vec = sch.split(fused, [None, VECTOR_LANES])
+            sch.vectorize(vec)
+        return True
     total = 1
     for e in extents:
-        total *= int(e)
+        total *= e
     fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
     if total % VECTOR_LANES == 0:
         fused, vec = sch.split(fused, [None, VECTOR_LANES])
@@ -267,9 +357,12 @@ class RowReduction(CPUScheduleRule):
         lead = len(infos[-1].dom_kind())
         if not reductions or lead < 2:
             return None
+        symbolic = False  # a row length that depends on the call: rows in parallel, no rfactor
         for b in reductions:  # S..SR over the same rows as the output, last axis reduced
-            kinds, dom = b.dom_kind(), b.dom()
-            if kinds != "S" * (lead - 1) + "R" or int(dom[-1]) % VECTOR_LANES:
+            kinds, length = b.dom_kind(), _static(b.dom()[-1])
+            symbolic = symbolic or length == SYMBOLIC
+            if kinds != "S" * (lead - 1) + "R" or (length != SYMBOLIC and
+                                                   length % VECTOR_LANES):
                 return None
         try:
             for b in infos[:-1]:  # cheap elementwise steps (x - max) fold into their consumer
@@ -279,7 +372,7 @@ class RowReduction(CPUScheduleRule):
                     except ScheduleError:
                         pass
             partials = []
-            for b in reductions:
+            for b in [] if symbolic else reductions:
                 r = sch.get_loops(b.block_rv)[-1]
                 _, lanes = sch.split(r, [None, VECTOR_LANES])
                 partials.append(sch.rfactor(lanes, factor_axis=lead - 1))
@@ -308,8 +401,8 @@ class RowReduction(CPUScheduleRule):
 def _vectorize_inner(sch: s_tir.Schedule, block) -> None:
     """Vectorize the innermost loop of an elementwise block, split to the vector width."""
     inner = sch.get_loops(block)[-1]
-    extent = int(sch.get(inner).extent)
-    if extent % VECTOR_LANES == 0:
+    extent = _static(sch.get(inner).extent)
+    if extent != SYMBOLIC and extent % VECTOR_LANES == 0:
         if extent > VECTOR_LANES:
             _, inner = sch.split(inner, [None, VECTOR_LANES])
         sch.vectorize(inner)

@@ -99,41 +99,117 @@ def matmul_workloads(mod) -> dict:
 
 
 def tune(mod, target, db: TuningDB, measure: bool = True, budget_s: float | None = None,
-         progress: Callable[[str], None] | None = None) -> tuple[dict, dict]:
+         progress: Callable[[str], None] | None = None,
+         buckets: list[dict] | None = None) -> tuple[dict, dict]:
     """Choose a config for every matmul workload of `mod`: from `db` when recorded, else (if
     `measure`) by measuring the candidates while `budget_s` lasts, else the untuned default.
-    The budget is checked between workloads. Returns (workload key → MatmulConfig, summary)."""
+    The budget is checked between workloads. A workload with symbolic extents (a dynamic
+    batch or length) is measured at each of `buckets` ({"label", "vars": {TIR var name:
+    size}}) and gets a `Dispatch` when the buckets' best tiles differ. Returns (workload key →
+    MatmulConfig or Dispatch, summary)."""
     say = progress or (lambda msg: None)
     t0 = time.perf_counter()
     work = matmul_workloads(mod)
-    configs, hits, tuned, skipped = {}, 0, 0, 0
+    configs, hits, tuned, skipped, dispatched = {}, 0, 0, 0, 0
     for n, (key, (func, shape)) in enumerate(work.items(), 1):
-        cached = db.get(key)
-        if cached is not None:
-            configs[key], hits = cached, hits + 1
-            continue
-        if not measure or (budget_s is not None and time.perf_counter() - t0 > budget_s):
-            skipped += 1
-            continue
-        say(f"tuning matmul {n}/{len(work)}: {shape.key()}")
-        times = measure_candidates(func, shape, target)
-        best = configs[key] = min(times, key=times.get)
-        ms = {c.key(): round(t * 1e3, 4) for c, t in times.items()}
-        db.put(key, {"shape": shape.key(), "config": best.as_dict(), "ms": ms[best.key()],
-                     "default_ms": ms.get(ts.default_config(shape).key()), "candidates": ms})
-        tuned += 1
-    state = ("untuned" if hits + tuned == 0 else "tuned (cache hit)" if hits == len(work)
+        points = _bucket_points(func, buckets) if shape.symbolic else [(None, key, None)]
+        chosen = {}
+        for label, point_key, point in points:
+            cached = db.get(point_key)
+            if cached is not None:
+                chosen[label], hits = cached, hits + 1
+                continue
+            if not measure or (budget_s is not None and time.perf_counter() - t0 > budget_s):
+                skipped += 1
+                continue
+            at = f" at {label}" if label else ""
+            say(f"tuning matmul {n}/{len(work)}: {shape.key()}{at}")
+            times = measure_candidates(func, shape, target, point[1] if point else None)
+            best = chosen[label] = min(times, key=times.get)
+            ms = {c.key(): round(t * 1e3, 4) for c, t in times.items()}
+            db.put(point_key, {"shape": shape.key(), "bucket": label, "config": best.as_dict(),
+                               "ms": ms[best.key()],
+                               "default_ms": ms.get(ts.default_config(shape).key()),
+                               "candidates": ms})
+            tuned += 1
+        if shape.symbolic and len(chosen) == len(points):
+            configs[key] = _dispatch([(w, chosen[label]) for label, _, (w, _) in points])
+            dispatched += isinstance(configs[key], ts.Dispatch)
+        elif not shape.symbolic and None in chosen:
+            configs[key] = chosen[None]
+    total = sum(len(_bucket_points(f, buckets)) if sh.symbolic else 1
+                for f, sh in work.values())
+    state = ("untuned" if hits + tuned == 0 else "tuned (cache hit)" if hits == total
              else "partially tuned" if skipped else "tuned")
-    return configs, {"state": state, "workloads": len(work), "from_cache": hits,
-                     "tuned_now": tuned, "left_default": skipped, "database": str(db.path),
+    # counts are of points: a symbolic workload is measured once per bucket
+    return configs, {"state": state, "workloads": len(work), "points": total, "from_cache": hits,
+                     "tuned_now": tuned, "left_default": skipped,
+                     "buckets": [b["label"] for b in buckets or []],
+                     "dispatched_per_bucket": dispatched, "database": str(db.path),
                      "database_state": db.state,
                      "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def measure_candidates(func, shape: ts.MatmulShape, target) -> dict[ts.MatmulConfig, float]:
+def _bucket_points(func, buckets: list[dict] | None) -> list[tuple]:
+    """(label, database key, (work, var values)) of a symbolic workload at each bucket."""
+    out = []
+    for b in buckets or []:
+        values = _var_values(func, b["vars"])
+        ana = _bound(values)
+        size = int(ana.simplify(ts.matmul_work(func)))
+        out.append((b["label"], f"{ts.workload_key(func)}@{size}", (size, values)))
+    return out
+
+
+def _bound(values: dict):
+    """An analyzer that knows the shape variables' values (as int64: a Python int would be
+    bound as int32 and a product of sizes could overflow)."""
+    from tvm import tirx
+    from tvm.sym.analyzer import Analyzer
+
+    ana = Analyzer()
+    for var, size in values.items():
+        ana.bind(var, tirx.IntImm("int64", size))
+    return ana
+
+
+def _var_values(func, sizes: dict) -> dict:
+    """The shape variables of `func`'s parameters bound to `sizes` (by variable name)."""
+    from tvm import tirx
+
+    found = {}
+    for p in func.params:
+        dims = list(p.shape) if _is_buffer(p) else [p]
+        for d in dims:
+            for v in tirx.analysis.undefined_vars(d) if not isinstance(d, int) else []:
+                if v.name in sizes:
+                    found[v] = sizes[v.name]
+    return found
+
+
+def _dispatch(points: list[tuple[int, ts.MatmulConfig]]):
+    """One config when every bucket chose it; else a Dispatch switching at the geometric
+    middle between neighbouring buckets' work."""
+    points = sorted(points, key=lambda p: p[0])
+    if len({c for _, c in points}) == 1:
+        return points[0][1]
+    choices = []
+    for (w, c), nxt in zip(points, points[1:] + [None]):
+        most = None if nxt is None else int((w * nxt[0]) ** 0.5)
+        if choices and choices[-1][1] == c:
+            choices[-1] = (most, c)
+        else:
+            choices.append((most, c))
+    return ts.Dispatch(tuple(choices))
+
+
+def measure_candidates(func, shape: ts.MatmulShape, target,
+                       values: dict | None = None) -> dict[ts.MatmulConfig, float]:
     """Median seconds of each candidate schedule of `func` on random inputs, timed in
     interleaved rounds; candidates far behind after the first rounds are dropped (their median
-    is over the rounds they ran). The default config is always among them."""
+    is over the rounds they ran). The default config is always among them. `values` binds
+    the shape variables of a symbolic workload (the kernel stays symbolic; the inputs have
+    those sizes)."""
     import tvm
     from tvm import s_tir
 
@@ -153,7 +229,7 @@ def measure_candidates(func, shape: ts.MatmulShape, target) -> dict[ts.MatmulCon
     # one module for all candidates: one LLVM compile instead of one per candidate
     lib = tvm.compile(tvm.IRModule({n: f for n, f in scheduled.values()}), target=target)
     built = {cfg: lib[name] for cfg, (name, _) in scheduled.items()}
-    args = _random_args(func)
+    args = _random_args(func, values or {})
     times: dict[ts.MatmulConfig, list[float]] = {k: [] for k in built}
     for fn in built.values():
         fn(*args)  # warm-up: first-call page faults and thread-pool start
@@ -169,13 +245,17 @@ def measure_candidates(func, shape: ts.MatmulShape, target) -> dict[ts.MatmulCon
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
-def _random_args(func) -> list:
+def _random_args(func, values: dict) -> list:
     import tvm
 
+    ana = _bound(values)
     rng = np.random.default_rng(0)
     args = []
     for p in func.params:
-        shape, dtype = [int(s) for s in p.shape], str(p.dtype)
+        if not _is_buffer(p):  # a shape variable passed on its own
+            args.append(int(ana.simplify(p)))
+            continue
+        shape, dtype = [int(ana.simplify(s)) for s in p.shape], str(p.dtype)
         if dtype == "bool":
             a = rng.random(shape) > 0.1
         elif dtype.startswith(("int", "uint")):
@@ -184,3 +264,8 @@ def _random_args(func) -> list:
             a = rng.standard_normal(shape).astype(dtype)
         args.append(tvm.runtime.tensor(np.asarray(a), tvm.cpu()))
     return args
+
+
+def _is_buffer(param) -> bool:
+    """A tensor parameter (0-d included), not a shape variable passed as a scalar."""
+    return getattr(param, "shape", None) is not None

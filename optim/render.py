@@ -58,6 +58,9 @@ def summary_rows(d: dict) -> list[tuple[str, str]]:
         tuned = (f", {tuning['workloads']} matmul workloads: {tuning['from_cache']} from cache, "
                  f"{tuning['tuned_now']} tuned now in {tuning['seconds']} s"
                  if tuning.get("workloads") else "")
+        if tuning.get("buckets"):  # dynamic shapes: tiles chosen per shape bucket
+            tuned += (f"; shape buckets {', '.join(tuning['buckets'])} "
+                      f"({tuning.get('dispatched_per_bucket', 0)} kernels switch tile by bucket)")
         rows.append(("compiled", f"{be.get('runtime', be['name'])}, {be['schedule']}{tuned}; "
                                  f"compile {be.get('compile_seconds', '-')} s"))
     for label, row in lat.items():

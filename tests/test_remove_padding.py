@@ -1,8 +1,14 @@
 """remove_padding end to end on the real MiniLM: the packed graph equals the padded one at real
 tokens (within 1e-4, fp32) on batches with very uneven lengths, one-token rows and rows at the
-model's maximum length, on the torch graph and through ONNX Runtime (also after loading); the
+model's maximum length, on the torch graph and through ONNX Runtime (also after loading, in
+this process and a fresh one); the
 cost model charges the real tokens. The pass on small graphs: tests/passes/."""
 
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
 import pytest
 import torch
 
@@ -83,6 +89,23 @@ def test_packed_model_runs_through_onnxruntime_and_reloads(minilm, tmp_path):
         _assert_same_at_real_tokens(ref, om(**kwargs), kwargs["attention_mask"], label)
         _assert_same_at_real_tokens(ref, loaded(**kwargs), kwargs["attention_mask"],
                                     f"{label}, loaded")
+    # and in a fresh process, which has only the saved files (the custom ops register on import)
+    kwargs = _batch(minilm, *BATCHES["uneven"])
+    for name, t in kwargs.items():
+        np.save(tmp_path / f"{name}.npy", t.numpy())
+    script = textwrap.dedent(f"""
+        import numpy as np, torch, optim
+        om = optim.load({str(tmp_path / "m")!r})
+        kw = {{n: torch.from_numpy(np.load({str(tmp_path)!r} + f"/{{n}}.npy"))
+              for n in ("input_ids", "attention_mask")}}
+        np.save({str(tmp_path / "out.npy")!r}, om(**kw).last_hidden_state.numpy())
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True)
+    with torch.no_grad():
+        ref = minilm.model(**kwargs).last_hidden_state
+    got = torch.from_numpy(np.load(tmp_path / "out.npy"))
+    _assert_same_at_real_tokens({"last_hidden_state": ref}, {"last_hidden_state": got},
+                                kwargs["attention_mask"], "uneven, loaded in a fresh process")
 
 
 def _estimate_ms(kernels, target: str) -> float:

@@ -130,3 +130,83 @@ def test_candidates_fit_the_register_file():
         accumulators = c.mr * c.nr // ts.VECTOR_LANES
         assert accumulators + c.nr // ts.VECTOR_LANES + 1 <= 16  # AVX2: 16 ymm registers
     assert ts.default_config(shape) in ts.candidates(shape)
+
+
+# dynamic shapes: kernels whose batch or length is a TIR variable, run at several sizes
+
+def _run_symbolic(func, target, args, out_shape):
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
+    out = tvm.runtime.tensor(np.zeros(out_shape, str(func.params[-1].dtype)))
+    lib(*[tvm.runtime.tensor(a) for a in args], out)
+    return out.numpy()
+
+
+def _check_symbolic(func, scheduled, target, args, out_shape):
+    want = _run_symbolic(func, target, args, out_shape)
+    np.testing.assert_allclose(_run_symbolic(scheduled, target, args, out_shape), want,
+                               rtol=1e-4, atol=1e-4)
+
+
+def _symbolic_dense():
+    m = tirx.Var("m", "int64")
+
+    def body(bb, x, w, b):
+        return bb.emit(R.add(R.matmul(x, w), b))
+
+    func, target = _kernel(body, {"x": ((m, 48), "float32"), "w": ((48, 40), "float32"),
+                                  "b": ((40,), "float32")})
+    return func, target
+
+
+def _dense_args(m: int):
+    rng = np.random.default_rng(m)
+    return [rng.standard_normal(s).astype("float32") for s in ((m, 48), (48, 40), (40,))]
+
+
+def test_symbolic_rows_matmul_matches_at_every_size():
+    func, target = _symbolic_dense()
+    shape = ts.find_matmul(tvm.s_tir.Schedule(func))[2]
+    assert shape.m == ts.SYMBOLIC and shape.symbolic and shape.key().startswith("b1-m?-n40")
+    scheduled = ts.Matmul().apply(func, target, False).mod["main"]
+    for m in (1, 5, 64, 203):  # below one row tile, ragged, whole tiles, ragged and large
+        _check_symbolic(func, scheduled, target, _dense_args(m), (m, 40))
+
+
+def test_dispatch_runs_each_buckets_tile_and_matches():
+    func, target = _symbolic_dense()
+    small, large = ts.MatmulConfig(2, 8, True), ts.MatmulConfig(6, 16, True)
+    most = 16 * 40 * 48  # work of 16 rows
+    dispatch = ts.Dispatch(((most, small), (None, large)))
+    key = ts.workload_key(func)
+    scheduled = ts.Matmul({key: dispatch}).apply(func, target, False)[0].mod["main"]
+    text = scheduled.script()
+    assert text.count("T.unroll(T.int64(2))") and text.count("T.unroll(T.int64(6))"), \
+        "both tiles are in the kernel"
+    for m in (3, 16, 17, 200):  # both sides of the switch
+        _check_symbolic(func, scheduled, target, _dense_args(m), (m, 40))
+
+
+def test_symbolic_attention_scores_softmax_and_transpose_match():
+    s = tirx.Var("s", "int64")
+    rng = np.random.default_rng(5)
+
+    def scores(bb, q, kt):
+        return bb.emit(R.multiply(R.matmul(q, kt), relax.const(0.125, "float32")))
+
+    func, target = _kernel(scores, {"q": ((2, 3, s, 8), "float32"),
+                                    "kt": ((2, 3, 8, s), "float32")})
+    scheduled = ts.Matmul().apply(func, target, False).mod["main"]
+    softmax, _ = _kernel(lambda bb, x: bb.emit(R.nn.softmax(x, axis=-1)),
+                         {"x": ((2, 3, s, s), "float32")})
+    rows = ts.RowReduction().apply(softmax, target, False).mod["main"]
+    move, _ = _kernel(lambda bb, x: bb.emit(R.permute_dims(x, [0, 2, 1, 3])),
+                      {"x": ((2, s, 3, 8), "float32")})
+    moved = ts.Injective().apply(move, target, False).mod["main"]
+    for n in (1, 9, 40):
+        q, kt = (rng.standard_normal(sh).astype("float32") for sh in ((2, 3, n, 8),
+                                                                      (2, 3, 8, n)))
+        _check_symbolic(func, scheduled, target, [q, kt], (2, 3, n, n))
+        x = rng.standard_normal((2, 3, n, n)).astype("float32")
+        _check_symbolic(softmax, rows, target, [x], (2, 3, n, n))
+        x = rng.standard_normal((2, n, 3, 8)).astype("float32")
+        _check_symbolic(move, moved, target, [x], (2, 3, n, 8))
