@@ -16,7 +16,6 @@ matmul tiles come from the tuning database (`tvm_tuning`) when it has them. The 
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +31,7 @@ from optim.errors import BackendError
 from optim.kernels import host_target
 from optim.shapes import ShapeSpec
 
-# idle TVM worker threads must not spin: on a 2-core machine they would steal the cores from
-# whatever runs next (the same reason the ORT session disables spinning)
-os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
-# TVM's pool assumes 2-way hyper-threading and starts cores/2 workers unless told otherwise: on
-# this 2-core machine that is one thread, half the machine
-os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+# TVM's thread pool (every core, no spinning) is set up by `optim.kernels` on import
 
 
 

@@ -28,6 +28,14 @@ import torch
 
 from optim.errors import ConfigError
 
+# TVM's thread pool, set before TVM starts it (the torch backend's int8 and binary kernels and
+# the tvm backend share it). TVM assumes 2-way hyper-threading and starts cores/2 workers
+# unless told otherwise: on this 2-core machine one thread, half the machine (the per-token
+# quantization ran 1.9x slower). Idle workers must not spin: they would steal the cores from
+# torch's GEMMs that run next (the same reason the ORT session disables spinning).
+os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+
 WORD = 64
 LANES = 16  # fp32 lanes per vector step (one AVX-512 register, two AVX2 registers)
 
@@ -291,11 +299,11 @@ def _quantize_kernel(k: int):
                 top[0] = T.max(top[0], T.fabs(x[i, j] * mult[j]))
             amax[i] = top[0]
             for c0 in range(body // LANES):
-                for lane in T.vectorized(LANES):
-                    q[i, c0 * LANES + lane] = T.Cast("uint8", T.min(T.max(T.floor(
-                        x[i, c0 * LANES + lane] * mult[c0 * LANES + lane]
-                        * (T.float32(127) / top[0]) + T.float32(128.5)),
-                        T.float32(1)), T.float32(255)))
+                for lane in T.vectorized(LANES):  # via int32: float→u8 would not vectorize
+                    q[i, c0 * LANES + lane] = T.Cast("uint8", T.Cast("int32", T.min(T.max(
+                        T.floor(x[i, c0 * LANES + lane] * mult[c0 * LANES + lane]
+                                * (T.float32(127) / top[0]) + T.float32(128.5)),
+                        T.float32(1)), T.float32(255))))
             for j in range(body, k):
                 q[i, j] = T.Cast("uint8", T.min(T.max(T.floor(
                     x[i, j] * mult[j] * (T.float32(127) / top[0]) + T.float32(128.5)),
