@@ -49,8 +49,8 @@ def convert_slice(node, importer) -> relax.Var:
     """TVM's slice, with the result's shape restated where TVM cannot simplify it:
     `position_ids[:, :seq]` of a 512-long buffer has length min(seq, 512), which TVM keeps as
     `T.min(s, 512)` although s ≤ 512; the broadcasts after it then lose their shapes. torch
-    knows the length is `s` (its range bounds it): match-cast to torch's shape (checked at run
-    time)."""
+    knows the length is `s` (its range bounds it): the result is reshaped to torch's shape
+    (a Relax `match_cast` here made TVM's FuseTIR crash)."""
     if len(node.args) > 1 and isinstance(node.args[1], int) and node.args[1] < 0:
         # the node belongs to the program `to_relax` exported for this import alone
         node.args = (node.args[0], node.args[1] % node.args[0].meta["val"].dim(),

@@ -110,9 +110,10 @@ def tune(mod, target, db: TuningDB, measure: bool = True, budget_s: float | None
     say = progress or (lambda msg: None)
     t0 = time.perf_counter()
     work = matmul_workloads(mod)
-    configs, hits, tuned, skipped, dispatched = {}, 0, 0, 0, 0
+    configs, hits, tuned, skipped, dispatched, total = {}, 0, 0, 0, 0, 0
     for n, (key, (func, shape)) in enumerate(work.items(), 1):
         points = _bucket_points(func, buckets) if shape.symbolic else [(None, key, None)]
+        total += len(points)
         chosen = {}
         for label, point_key, point in points:
             cached = db.get(point_key)
@@ -137,8 +138,6 @@ def tune(mod, target, db: TuningDB, measure: bool = True, budget_s: float | None
             dispatched += isinstance(configs[key], ts.Dispatch)
         elif not shape.symbolic and None in chosen:
             configs[key] = chosen[None]
-    total = sum(len(_bucket_points(f, buckets)) if sh.symbolic else 1
-                for f, sh in work.values())
     state = ("untuned" if hits + tuned == 0 else "tuned (cache hit)" if hits == total
              else "partially tuned" if skipped else "tuned")
     # counts are of points: a symbolic workload is measured once per bucket
