@@ -38,6 +38,7 @@ os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 
 WORD = 64
 LANES = 16  # fp32 lanes per vector step (one AVX-512 register, two AVX2 registers)
+ROW_CHUNK = 32  # rows per parallel task in row-wise kernels (their scratch is per task)
 
 
 def host_target() -> dict:
@@ -269,7 +270,10 @@ def int8_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 @lru_cache(maxsize=64)
 def _quantize_kernel(k: int):
-    """Rows of any count (symbolic M) of width K: uint8 codes with zero point 128 and |x|max."""
+    """Rows of any count (symbolic M) of width K: uint8 codes with zero point 128 and |x|max.
+    Rows run in parallel chunks of ROW_CHUNK: the per-row scratch (lane maxima, the row's
+    max) is allocated once per chunk, not per row (TVM allocates it from its workspace pool,
+    and four pool calls per row cost more than the row's arithmetic)."""
     import tvm
     from tvm.script import tirx as T
 
@@ -283,31 +287,34 @@ def _quantize_kernel(k: int):
         mult = T.match_buffer(b, (k,), "float32")
         q = T.match_buffer(c, (m, k), "uint8")
         amax = T.match_buffer(d, (m,), "float32")
-        for i in T.parallel(m):
+        for chunk in T.parallel((m + ROW_CHUNK - 1) // ROW_CHUNK):
             acc = T.decl_buffer((LANES,), "float32", scope="local")
             top = T.decl_buffer((1,), "float32", scope="local")
-            for lane in T.vectorized(LANES):
-                acc[lane] = T.float32(0)
-            for c0 in range(body // LANES):
+            for r in range(T.min(ROW_CHUNK, m - chunk * ROW_CHUNK)):
+                i = chunk * ROW_CHUNK + r
                 for lane in T.vectorized(LANES):
-                    acc[lane] = T.max(acc[lane], T.fabs(x[i, c0 * LANES + lane]
-                                                        * mult[c0 * LANES + lane]))
-            top[0] = T.float32(1e-8)
-            for lane in range(LANES):
-                top[0] = T.max(top[0], acc[lane])
-            for j in range(body, k):
-                top[0] = T.max(top[0], T.fabs(x[i, j] * mult[j]))
-            amax[i] = top[0]
-            for c0 in range(body // LANES):
-                for lane in T.vectorized(LANES):  # via int32: float→u8 would not vectorize
-                    q[i, c0 * LANES + lane] = T.Cast("uint8", T.Cast("int32", T.min(T.max(
-                        T.floor(x[i, c0 * LANES + lane] * mult[c0 * LANES + lane]
-                                * (T.float32(127) / top[0]) + T.float32(128.5)),
-                        T.float32(1)), T.float32(255))))
-            for j in range(body, k):
-                q[i, j] = T.Cast("uint8", T.min(T.max(T.floor(
-                    x[i, j] * mult[j] * (T.float32(127) / top[0]) + T.float32(128.5)),
-                    T.float32(1)), T.float32(255)))
+                    acc[lane] = T.float32(0)
+                for c0 in range(body // LANES):
+                    for lane in T.vectorized(LANES):
+                        acc[lane] = T.max(acc[lane], T.fabs(x[i, c0 * LANES + lane]
+                                                            * mult[c0 * LANES + lane]))
+                top[0] = T.float32(1e-8)
+                for lane in range(LANES):
+                    top[0] = T.max(top[0], acc[lane])
+                for j in range(body, k):
+                    top[0] = T.max(top[0], T.fabs(x[i, j] * mult[j]))
+                amax[i] = top[0]
+                top[0] = T.float32(127) / top[0]  # from here on: codes per unit of x
+                for c0 in range(body // LANES):
+                    for lane in T.vectorized(LANES):  # via int32: float→u8 would not vectorize
+                        q[i, c0 * LANES + lane] = T.Cast("uint8", T.Cast("int32", T.min(T.max(
+                            T.floor(x[i, c0 * LANES + lane] * mult[c0 * LANES + lane]
+                                    * top[0] + T.float32(128.5)),
+                            T.float32(1)), T.float32(255))))
+                for j in range(body, k):
+                    q[i, j] = T.Cast("uint8", T.min(T.max(T.floor(
+                        x[i, j] * mult[j] * top[0] + T.float32(128.5)),
+                        T.float32(1)), T.float32(255)))
 
     return tvm.compile(tvm.IRModule({"quantize": quantize}), target=_target())
 

@@ -133,7 +133,9 @@ def linear_int8(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
     q, s = quantize_rows(x2, in_scale)
     acc = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, _packed(w_q), w_scale, zp, None,
                                              1.0, 0, torch.float32, "none", [], "")
-    y = torch.addcmul(bias, acc, s) if bias is not None else acc.mul_(s)
+    # written over oneDNN's fresh output: 1.2x faster than a new tensor at 800 x 1536, and the
+    # same rounding as addcmul's (mul_ then add_ rounds twice and moved near-tie neighbours)
+    y = acc.mul_(s) if bias is None else torch.addcmul(bias, acc, s, out=acc)
     return y.reshape(*lead, w_q.shape[0]).to(x.dtype)
 
 
