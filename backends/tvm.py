@@ -16,6 +16,7 @@ matmul tiles come from the tuning database (`tvm_tuning`) when it has them. The 
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,7 +99,8 @@ def _legalize_and_fuse(mod):
 def shape_buckets(gm: torch.fx.GraphModule, mod) -> list[dict]:
     """The shapes at which symbolic matmuls are tuned: every dynamic axis small (a quarter of
     the traced size), at the traced size, and large (4x), within its range; each with the
-    values of the TIR shape variables that stand for the axes in `mod`."""
+    values of the TIR shape variables that stand for the axes in `mod`, and `tokens` (the
+    product of the sizes) for data-dependent counts such as remove_padding's real tokens."""
     spec = gm.meta.get("shapes")
     if not isinstance(spec, ShapeSpec) or not spec.dynamic:
         return []
@@ -114,7 +116,8 @@ def shape_buckets(gm: torch.fx.GraphModule, mod) -> list[dict]:
                  for a, (lo, hi) in spec.ranges.items()}
         label = " x ".join(f"{a} {n}" for a, n in sizes.items())
         if all(b["label"] != label for b in out):
-            out.append({"label": label, "vars": {v: sizes[a] for v, a in names.items()}})
+            out.append({"label": label, "vars": {v: sizes[a] for v, a in names.items()},
+                        "tokens": math.prod(sizes.values())})
     return out
 
 

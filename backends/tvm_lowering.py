@@ -7,6 +7,9 @@
 - `aten.gelu` ⇒ its erf (or tanh) formula in elementwise Relax ops, so that the fast-math pass
   can swap in vectorizable erf/tanh and the whole GELU fuses into the matmul before it (TVM's own
   gelu op legalizes to a scalar libm `erff` call per element).
+- `optim::attention_trimmed` ⇒ the same attention at full length (the trim saves work only);
+  `aten.nonzero` ⇒ Relax's, its count bound to a new shape variable; `aten.index_put` with one
+  index over the leading axis ⇒ a row scatter (remove_padding's packed graphs).
 - `aten.slice` ⇒ TVM's, on a non-negative axis (decomposed `torch.diff` slices axis -1,
   which TVM's slice rejects under symbolic shapes), with a length TVM cannot simplify
   (`min(s, 512)` where s ≤ 512) restated as torch's symbol.
@@ -83,10 +86,11 @@ def _same(a, b) -> bool:
     return tvm.ir.is_prim_expr(a) and a.same_as(b)
 
 
-def convert_attention(node, importer) -> relax.Var:
+def convert_attention(node, importer, causal: bool | None = None) -> relax.Var:
     bb = importer.block_builder
     q, k, v, mask = (_arg(importer, node, i) for i in range(4))
-    scale, causal = node.args[4], node.args[5]
+    scale = node.args[4]
+    causal = node.args[5] if causal is None else causal
     (qs, _), (ks, _) = _meta(node, 0), _meta(node, 1)
     heads, kv_heads = qs[1], ks[1]
     if kv_heads != heads:  # grouped-query attention: each kv head serves heads/kv_heads queries
@@ -108,6 +112,14 @@ def convert_attention(node, importer) -> relax.Var:
         scores = bb.emit(R.add(scores, additive))
     probs = bb.emit(R.nn.softmax(scores, axis=-1))
     return bb.emit(R.matmul(probs, v))
+
+
+def convert_attention_trimmed(node, importer) -> relax.Var:
+    """`optim::attention_trimmed` as full-length masked attention: positions past the batch's
+    longest sequence are padding in every row, and the graph reads attention's output at real
+    tokens only (remove_padding gathers them), so trimming changes no value that is read; it
+    only saves work, which TVM's static kernel sizes cannot take."""
+    return convert_attention(node, importer, causal=False)
 
 
 def convert_linear_int8(node, importer) -> relax.Var:
@@ -160,6 +172,34 @@ def convert_cumsum(node, importer) -> relax.Var:
     return bb.emit(R.cumsum(x, axis=node.args[1], dtype=out))
 
 
+def convert_nonzero(node, importer) -> relax.Var:
+    """`torch.nonzero(x)` ([count, ndim] int64): Relax's nonzero ([ndim, count], run by TVM's
+    runtime), its count bound to a new shape variable so later shapes stay known, transposed."""
+    bb = importer.block_builder
+    x = _arg(importer, node, 0)
+    ndim = len(node.args[0].meta["val"].shape)
+    count = tirx.Var(f"{node.name}_count", "int64")
+    found = bb.match_cast(bb.emit(R.nonzero(x)), relax.TensorType([ndim, count], "int64"))
+    return bb.emit(R.permute_dims(found, [1, 0]))
+
+
+def convert_index_put(node, importer) -> relax.Var:
+    """`x.index_put([rows], values)` with one index tensor over the leading axis of a tensor of
+    more axes (remove_padding's scatter back to the padded layout) as a scatter of whole rows;
+    TVM's importer wants one index per axis. Other forms: TVM's own conversion."""
+    indices = node.args[1]
+    x = _arg(importer, node, 0)
+    accumulate = len(node.args) > 3 and node.args[3]
+    if len(indices) != 1 or len(_dims(x)) < 2 or accumulate:
+        return importer._index_put(node)
+    bb = importer.block_builder
+    rows, values = importer.env[indices[0]], _arg(importer, node, 2)
+    width = _dims(values)[1:]
+    index = R.reshape(rows, [_dims(rows)[0]] + [1] * len(width))
+    index = bb.emit(R.broadcast_to(index, [_dims(rows)[0], *width]))
+    return bb.emit(R.scatter_elements(x, index, values, axis=0))
+
+
 def convert_amax(node, importer) -> relax.Var:
     x = _arg(importer, node, 0)
     dims = _arg(importer, node, 1)
@@ -175,9 +215,12 @@ def convert_exp2(node, importer) -> relax.Var:
 
 
 CONVERT_MAP = {"amax.default": convert_amax,
+               "nonzero.default": convert_nonzero,
+               "index_put.default": convert_index_put,
                "slice.Tensor": convert_slice,
                "exp2.default": convert_exp2,
                "attention.default": convert_attention,
+               "attention_trimmed.default": convert_attention_trimmed,
                "linear_int8.default": convert_linear_int8,
                "cumsum.default": convert_cumsum,
                "gelu.default": convert_gelu}

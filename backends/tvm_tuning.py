@@ -153,7 +153,7 @@ def _bucket_points(func, buckets: list[dict] | None) -> list[tuple]:
     """(label, database key, (work, var values)) of a symbolic workload at each bucket."""
     out = []
     for b in buckets or []:
-        values = _var_values(func, b["vars"])
+        values = _var_values(func, b["vars"], b.get("tokens"))
         ana = _bound(values)
         size = int(ana.simplify(ts.matmul_work(func)))
         out.append((b["label"], f"{ts.workload_key(func)}@{size}", (size, values)))
@@ -172,8 +172,9 @@ def _bound(values: dict):
     return ana
 
 
-def _var_values(func, sizes: dict) -> dict:
-    """The shape variables of `func`'s parameters bound to `sizes` (by variable name)."""
+def _var_values(func, sizes: dict, other: int | None = None) -> dict:
+    """The shape variables of `func`'s parameters bound to `sizes` (by variable name); a
+    variable not there (a data-dependent count: remove_padding's real tokens) to `other`."""
     from tvm import tirx
 
     found = {}
@@ -181,8 +182,8 @@ def _var_values(func, sizes: dict) -> dict:
         dims = list(p.shape) if _is_buffer(p) else [p]
         for d in dims:
             for v in tirx.analysis.undefined_vars(d) if not isinstance(d, int) else []:
-                if v.name in sizes:
-                    found[v] = sizes[v.name]
+                if v.name in sizes or other is not None:
+                    found[v] = sizes.get(v.name, other)
     return found
 
 

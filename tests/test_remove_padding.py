@@ -1,7 +1,7 @@
 """remove_padding end to end on the real MiniLM: the packed graph equals the padded one at real
 tokens (within 1e-4, fp32) on batches with very uneven lengths, one-token rows and rows at the
-model's maximum length, on the torch graph and through ONNX Runtime (also after loading, in
-this process and a fresh one); the
+model's maximum length, on the torch graph and through ONNX Runtime and TVM (also after
+loading, in this process and a fresh one); the
 cost model charges the real tokens. The pass on small graphs: tests/passes/."""
 
 import subprocess
@@ -75,10 +75,11 @@ def test_packed_graph_equals_padded_graph_at_real_tokens(minilm, graphs):
                                         kwargs["attention_mask"], label)
 
 
-def test_packed_model_runs_through_onnxruntime_and_reloads(minilm, tmp_path):
+@pytest.mark.parametrize("backend", ["onnxruntime", "tvm"])
+def test_packed_model_runs_through_a_backend_and_reloads(minilm, tmp_path, backend):
     om = optim.optimize(minilm.model, "cpu", example_kwargs=minilm.example_kwargs,
                         pipeline="cleanup,fuse_attention,remove_padding",
-                        backend="onnxruntime", measure_latency=False)
+                        backend=backend, measure_latency=False)
     assert om.report["model"]["shapes"]["ranges"] == {"batch": [1, 1024], "seq": [1, 512]}
     om.save(tmp_path / "m")
     loaded = optim.load(tmp_path / "m")
