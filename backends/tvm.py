@@ -99,8 +99,9 @@ def _legalize_and_fuse(mod):
 def shape_buckets(gm: torch.fx.GraphModule, mod) -> list[dict]:
     """The shapes at which symbolic matmuls are tuned: every dynamic axis small (a quarter of
     the traced size), at the traced size, and large (4x), within its range; each with the
-    values of the TIR shape variables that stand for the axes in `mod`, and `tokens` (the
-    product of the sizes) for data-dependent counts such as remove_padding's real tokens."""
+    values of the TIR shape variables that stand for the axes in `mod`, the axes' sizes (for
+    data-dependent sizes named after an axis) and `tokens` (the product of the sizes, for
+    data-dependent counts such as remove_padding's real tokens)."""
     spec = gm.meta.get("shapes")
     if not isinstance(spec, ShapeSpec) or not spec.dynamic:
         return []
@@ -117,7 +118,7 @@ def shape_buckets(gm: torch.fx.GraphModule, mod) -> list[dict]:
         label = " x ".join(f"{a} {n}" for a, n in sizes.items())
         if all(b["label"] != label for b in out):
             out.append({"label": label, "vars": {v: sizes[a] for v, a in names.items()},
-                        "tokens": math.prod(sizes.values())})
+                        "axes": sizes, "tokens": math.prod(sizes.values())})
     return out
 
 

@@ -7,9 +7,10 @@
 - `aten.gelu` ⇒ its erf (or tanh) formula in elementwise Relax ops, so that the fast-math pass
   can swap in vectorizable erf/tanh and the whole GELU fuses into the matmul before it (TVM's own
   gelu op legalizes to a scalar libm `erff` call per element).
-- `optim::attention_trimmed` ⇒ the same attention at full length (the trim saves work only);
-  `aten.nonzero` ⇒ Relax's, its count bound to a new shape variable; `aten.index_put` with one
-  index over the leading axis ⇒ a row scatter (remove_padding's packed graphs).
+- `optim::attention_trimmed` ⇒ the inputs sliced to the longest sequence (a shape variable
+  taken from the positions' max), attention, zeros padded back; `aten.nonzero` ⇒ Relax's,
+  its count bound to a new shape variable; `aten.index_put` with one index over the leading
+  axis ⇒ a row scatter (remove_padding's packed graphs).
 - `aten.slice` ⇒ TVM's, on a non-negative axis (decomposed `torch.diff` slices axis -1,
   which TVM's slice rejects under symbolic shapes), with a length TVM cannot simplify
   (`min(s, 512)` where s ≤ 512) restated as torch's symbol.
@@ -86,20 +87,22 @@ def _same(a, b) -> bool:
     return tvm.ir.is_prim_expr(a) and a.same_as(b)
 
 
-def convert_attention(node, importer, causal: bool | None = None) -> relax.Var:
-    bb = importer.block_builder
+def convert_attention(node, importer) -> relax.Var:
     q, k, v, mask = (_arg(importer, node, i) for i in range(4))
-    scale = node.args[4]
-    causal = node.args[5] if causal is None else causal
-    (qs, _), (ks, _) = _meta(node, 0), _meta(node, 1)
-    heads, kv_heads = qs[1], ks[1]
+    return _attend(importer.block_builder, q, k, v, mask, _meta(node, 3)[1] == torch.bool
+                   if mask is not None else False, node.args[4], node.args[5])
+
+
+def _attend(bb, q, k, v, mask, bool_mask: bool, scale: float, causal: bool) -> relax.Var:
+    """softmax(q·kᵀ·scale + mask)·v on [B, H, L, D] Relax tensors (kv heads repeated for GQA)."""
+    heads, kv_heads = int(_dims(q)[1]), int(_dims(k)[1])
     if kv_heads != heads:  # grouped-query attention: each kv head serves heads/kv_heads queries
         k = bb.emit(R.repeat(k, heads // kv_heads, axis=1))
         v = bb.emit(R.repeat(v, heads // kv_heads, axis=1))
     scores = bb.emit(R.matmul(q, R.permute_dims(k, [0, 1, 3, 2])))
     scores = bb.emit(R.multiply(scores, relax.const(float(scale), "float32")))
     if mask is not None:
-        if _meta(node, 3)[1] == torch.bool:
+        if bool_mask:
             neg = relax.const(float("-inf"), "float32")
             mask = bb.emit(R.where(mask, relax.const(0.0, "float32"), neg))
         scores = bb.emit(R.add(scores, mask))
@@ -115,11 +118,31 @@ def convert_attention(node, importer, causal: bool | None = None) -> relax.Var:
 
 
 def convert_attention_trimmed(node, importer) -> relax.Var:
-    """`optim::attention_trimmed` as full-length masked attention: positions past the batch's
-    longest sequence are padding in every row, and the graph reads attention's output at real
-    tokens only (remove_padding gathers them), so trimming changes no value that is read; it
-    only saves work, which TVM's static kernel sizes cannot take."""
-    return convert_attention(node, importer, causal=False)
+    """`optim::attention_trimmed`: attention over the first n = max(positions) + 1 positions,
+    zeros after. n is data: it becomes a shape variable (the positions' max as a Relax shape,
+    match-cast), the inputs are sliced to it and the output is padded back with zeros."""
+    bb = importer.block_builder
+    q, k, v, mask = (_arg(importer, node, i) for i in range(4))
+    positions = _arg(importer, node, 5)
+    n = tirx.Var(f"seq_{node.name}", "int64")  # named for its axis: tuned at the seq buckets
+    longest = bb.emit(R.reshape(R.add(R.max(positions), relax.const(1, "int64")), [1]))
+    bb.match_cast(bb.emit(R.tensor_to_shape(longest)), relax.ShapeType([n]))
+
+    def first_n(x, axis):  # restated as n: TVM types the slice as min(n, L), which fusion
+        want = _dims(x)     # cannot handle (n ≤ L: it is a position plus one)
+        want[axis] = n
+        return bb.emit(R.reshape(R.strided_slice(x, axes=[axis], begin=[0], end=[n]), want))
+
+    q, k, v = (first_n(x, 2) for x in (q, k, v))
+    if mask is not None:
+        for axis in (2, 3):
+            if not (isinstance(_dims(mask)[axis], tirx.IntImm) and int(_dims(mask)[axis]) == 1):
+                mask = first_n(mask, axis)
+    out = _attend(bb, q, k, v, mask, mask is not None and _meta(node, 3)[1] == torch.bool,
+                  node.args[4], False)
+    b, h, length, d = _dims(_arg(importer, node, 0))
+    rest = bb.emit(R.zeros([b, h, length - n, _dims(v)[3]], "float32"))
+    return bb.emit(R.concat([out, rest], axis=2))
 
 
 def convert_linear_int8(node, importer) -> relax.Var:
@@ -178,7 +201,7 @@ def convert_nonzero(node, importer) -> relax.Var:
     bb = importer.block_builder
     x = _arg(importer, node, 0)
     ndim = len(node.args[0].meta["val"].shape)
-    count = tirx.Var(f"{node.name}_count", "int64")
+    count = tirx.Var(f"tokens_{node.name}", "int64")
     found = bb.match_cast(bb.emit(R.nonzero(x)), relax.TensorType([ndim, count], "int64"))
     return bb.emit(R.permute_dims(found, [1, 0]))
 

@@ -153,7 +153,7 @@ def _bucket_points(func, buckets: list[dict] | None) -> list[tuple]:
     """(label, database key, (work, var values)) of a symbolic workload at each bucket."""
     out = []
     for b in buckets or []:
-        values = _var_values(func, b["vars"], b.get("tokens"))
+        values = _var_values(func, b)
         ana = _bound(values)
         size = int(ana.simplify(ts.matmul_work(func)))
         out.append((b["label"], f"{ts.workload_key(func)}@{size}", (size, values)))
@@ -172,9 +172,10 @@ def _bound(values: dict):
     return ana
 
 
-def _var_values(func, sizes: dict, other: int | None = None) -> dict:
-    """The shape variables of `func`'s parameters bound to `sizes` (by variable name); a
-    variable not there (a data-dependent count: remove_padding's real tokens) to `other`."""
+def _var_values(func, bucket: dict) -> dict:
+    """The shape variables of `func`'s parameters at `bucket`: by name from its "vars"; a
+    data-dependent size named after an axis ("seq_…": remove_padding's trimmed length) at that
+    axis's size; any other (a count of real tokens) at its "tokens"."""
     from tvm import tirx
 
     found = {}
@@ -182,8 +183,11 @@ def _var_values(func, sizes: dict, other: int | None = None) -> dict:
         dims = list(p.shape) if _is_buffer(p) else [p]
         for d in dims:
             for v in tirx.analysis.undefined_vars(d) if not isinstance(d, int) else []:
-                if v.name in sizes or other is not None:
-                    found[v] = sizes.get(v.name, other)
+                axis = v.name.split("_")[0]
+                size = bucket["vars"].get(v.name, bucket.get("axes", {}).get(axis,
+                                                                              bucket.get("tokens")))
+                if size is not None:
+                    found[v] = size
     return found
 
 
