@@ -6,7 +6,7 @@ put back in the mode it was in."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -84,6 +84,7 @@ def capture_model(model: torch.nn.Module, inputs: Inputs, say=lambda msg: None) 
             flops = _count_flops(model, args, kwargs)
         captured, spec = _capture(model, inputs, say)
         with torch.no_grad():
+            spec = _positions_cap(model, spec, inputs, say)
             probes = [(label, batch, model(*batch[0], **batch[1]))
                       for label, batch in shapes.probes(spec, inputs.example)]
     finally:
@@ -110,6 +111,30 @@ def _capture(model: torch.nn.Module, inputs: Inputs, say) -> tuple[Captured, Sha
         return capture(model, args, kwargs), spec.all_static(
             f"torch.export could not trace it with dynamic shapes ({first})")
     return captured, shapes.accepted(spec, captured.program)
+
+
+def _positions_cap(model: torch.nn.Module, spec: ShapeSpec, inputs: Inputs, say) -> ShapeSpec:
+    """The default `seq` range cut to what the model's position table holds. torch.export bounds
+    it where positions slice a buffer (BERT: 512), not where they are computed (RoBERTa counts
+    them from the mask, and 8192 tokens would read past its 514-row table). The model is run
+    at one row of `max_position_embeddings` tokens, then one and two fewer (RoBERTa's first
+    two rows are its padding offset), and the longest that runs is the new bound."""
+    most = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if (inputs.dynamic_asked or "seq" not in spec.ranges or not isinstance(most, int)
+            or most >= spec.ranges["seq"][1] or most < spec.traced["seq"]):
+        return spec
+    lo, _ = spec.ranges["seq"]
+    for length in (most, most - 1, most - 2):
+        batch = shapes.resize(spec, shapes.resize(spec, inputs.example, "seq", length),
+                              "batch", 1) if "batch" in spec.ranges else \
+            shapes.resize(spec, inputs.example, "seq", length)
+        try:
+            model(*batch[0], **batch[1])
+        except (IndexError, RuntimeError):
+            continue
+        say(f"seq range cut to {length}: the model's position table")
+        return replace(spec, ranges={**spec.ranges, "seq": (lo, length)})
+    return spec
 
 
 def token_mask(kwargs: dict) -> torch.Tensor | None:

@@ -212,3 +212,26 @@ def test_bad_ranges_are_named(dynamic, message):
     ids = torch.ones(2, 8, dtype=torch.long)
     with pytest.raises(optim.ConfigError, match=message):
         shapes.infer((ids,), {}, dynamic)
+
+
+def test_seq_range_stops_at_the_position_table_export_does_not_bound():
+    """RoBERTa counts positions from the mask (export sees no bound) and offsets them by its
+    padding index: 512 table rows hold 510 tokens. Beyond, the model would read past the table
+    (an IndexError in torch, garbage from a compiled backend), so the range stops there."""
+    from transformers import RobertaConfig, RobertaModel
+
+    torch.manual_seed(0)
+    model = RobertaModel(RobertaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
+                                       num_attention_heads=2, vocab_size=200)).eval()
+    example = {"input_ids": torch.randint(3, 200, (2, 12)),
+               "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    om = optim.optimize(model, "cpu", example_kwargs=example, pipeline="cleanup",
+                        backend="torch", measure_latency=False)
+    assert om.report["model"]["shapes"]["ranges"]["seq"] == [1, 510]
+    tokens = {"input_ids": torch.randint(3, 200, (1, 510)),
+              "attention_mask": torch.ones(1, 510, dtype=torch.long)}
+    torch.testing.assert_close(om(**tokens).last_hidden_state,
+                               model(**tokens).last_hidden_state, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ShapeError, match="seq 1..510"):
+        om(input_ids=torch.ones(1, 511, dtype=torch.long),
+           attention_mask=torch.ones(1, 511, dtype=torch.long))
