@@ -35,6 +35,21 @@ def _tokens(batch: int, seq: int) -> dict:
             "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
 
 
+def _timed(cands: dict, ref, inputs: dict, label: str, baseline: str) -> list[dict]:
+    """One interleaved run of `cands`; a row each, with its ratio to `baseline` and its max
+    error against `ref` at real tokens. (The JSON key `vs_tvm_static` is that ratio.)"""
+    lat = measure(cands, min_runs=10, budget_s=30)
+    base = lat[baseline]["median_ms"]
+    rows = []
+    for name, m in lat.items():
+        err = compare(ref, cands[name](), inputs["attention_mask"])["max_abs_error"]
+        rows.append({"shape": label, "runtime": name, "median_ms": m["median_ms"],
+                     "p10_ms": m["p10_ms"], "p90_ms": m["p90_ms"],
+                     "vs_tvm_static": m["median_ms"] / base, "max_abs_error_vs_torch": err,
+                     "baseline": baseline})
+    return rows
+
+
 def main() -> None:
     import optim
 
@@ -71,14 +86,8 @@ def main() -> None:
                  "tvm static (built for this shape)": lambda: static[shape](**inputs),
                  "tvm dynamic (one build, buckets)": lambda: dynamic(**inputs)}
         console.print(f"timing {shape[0]} x {shape[1]} (interleaved)…")
-        lat = measure(cands, min_runs=10, budget_s=30)
-        base = lat["tvm static (built for this shape)"]["median_ms"]
-        for name, m in lat.items():
-            err = compare(ref, cands[name](), inputs["attention_mask"])["max_abs_error"]
-            rows.append({"shape": f"{shape[0]} x {shape[1]}", "runtime": name,
-                         "median_ms": m["median_ms"], "p10_ms": m["p10_ms"],
-                         "p90_ms": m["p90_ms"], "vs_tvm_static": m["median_ms"] / base,
-                         "max_abs_error_vs_torch": err})
+        rows += _timed(cands, ref, inputs, f"{shape[0]} x {shape[1]}",
+                       "tvm static (built for this shape)")
     from optim.zoo.data import sentences
 
     inputs = dict(z.tokenizer(sentences(8, seed=3), padding="max_length", max_length=128,
@@ -90,14 +99,7 @@ def main() -> None:
     cands = {"tvm dynamic, padded": lambda: dynamic(**inputs),
              "tvm dynamic + remove_padding": lambda: packed(**inputs)}
     console.print(f"timing 8 real sentences padded to 128 ({real} real tokens)…")
-    lat = measure(cands, min_runs=10, budget_s=30)
-    base = lat["tvm dynamic, padded"]["median_ms"]
-    for name, m in lat.items():
-        err = compare(ref, cands[name](), inputs["attention_mask"])["max_abs_error"]
-        rows.append({"shape": f"8 x 128 padded ({real} real)", "runtime": name,
-                     "median_ms": m["median_ms"], "p10_ms": m["p10_ms"], "p90_ms": m["p90_ms"],
-                     "vs_tvm_static": m["median_ms"] / base, "max_abs_error_vs_torch": err,
-                     "baseline": "tvm dynamic, padded"})
+    rows += _timed(cands, ref, inputs, f"8 x 128 padded ({real} real)", "tvm dynamic, padded")
     t = Table(title=f"MiniLM fp32, {torch.get_num_threads()} threads, {machine()['cpu']}; "
                     f"dynamic build's buckets: {', '.join(tuning['buckets'])}")
     # ratio column: against the static build (or, for the padded rows, the padded model)
