@@ -4,6 +4,9 @@
   a mask that does not already span [Lq, Lk] is expanded first (ORT's kernel checks the shape).
 - optim::attention_trimmed  ⇒  Slice q, k, v and the mask to the first max(positions) + 1
   positions, `Attention` there, Pad with zeros back to the full length.
+- optim::attention_decode  ⇒  MatMul against the cache (Transpose folded by ORT), Where for the
+  cache mask, the same for the new tokens (causal within them), one Softmax, two MatMuls: the
+  cache is never concatenated or copied.
 - optim::linear_int4  ⇒  `com.microsoft.MatMulNBits` (bits 4, the packed weight as it is).
 - optim::linear_int8  ⇒  per-token quantization (Abs, ReduceMax, QuantizeLinear along the token
   axis to uint8, zero point 128), `com.microsoft.MatMulIntegerToFloat` (u8 × s8 GEMM, int32
@@ -117,8 +120,35 @@ def linear_int4(x, w_packed, scales, bias, block: int):
     return _MatMulNBits(x, w_packed, flat, None, None, bias, K=k, N=n, bits=4, block_size=block)
 
 
+def attention_decode(q, k, v, k_cache, v_cache, cache_mask, scale: float):
+    """New tokens over the cache and each other: two MatMuls against the cache (its Transpose
+    folds into ORT's FusedMatMul, so the cache is not copied), one Softmax over both blocks."""
+    b, h, t = op.Shape(q, start=0, end=1), op.Shape(q, start=1, end=2), op.Shape(q, start=2,
+                                                                              end=3)
+    hkv, n = op.Shape(k, start=1, end=2), op.Shape(k_cache, start=2, end=3)
+    group = op.Div(h, hkv)
+    qg = op.Reshape(q, op.Concat(b, hkv, op.Constant(value_ints=[-1]),
+                                 op.Shape(q, start=3, end=4), axis=0))
+    scale_c = op.Constant(value_float=scale)
+    zero, ninf = op.Constant(value_float=0.0), op.Constant(value_float=float("-inf"))
+    past = op.Mul(op.MatMul(qg, op.Transpose(k_cache, perm=[0, 1, 3, 2])), scale_c)
+    past = op.Add(past, op.Where(op.Unsqueeze(cache_mask, op.Constant(value_ints=[1, 2])),
+                                 zero, ninf))
+    new = op.Mul(op.MatMul(qg, op.Transpose(k, perm=[0, 1, 3, 2])), scale_c)
+    causal = op.Trilu(op.ConstantOfShape(op.Concat(t, t, axis=0),
+                                         value=ir.tensor(np.array([1], dtype=np.int64))))
+    causal = op.Tile(op.Cast(causal, to=onnx.TensorProto.BOOL),
+                     op.Concat(group, op.Constant(value_ints=[1]), axis=0))
+    p = op.Softmax(op.Concat(past, op.Add(new, op.Where(causal, zero, ninf)), axis=-1), axis=-1)
+    three, big = op.Constant(value_ints=[3]), op.Constant(value_ints=[2 ** 62])
+    out = op.Add(op.MatMul(op.Slice(p, op.Constant(value_ints=[0]), n, three), v_cache),
+                 op.MatMul(op.Slice(p, n, big, three), v))
+    return op.Reshape(out, op.Concat(b, h, t, op.Shape(v, start=3, end=4), axis=0))
+
+
 def translation_table() -> dict:
     return {torch.ops.optim.attention.default: attention,
             torch.ops.optim.attention_trimmed.default: attention_trimmed,
+            torch.ops.optim.attention_decode.default: attention_decode,
             torch.ops.optim.linear_int8.default: linear_int8,
             torch.ops.optim.linear_int4.default: linear_int4}

@@ -21,6 +21,7 @@ import importlib
 
 _PUBLIC = {
     "optimize": "optim.api", "load": "optim.api", "OptimizedModel": "optim.model",
+    "OptimizedDecoder": "optim.decoder",
     "compare_targets": "optim.compare", "Pipeline": "optim.pipeline", "Report": "optim.report",
     "numerics": "optim.numerics", "encode": "optim.embeddings", "ShapeError": "optim.shapes",
     "OptimError": "optim.errors", "CaptureError": "optim.errors", "ConfigError": "optim.errors",

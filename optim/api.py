@@ -21,19 +21,21 @@ import torch
 
 from hardware.capability import estimate_advice, pass_advice
 from hardware.estimate import DEFAULT_PRECISION
-from optim import timing, verify
+from optim import saving, timing, verify
 from optim.capture import Batch, Inputs, describe_inputs, weight_bytes
 from optim.config import load_pipeline_file, shipped_pipeline_passes
+from optim.decoder import OptimizedDecoder, is_causal_lm, optimize_decoder
 from optim.errors import ConfigError, NumericsError
 from optim.ir import op_histogram
 from optim.lower import lower, resolve_backend
-from optim.model import OptimizedModel, load
+from optim.model import OptimizedModel
+from optim.model import load as load_model
 from optim.pipeline import Pipeline
 from optim.report import ModelFacts, Report, ReportData
 from optim.targets import Target, resolve_target
 from optim.transform import capture_and_run
 
-__all__ = ["optimize", "OptimizedModel", "load", "resolve_pipeline"]
+__all__ = ["optimize", "OptimizedModel", "OptimizedDecoder", "load", "resolve_pipeline"]
 
 
 def optimize(model: torch.nn.Module, target: str | Target = "cpu", example_inputs: Any = None,
@@ -44,7 +46,8 @@ def optimize(model: torch.nn.Module, target: str | Target = "cpu", example_input
              fidelity_budget: dict | None = None, measure_latency: bool | None = None,
              estimate_targets: list[str] | None = None, name: str | None = None,
              dynamic: Any = None, progress: Callable[[str], None] | None = None,
-             **pass_options: dict) -> OptimizedModel:
+             generation: bool | None = None, max_length: int | None = None,
+             **pass_options: dict) -> OptimizedModel | OptimizedDecoder:
     """Optimize `model` for `target` and return a callable `OptimizedModel` with a report.
 
     Args:
@@ -69,10 +72,26 @@ def optimize(model: torch.nn.Module, target: str | Target = "cpu", example_input
             shape (`optim.shapes`); `{"batch": (1, 64), "seq": (1, 512)}` sets the ranges (and
             makes failing to keep them an error), `{"seq": None}` keeps an axis static,
             False keeps every shape static.
+        generation: a causal LM (a `transformers` model that generates) is optimized for
+            generation by default: `example_inputs` is a prompt, and the result is an
+            `OptimizedDecoder` with `generate()` (`optim.decoder`). False traces one forward
+            instead (as does `use_cache=False` in `example_kwargs`).
+        max_length: generation: the longest prompt + new tokens (default: the model's
+            position table).
         **pass_options: per-pass option overrides, e.g. `quantize={"skip": ["classifier"]}`.
     """
     say = progress or (lambda msg: None)
     tgt = resolve_target(target)
+    if generation or generation is None and is_causal_lm(model, example_kwargs):
+        if eval_data or calibration or task_fidelity or fidelity_budget or dynamic is not None:
+            raise ConfigError("eval_data, calibration, task_fidelity, fidelity_budget and "
+                              "dynamic are not taken for generation yet; the prompt is the "
+                              "example (pass generation=False to trace one forward)")
+        return optimize_decoder(model, tgt, resolve_pipeline(pipeline, tgt.default_pipeline,
+                                                             pass_options),
+                                example_inputs, example_kwargs, backend, backend_options,
+                                max_length=max_length, measure_latency=measure_latency,
+                                estimate_targets=estimate_targets, name=name, say=say)
     chosen, options = resolve_backend(backend, tgt, backend_options)
     pipe = resolve_pipeline(pipeline, tgt.default_pipeline, pass_options)
     inputs = Inputs.from_user(example_inputs, example_kwargs, eval_data, calibration,
@@ -104,6 +123,15 @@ def optimize(model: torch.nn.Module, target: str | Target = "cpu", example_input
         raise NumericsError("fidelity budget not met: " + "; ".join(warnings))
     return OptimizedModel(artifact, report, passes.gm, inputs.example, passes.stages, options,
                           original.shapes)
+
+
+def load(directory: str | Path) -> OptimizedModel | OptimizedDecoder:
+    """Load what `save` wrote (in this or a fresh process): an `OptimizedModel`, or an
+    `OptimizedDecoder` for a causal LM."""
+    found = saving.manifest(Path(directory))
+    if found.get("kind") == "decoder":
+        return OptimizedDecoder.load(Path(directory), found)
+    return load_model(directory)
 
 
 def resolve_pipeline(pipeline: Any, target_default: str, overrides: dict) -> Pipeline:

@@ -120,6 +120,7 @@ class ReportData:
     estimates: list[dict]  # one `hardware.estimate.report_section` per target
     advice: list[str]
     warnings: list[str]
+    generation: dict | None = None  # causal LMs: cache, greedy agreement, tokens/s, memory
     created: str = field(default_factory=lambda: datetime.datetime.now(
         datetime.UTC).isoformat(timespec="seconds"))
 
@@ -129,7 +130,8 @@ class ReportData:
                 "pipeline": self.pipeline, "passes": [p.to_dict() for p in self.passes],
                 "graph": self.graph, "fidelity": self.fidelity,
                 "latency": [r.to_dict() for r in self.latency], "speedup": self.speedup,
-                "estimates": self.estimates, "advice": self.advice, "warnings": self.warnings}
+                "estimates": self.estimates, "advice": self.advice, "warnings": self.warnings,
+                **({"generation": self.generation} if self.generation is not None else {})}
 
 
 def _version() -> str:

@@ -32,29 +32,32 @@ FORMAT = "optim.saved/1"
 
 
 def save(om, directory: Path) -> Path:
-    directory = Path(directory)
+    return _write_atomically(Path(directory), lambda tmp: _write_model(om, tmp, om.report))
+
+
+def save_parts(parts: dict, meta: dict, report: Report, directory: Path) -> Path:
+    """Several models that work together (a decoder's prefill and decode step), each in its own
+    subdirectory, under one manifest (`meta` plus the part names) and one report."""
+    def fill(tmp: Path) -> None:
+        for name, om in parts.items():
+            (tmp / name).mkdir()
+            _write_model(om, tmp / name, None)
+        report.save(tmp / "report.json")
+        (tmp / "manifest.json").write_text(json.dumps(
+            {"format": FORMAT, **meta, "parts": list(parts)}, indent=2))
+
+    return _write_atomically(Path(directory), fill)
+
+
+def _write_atomically(directory: Path, fill) -> Path:
+    """`fill(tmp)` writes into a temporary sibling, which then replaces `directory`."""
     if (directory.exists() and any(directory.iterdir())
             and not (directory / "manifest.json").exists()):
         raise OptimError(f"{directory} exists and is not an optim save; choose an empty directory")
-    info = getattr(om.graph._graph._codegen, "pytree_info", None) if om.graph is not None else None
-    manifest = {"format": FORMAT, "backend": om.backend,
-                "in_spec": treespec_dumps(info.in_spec) if info else None,
-                "out_spec": treespec_dumps(info.out_spec) if info else None,
-                "shapes": om.shapes.to_dict() if om.shapes is not None else None}
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".optim-save-", dir=directory.parent))
     try:
-        manifest.update(om.artifact.save(tmp))
-        if om.report.pass_details("dynamic_width").get("plan") and om.graph is not None:
-            args, kwargs = om.example  # nested widths are built from the graph
-            torch.export.save(export_program(om.graph, args, kwargs),
-                              tmp / "graph.pt2")  # with its example inputs and dynamic axes
-            manifest["graph"] = "graph.pt2"
-            # the width plan names FX nodes; export renames them, so keep the names in order
-            manifest["graph_nodes"] = [[n.name, str(n.target)] for n in om.graph.graph.nodes
-                                       if n.op == "call_function"]
-        om.report.save(tmp / "report.json")
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        fill(tmp)
         if directory.exists():
             shutil.rmtree(directory)
         tmp.rename(directory)
@@ -62,6 +65,26 @@ def save(om, directory: Path) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return directory
+
+
+def _write_model(om, tmp: Path, report: Report | None) -> None:
+    info = getattr(om.graph._graph._codegen, "pytree_info", None) if om.graph is not None else None
+    manifest = {"format": FORMAT, "backend": om.backend,
+                "in_spec": treespec_dumps(info.in_spec) if info else None,
+                "out_spec": treespec_dumps(info.out_spec) if info else None,
+                "shapes": om.shapes.to_dict() if om.shapes is not None else None}
+    manifest.update(om.artifact.save(tmp))
+    if om.report.pass_details("dynamic_width").get("plan") and om.graph is not None:
+        args, kwargs = om.example  # nested widths are built from the graph
+        torch.export.save(export_program(om.graph, args, kwargs),
+                          tmp / "graph.pt2")  # with its example inputs and dynamic axes
+        manifest["graph"] = "graph.pt2"
+        # the width plan names FX nodes; export renames them, so keep the names in order
+        manifest["graph_nodes"] = [[n.name, str(n.target)] for n in om.graph.graph.nodes
+                                   if n.op == "call_function"]
+    if report is not None:
+        report.save(tmp / "report.json")
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 
 @dataclass
@@ -74,17 +97,39 @@ class Saved:
     shapes: ShapeSpec | None = None
 
 
-def load(directory: Path) -> Saved:
+def manifest(directory: Path) -> dict:
+    """The manifest of a save, checked for format."""
     directory = Path(directory)
     try:
-        manifest = json.loads((directory / "manifest.json").read_text())
+        found = json.loads((directory / "manifest.json").read_text())
     except FileNotFoundError:
         raise OptimError(f"{directory} has no manifest.json; it was not written by "
                          f"OptimizedModel.save") from None
-    if manifest.get("format") != FORMAT:
-        raise OptimError(f"{directory}: unknown save format {manifest.get('format')!r} "
+    if found.get("format") != FORMAT:
+        raise OptimError(f"{directory}: unknown save format {found.get('format')!r} "
                          f"(this optim reads {FORMAT!r})")
-    report = Report.load(directory / "report.json")
+    return found
+
+
+def load(directory: Path) -> Saved:
+    directory = Path(directory)
+    return _load_model(directory, manifest(directory), Report.load(directory / "report.json"))
+
+
+def load_parts(directory: Path, found: dict) -> tuple[dict[str, Saved], Report]:
+    """The parts `save_parts` wrote, and their report."""
+    report = Report.load(Path(directory) / "report.json")
+    parts = {}
+    for name in found.get("parts", []):
+        if not isinstance(name, str) or not name.isidentifier():
+            raise OptimError(f"{directory}: the manifest names a part {name!r}; the save is "
+                             f"damaged")
+        sub = Path(directory) / name
+        parts[name] = _load_model(sub, manifest(sub), report)
+    return parts, report
+
+
+def _load_model(directory: Path, manifest: dict, report: Report) -> Saved:
     if manifest.get("backend") not in BACKENDS:
         raise OptimError(f"{directory}: unknown backend {manifest.get('backend')!r}")
     in_spec, out_spec = _treespec(manifest, "in_spec"), _treespec(manifest, "out_spec")

@@ -154,7 +154,8 @@ def _char_lm(batch: int, seq: int, seed: int, **o: Any) -> ZooModel:
     if not 2 <= seq <= char_lm.SEQ:
         raise ValueError(f"char_lm takes 2..{char_lm.SEQ} bytes per sequence, got seq={seq}")
     ids = char_lm.batches("test", batch, 1, seed=seed)[0][:, :seq]
-    return ZooModel("char_lm", "decoder", char_lm.load(), (), {"input_ids": ids},
+    return ZooModel("char_lm", "decoder", char_lm.load(), (),
+                    {"input_ids": ids, "use_cache": False},  # one forward (not generation)
                     char_lm.CONFIG["n_layer"],
                     "byte-level GPT-2 trained here on the Python manual (4 layers), real weights")
 

@@ -1,0 +1,403 @@
+"""`optimize()` for causal LMs: two graphs, one cache, `generate()`.
+
+    fast = optim.optimize(gpt2, target="cpu", example_inputs=prompt_ids)
+    fast.generate(prompt_ids, max_new_tokens=32)          # greedy; sampling with do_sample
+    fast.save("out/"); optim.load("out/").generate(...)
+
+The model is captured twice around its KV cache (`optim.decoder_steps`): a prefill graph (the
+prompt) and a decode-step graph (one token against the cache). The pipeline rewrites both, each
+checked against the original model as any graph is; identical weights are then shared between
+them, and both are lowered to the backend. The report adds a `generation` section: greedy
+tokens against Hugging Face `generate` on the same prompts, time to first token, per-token
+latency and tokens/s measured here against `generate` eager, and memory (weights and cache).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hardware.capability import pass_advice
+from hardware.estimate import DEFAULT_PRECISION
+from optim import generation, saving, shapes, timing, verify
+from optim.capture import Inputs, weight_bytes
+from optim.decoder_steps import CacheLayout, DecodeStep, PrefillStep, probe_layout
+from optim.errors import ConfigError
+from optim.ir import op_histogram
+from optim.lower import lower, resolve_backend
+from optim.measure import measure
+from optim.model import OptimizedModel
+from optim.pipeline import Pipeline
+from optim.report import LatencyRow, ModelFacts, Report, ReportData
+from optim.shapes import InputShape, ShapeSpec
+from optim.targets import resolve_target
+from optim.transform import capture_and_run
+
+PREFUSED = ("fuse_attention",)  # attention is captured fused; these passes have nothing to do
+
+
+def is_causal_lm(model: Any, example_kwargs: dict | None = None) -> bool:
+    """A `transformers` model that generates text on its own (not encoder-decoder), unless the
+    caller traces it without a cache (`use_cache=False`: one forward at a fixed shape)."""
+    if (example_kwargs or {}).get("use_cache") is False:
+        return False
+    can = getattr(model, "can_generate", None)
+    cfg = getattr(model, "config", None)
+    return bool(callable(can) and can() and cfg is not None
+                and not getattr(cfg, "is_encoder_decoder", False))
+
+
+def optimize_decoder(model: torch.nn.Module, tgt, pipe: Pipeline, example_inputs: Any,
+                     example_kwargs: dict | None, backend: str | None, backend_options: Any,
+                     *, max_length: int | None = None, measure_latency: bool | None = None,
+                     new_tokens: int = 16, estimate_targets: list[str] | None = None,
+                     name: str | None = None, say=lambda msg: None) -> OptimizedDecoder:
+    """See `optim.optimize`; called by it for causal LMs."""
+    chosen, options = resolve_backend(backend, tgt, backend_options)
+    if not chosen.dynamic:
+        raise ConfigError(f"generation needs a backend that runs a growing sequence; "
+                          f"{chosen.name} compiles for one shape: use 'torch' or 'onnxruntime'")
+    pipe, dropped = _decoder_pipeline(pipe)
+    ids, mask = _prompt(example_inputs, example_kwargs)
+    layout = probe_layout(model)
+    limit = _max_length(model, max_length)
+    tokens = _special_tokens(model)
+    say(f"decoder: {layout.layers} layers, {layout.kv_heads} kv heads x {layout.head_dim}; "
+        f"cache up to {limit} tokens")
+    prefill_inputs = _prefill_inputs(ids, mask, limit)
+    p_orig, p_passes = capture_and_run(PrefillStep(model, layout.layers), prefill_inputs, pipe,
+                                       tgt, lambda m: say(f"[prefill] {m}"))
+    decode_inputs = _decode_inputs(model, layout, ids, mask, limit)
+    d_orig, d_passes = capture_and_run(DecodeStep(model, layout.layers), decode_inputs, pipe,
+                                       tgt, lambda m: say(f"[decode] {m}"))
+    shared = share_weights(p_passes.gm, d_passes.gm)
+    p_art, p_s = lower(p_passes.gm, prefill_inputs.example, tgt, chosen, options, p_orig.shapes,
+                       lambda m: say(f"[prefill] {m}"))
+    d_art, d_s = lower(d_passes.gm, decode_inputs.example, tgt, chosen, options, d_orig.shapes,
+                       lambda m: say(f"[decode] {m}"))
+    fast = OptimizedDecoder(
+        OptimizedModel(p_art, None, p_passes.gm, prefill_inputs.example, p_passes.stages,
+                       options, p_orig.shapes),
+        OptimizedModel(d_art, None, d_passes.gm, decode_inputs.example, d_passes.stages,
+                       options, d_orig.shapes),
+        layout, limit, tokens, None)
+    say("checking greedy tokens against transformers' generate")
+    fidelity = {"prefill": verify.fidelity(p_orig, p_art, prefill_inputs),
+                "decode": verify.fidelity(d_orig, d_art, decode_inputs),
+                "greedy": greedy_agreement(model, fast, ids, mask, new_tokens)}
+    gen: dict[str, Any] = {
+        "cache": {**layout.to_dict(), "max_length": limit,
+                  "bytes_per_token": layout.bytes_per_token()},
+        "special_tokens": tokens, "shared_weights": shared,
+        "prefill": {"passes": [r.to_dict() for r in p_passes.records],
+                    "graph": op_histogram(p_passes.gm), "lower_seconds": round(p_s, 3),
+                    "backend": p_art.info()},
+        **({"dropped_passes": dropped} if dropped else {})}
+    latency, speedup = [], {}
+    if tgt.runs_here if measure_latency is None else measure_latency:
+        latency, speedup, gen["measured"] = measure_generation(model, fast, ids, mask, new_tokens,
+                                                               chosen.name, say)
+    others = [resolve_target(t) for t in estimate_targets or []]
+    estimates = timing.estimate_on(d_passes.stages, [tgt, *others], weight_bytes(d_passes.gm),
+                                   say)
+    latency += timing.estimate_rows(estimates[0])
+    report = Report(ReportData(
+        model=ModelFacts(name or type(model).__name__, type(model).__qualname__,
+                         sum(p.numel() for p in model.parameters()), d_orig.flops,
+                         d_orig.weight_bytes, weight_bytes(d_passes.gm),
+                         [{"name": "input_ids", "shape": list(ids.shape), "dtype": "int64"}],
+                         p_orig.captured.seconds + d_orig.captured.seconds,
+                         d_orig.shapes.to_dict()),
+        target={"name": tgt.name, "kind": tgt.kind, "description": tgt.description,
+                "runs_here": tgt.runs_here, "provenance": tgt.provenance},
+        backend={"name": chosen.name, "lower_seconds": round(p_s + d_s, 3), **d_art.info()},
+        pipeline=pipe.to_list(), passes=d_passes.records,
+        graph={"before": d_passes.histogram_before, "after": op_histogram(d_passes.gm)},
+        fidelity=fidelity, latency=latency, speedup=speedup, estimates=estimates,
+        advice=pass_advice(tgt.spec, pipe.names, DEFAULT_PRECISION[tgt.kind]),
+        warnings=[], generation=gen)).validate()
+    fast.report = fast.prefill.report = fast.decode.report = report
+    return fast
+
+
+class OptimizedDecoder:
+    """What `optimize()` returns for a causal LM: `generate()` and `stream()` over the optimized
+    prefill and decode graphs, `.report`, `save()`; `optim.load` reads it back."""
+
+    def __init__(self, prefill: OptimizedModel, decode: OptimizedModel, layout: CacheLayout,
+                 max_length: int, special_tokens: dict, report: Report | None):
+        self.prefill, self.decode = prefill, decode
+        self.layout, self.max_length = layout, max_length
+        self.special_tokens = special_tokens  # {"eos": [...], "pad": int}
+        self.report = report
+        self.timing = generation.Timing()  # of the last generate() call
+
+    @property
+    def backend(self) -> str:
+        return self.decode.artifact.backend
+
+    def stream(self, input_ids: Tensor | list, max_new_tokens: int = 32, *,
+               attention_mask: Tensor | None = None, **sampling: Any) -> Iterator[Tensor]:
+        """Yield each step's new token per sequence ([batch] int64) as soon as it is chosen."""
+        cfg = self._sampling(max_new_tokens, sampling)
+        ids, mask = generation.left_pad(input_ids, attention_mask, cfg.pad_token_id)
+        self._check_ids(ids)
+        prefill, decode = self.prefill.artifact, self.decode.artifact
+
+        def run_prefill(i, m, p):
+            with torch.inference_mode():
+                return prefill(input_ids=i, attention_mask=m, position_ids=p)
+
+        def run_decode(i, p, cm, k, v):
+            with torch.inference_mode():
+                return decode(input_ids=i, position_ids=p, cache_mask=cm, past_keys=tuple(k),
+                              past_values=tuple(v))
+
+        yield from generation.stream(run_prefill, run_decode, self.layout, ids, mask, cfg,
+                                     self.max_length, self.timing)
+
+    def generate(self, input_ids: Tensor | list, max_new_tokens: int = 32, *,
+                 attention_mask: Tensor | None = None, streamer=None, **sampling: Any) -> Tensor:
+        """The prompts followed by their new tokens, [batch, prompt + new] (left-padded as the
+        prompts were; sequences that stopped early continue with the pad token), like
+        Hugging Face `generate`. Options: `do_sample`, `temperature`, `top_k`, `top_p`,
+        `seed`, `stop_tokens` (default: the model's end-of-sequence tokens), `pad_token_id`;
+        `streamer(tokens)` is called with each step's [batch] tokens."""
+        cfg = self._sampling(max_new_tokens, sampling)
+        ids, _ = generation.left_pad(input_ids, attention_mask, cfg.pad_token_id)
+        out = []
+        for token in self.stream(input_ids, max_new_tokens, attention_mask=attention_mask,
+                                 **sampling):
+            out.append(token)
+            if streamer is not None:
+                streamer(token)
+        return torch.cat([ids, torch.stack(out, 1)], 1)
+
+    def _sampling(self, max_new_tokens: int, options: dict) -> generation.Sampling:
+        known = {f for f in generation.Sampling.__dataclass_fields__} - {"max_new_tokens"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(f"generate() got unknown options {unknown}; it takes "
+                              f"{sorted(known)}")
+        stops = options.pop("stop_tokens", None)
+        stops = tuple(self.special_tokens["eos"] if stops is None else
+                      ([stops] if isinstance(stops, int) else stops))
+        options.setdefault("pad_token_id", self.special_tokens["pad"])
+        return generation.Sampling(max_new_tokens, stop_tokens=stops, **options).check()
+
+    def _check_ids(self, ids: Tensor) -> None:
+        vocab = self.special_tokens.get("vocab_size")
+        if ids.numel() and (int(ids.min()) < 0 or (vocab and int(ids.max()) >= vocab)):
+            raise ConfigError(f"token ids must be in 0..{(vocab or 0) - 1}, got "
+                              f"{int(ids.min())}..{int(ids.max())}")
+
+    def save(self, directory: str | Path) -> Path:
+        """Both graphs (each as its backend saves it), the cache layout and the report."""
+        meta = {"kind": "decoder", "cache": self.layout.to_dict(), "max_length": self.max_length,
+                "special_tokens": self.special_tokens}
+        return saving.save_parts({"prefill": self.prefill, "decode": self.decode}, meta,
+                                 self.report, Path(directory))
+
+    @classmethod
+    def load(cls, directory: Path, manifest: dict) -> OptimizedDecoder:
+        parts, report = saving.load_parts(directory, manifest)
+        steps = {k: OptimizedModel(s.artifact, report, s.graph, s.example, shapes=s.shapes)
+                 for k, s in parts.items()}
+        return cls(steps["prefill"], steps["decode"], CacheLayout(**manifest["cache"]),
+                   manifest["max_length"], manifest["special_tokens"], report)
+
+    def __repr__(self) -> str:
+        name = self.report["model"]["name"] if self.report else "?"
+        return (f"OptimizedDecoder({name}, backend={self.backend}, cache={self.layout.layers} "
+                f"layers x {self.layout.kv_heads} kv heads, max_length={self.max_length})")
+
+
+# ---- building the two steps' inputs ----
+
+def _decoder_pipeline(pipe: Pipeline) -> tuple[Pipeline, list[dict]]:
+    keep = [s for s in pipe.steps if s.name not in PREFUSED]
+    dropped = [{"pass": s.name, "why": "attention is captured fused around the KV cache "
+                "(optim::attention in the prefill, optim::attention_decode in decode steps)"}
+               for s in pipe.steps if s.name in PREFUSED]
+    return (Pipeline(keep, insert_prerequisites=False) if dropped else pipe), dropped
+
+
+def _prompt(example_inputs: Any, example_kwargs: dict | None) -> tuple[Tensor, Tensor]:
+    kwargs = dict(example_kwargs or {})
+    if isinstance(example_inputs, dict):
+        kwargs.update(example_inputs)
+    elif isinstance(example_inputs, (tuple, list)) and example_inputs:
+        kwargs.setdefault("input_ids", example_inputs[0])
+    elif isinstance(example_inputs, Tensor):
+        kwargs.setdefault("input_ids", example_inputs)
+    ids = kwargs.get("input_ids")
+    if not isinstance(ids, Tensor):
+        raise ConfigError("optimizing a causal LM needs example prompt token ids "
+                          "(example_inputs=input_ids, a [batch, tokens] integer tensor)")
+    ids, mask = generation.left_pad(ids, kwargs.get("attention_mask"), 0)
+    if ids.shape[1] < 2:
+        raise ConfigError("the example prompt needs at least 2 tokens (torch.export fixes a "
+                          "length of 1)")
+    if ids.shape[0] < 2:  # a batch of 1 would be fixed at 1: trace two copies
+        ids, mask = ids.repeat(2, 1), mask.repeat(2, 1)
+    return ids, mask
+
+
+def _max_length(model, asked: int | None) -> int:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
+        else model.config
+    table = next((getattr(cfg, k) for k in ("max_position_embeddings", "n_positions")
+                  if isinstance(getattr(cfg, k, None), int)), None)
+    if asked is not None:
+        if table is not None and asked > table:
+            raise ConfigError(f"max_length {asked} is beyond the model's {table} positions")
+        return asked
+    if table is None:
+        raise ConfigError(f"{type(model).__name__} names no position limit; pass max_length")
+    return min(table, 1 << 15)
+
+
+def _special_tokens(model) -> dict:
+    gc = getattr(model, "generation_config", None)
+    eos = getattr(gc, "eos_token_id", None) if gc is not None else None
+    eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    pad = getattr(gc, "pad_token_id", None) if gc is not None else None
+    vocab = model.config.get_text_config().vocab_size
+    eos = [e for e in eos if 0 <= e < vocab]  # configs built for tests keep GPT-2's 50256
+    return {"eos": eos, "pad": pad if isinstance(pad, int) else (eos[0] if eos else 0),
+            "vocab_size": vocab}
+
+
+def _prefill_inputs(ids: Tensor, mask: Tensor, limit: int) -> Inputs:
+    kwargs = {"input_ids": ids, "attention_mask": mask,
+              "position_ids": generation.positions(mask)}
+    spec = shapes.infer((), kwargs, {"batch": shapes.DEFAULT_RANGES["batch"], "seq": (1, limit)})
+    return Inputs(((), kwargs), [((), kwargs)], [((), kwargs)], spec)
+
+
+def _decode_inputs(model, layout: CacheLayout, ids: Tensor, mask: Tensor, limit: int) -> Inputs:
+    """A decode step's example: the prompt's cache (eagerly, from the original model) in a
+    buffer three slots longer, and the first greedy token."""
+    b, t = ids.shape
+    with torch.no_grad():
+        logits, keys, values = PrefillStep(model, layout.layers)(ids, mask,
+                                                                 generation.positions(mask))
+    slots = min(t + 3, limit)
+    cache_k, cache_v = layout.allocate(b, slots)
+    for c, k in zip(cache_k + cache_v, keys + values):
+        c[:, :, :t] = k
+    cache_mask = torch.zeros(b, slots, dtype=torch.bool)
+    cache_mask[:, :t] = mask.bool()
+    kwargs = {"input_ids": logits.argmax(-1, keepdim=True),
+              "position_ids": generation.positions(mask)[:, -1:] + 1, "cache_mask": cache_mask,
+              "past_keys": tuple(cache_k), "past_values": tuple(cache_v)}
+    kv = [InputShape(f"{group}[{i}]", layout.dtype, ("batch", layout.kv_heads, "seq",
+                                                     layout.head_dim if group == "past_keys"
+                                                     else layout.value_dim))
+          for group in ("past_keys", "past_values") for i in range(layout.layers)]
+    spec = ShapeSpec([InputShape("input_ids", "int64", ("batch", 1)),
+                      InputShape("position_ids", "int64", ("batch", 1)),
+                      InputShape("cache_mask", "bool", ("batch", "seq")), *kv],
+                     {"batch": shapes.DEFAULT_RANGES["batch"], "seq": (1, limit)}, {},
+                     {"batch": b, "seq": slots})
+    return Inputs(((), kwargs), [((), kwargs)], [((), kwargs)], spec)
+
+
+def share_weights(*graphs: torch.fx.GraphModule) -> dict:
+    """Point every graph's identical weights (same dtype, shape and bytes) at one tensor, so
+    the prefill and decode graphs hold one copy; returns what was shared."""
+    seen: dict[tuple, Tensor] = {}
+    shared = total = 0
+    for gm in graphs:
+        for module in gm.modules():
+            for store in (module._parameters, module._buffers, module.__dict__):
+                for key, t in list(store.items()):
+                    if not isinstance(t, Tensor) or t.numel() < 64:
+                        continue
+                    total += 1
+                    digest = hashlib.blake2b(t.detach().contiguous().view(torch.uint8)
+                                             .numpy().tobytes(), digest_size=16).digest()
+                    sig = (t.dtype, tuple(t.shape), digest)
+                    first = seen.setdefault(sig, t)
+                    if first is not t:
+                        store[key] = first
+                        shared += t.numel() * t.element_size()
+    return {"tensors": total, "bytes_shared": shared}
+
+
+# ---- checks and measurements ----
+
+def hf_generate(model, ids: Tensor, mask: Tensor, new_tokens: int, tokens: dict) -> Tensor:
+    """Hugging Face greedy `generate` on the original model (its own attention and cache)."""
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                              do_sample=False, pad_token_id=tokens["pad"],
+                              eos_token_id=tokens["eos"] or None)
+
+
+def greedy_agreement(model, fast: OptimizedDecoder, ids: Tensor, mask: Tensor,
+                     new_tokens: int) -> dict:
+    ref = hf_generate(model, ids, mask, new_tokens, fast.special_tokens)[:, ids.shape[1]:]
+    ours = fast.generate(ids, new_tokens, attention_mask=mask)[:, ids.shape[1]:]
+    n = min(ref.shape[1], ours.shape[1])
+    same = (ref[:, :n] == ours[:, :n])
+    first = [int((~row).nonzero()[0]) if (~row).any() else n for row in same]
+    return {"tokens": int(same.numel()), "agreement": float(same.float().mean()),
+            "identical": bool(same.all()) and ref.shape == ours.shape,
+            "first_difference": first, "against": "transformers generate (greedy), same prompts"}
+
+
+def measure_generation(model, fast: OptimizedDecoder, ids: Tensor, mask: Tensor, new_tokens: int,
+                       backend: str, say) -> tuple[list[LatencyRow], dict, dict]:
+    """Interleaved: Hugging Face prefill and generate (eager, its dynamic cache) against ours;
+    per-token latency is (generate - prefill) / (new tokens - 1) of the medians."""
+    say("measuring generation (transformers eager vs optimized, interleaved)")
+    n = max(new_tokens, 2)
+    tokens = fast.special_tokens
+    no_stop = {"stop_tokens": ()}
+    prefill = fast.prefill.artifact
+    pos = generation.positions(mask)
+
+    def hf_gen():
+        with torch.no_grad():
+            return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
+                                  min_new_tokens=n, do_sample=False, pad_token_id=tokens["pad"])
+
+    def hf_prefill():
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                         logits_to_keep=1)
+
+    m = measure({"original prefill": hf_prefill,
+                 "optimized prefill": lambda: prefill(input_ids=ids, attention_mask=mask,
+                                                      position_ids=pos),
+                 "original generate": hf_gen,
+                 "optimized generate": lambda: fast.generate(ids, n, attention_mask=mask,
+                                                             **no_stop)},
+                min_runs=3, max_runs=20, budget_s=20.0)
+    rows = [LatencyRow.measured(f"{k} ({n} tokens)" if "generate" in k else k,
+                                "torch eager" if k.startswith("original") else backend, v)
+            for k, v in m.items()]
+    per = {who: (m[f"{who} generate"]["median_ms"] - m[f"{who} prefill"]["median_ms"]) / (n - 1)
+           for who in ("original", "optimized")}
+    b = ids.shape[0]
+    measured = {"batch": b, "prompt_tokens": ids.shape[1], "new_tokens": n,
+                **{f"{who}_{k}": v for who in per for k, v in {
+                    "ttft_ms": round(m[f"{who} prefill"]["median_ms"], 3),
+                    "per_token_ms": round(per[who], 3),
+                    "tokens_per_s": round(b * 1e3 / per[who], 1) if per[who] > 0 else None
+                }.items()},
+                "memory": {"weights_bytes": weight_bytes(fast.decode.graph),
+                           "cache_bytes": fast.layout.bytes_per_token() * b
+                           * (ids.shape[1] + n)}}
+    speedup = {"decode_tokens_per_s": per["original"] / per["optimized"],
+               "time_to_first_token": m["original prefill"]["median_ms"]
+               / m["optimized prefill"]["median_ms"],
+               "basis": "ratio of medians measured in the same interleaved run"}
+    return rows, speedup, measured
+

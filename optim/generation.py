@@ -1,0 +1,156 @@
+"""Token generation over a prefill and a decode step (`optim.decoder_steps`), whichever backend
+runs them: the KV cache preallocated for the whole call, the prompt's keys and values written
+once, then one decode step per token that reads the cache in place and adds one slot.
+
+Batches of prompts are left-padded (as Hugging Face `generate` does for decoders): positions
+count real tokens only, padding slots are masked. Greedy by default; sampling applies
+temperature, then top-k, then top-p (Hugging Face's order) and draws with a seeded generator.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from optim.decoder_steps import CacheLayout
+from optim.errors import ConfigError
+
+Step = Callable[..., tuple]  # prefill(ids, mask, positions) / decode(ids, positions, mask, k, v)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop_tokens: tuple[int, ...] = ()  # a sequence ends after emitting one of these
+    pad_token_id: int = 0  # emitted by sequences that have ended, while others go on
+
+    def check(self) -> Sampling:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be a positive integer, got "
+                              f"{self.max_new_tokens!r}")
+        if self.do_sample:
+            if not self.temperature > 0:
+                raise ConfigError(f"temperature must be > 0 when sampling, got "
+                                  f"{self.temperature!r} (use do_sample=False for greedy)")
+            if self.top_k is not None and self.top_k < 1:
+                raise ConfigError(f"top_k must be >= 1, got {self.top_k!r}")
+            if self.top_p is not None and not 0 < self.top_p <= 1:
+                raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        return self
+
+
+@dataclass
+class Timing:
+    """Wall times of the last call: the prefill (time to first token) and each decode step."""
+
+    prefill_s: float = 0.0
+    steps_s: list[float] = field(default_factory=list)
+
+
+def left_pad(prompts: list[list[int]] | Tensor, attention_mask: Tensor | None,
+             pad_token_id: int) -> tuple[Tensor, Tensor]:
+    """(input_ids, attention_mask) [B, T], left-padded, from a tensor or a list of token lists.
+    A right-padded mask is refused (its padding would sit between prompt and new tokens)."""
+    if isinstance(prompts, Tensor):
+        ids = prompts if prompts.dim() == 2 else prompts.unsqueeze(0)
+        if ids.dtype not in (torch.int64, torch.int32):
+            raise ConfigError(f"input_ids must be integer token ids, got {ids.dtype}")
+        mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(ids.dtype)
+        if mask.shape != ids.shape:
+            raise ConfigError(f"attention_mask has shape {tuple(mask.shape)}, input_ids "
+                              f"{tuple(ids.shape)}: they must match")
+        if (mask[:, -1] == 0).any() and (mask.sum(-1) > 0).all():
+            raise ConfigError("the attention mask pads on the right; decoders generate after "
+                              "the last token, so pad prompts on the left (or pass a list of "
+                              "token lists)")
+        if (mask.sum(-1) == 0).any():
+            raise ConfigError("a prompt has no tokens (its attention mask is all zeros)")
+        return ids.long(), mask.long()
+    if not prompts or not all(isinstance(p, (list, tuple)) and p for p in prompts):
+        raise ConfigError("prompts must be a non-empty list of non-empty token-id lists")
+    t = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), t), pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), t, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, t - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, t - len(p):] = 1
+    return ids, mask
+
+
+def positions(mask: Tensor) -> Tensor:
+    """Each token's position counting real tokens only (padding gets 1, as in transformers)."""
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
+def stream(prefill: Step, decode: Step, layout: CacheLayout, input_ids: Tensor,
+           attention_mask: Tensor, cfg: Sampling, max_length: int,
+           timing: Timing | None = None) -> Iterator[Tensor]:
+    """Yield the next token of every sequence ([B] int64), step by step."""
+    cfg.check()
+    b, t = input_ids.shape
+    total = t + cfg.max_new_tokens
+    if total > max_length:
+        raise ConfigError(f"a prompt of {t} tokens plus max_new_tokens={cfg.max_new_tokens} "
+                          f"needs {total} cache slots; this model holds {max_length} (its "
+                          f"position table); shorten the prompt or generate fewer tokens")
+    timing = timing if timing is not None else Timing()
+    rng = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
+    keys, values = layout.allocate(b, total)
+    cache_mask = torch.zeros(b, total, dtype=torch.bool)
+    cache_mask[:, :t] = attention_mask.bool()
+    pos = positions(attention_mask)
+    t0 = time.perf_counter()
+    logits, new_k, new_v = prefill(input_ids, attention_mask, pos)
+    _write(keys, values, new_k, new_v, slice(0, t))
+    timing.prefill_s = time.perf_counter() - t0
+    timing.steps_s = []
+    done = torch.zeros(b, dtype=torch.bool)
+    stops = torch.tensor(cfg.stop_tokens, dtype=torch.long)
+    next_pos = pos[:, -1:] + 1
+    for i in range(cfg.max_new_tokens):
+        token = choose(logits, cfg, rng)
+        token = torch.where(done, torch.full_like(token, cfg.pad_token_id), token)
+        yield token
+        if len(stops):
+            done |= torch.isin(token, stops)
+        if bool(done.all()) or i == cfg.max_new_tokens - 1:
+            return
+        slot = t + i
+        t0 = time.perf_counter()
+        logits, new_k, new_v = decode(token[:, None], next_pos, cache_mask, keys, values)
+        _write(keys, values, new_k, new_v, slice(slot, slot + 1))
+        cache_mask[:, slot] = True
+        next_pos = next_pos + 1
+        timing.steps_s.append(time.perf_counter() - t0)
+
+
+def _write(keys: list[Tensor], values: list[Tensor], new_k, new_v, where: slice) -> None:
+    for cache, new in zip(keys, new_k):
+        cache[:, :, where] = new
+    for cache, new in zip(values, new_v):
+        cache[:, :, where] = new
+
+
+def choose(logits: Tensor, cfg: Sampling, rng: torch.Generator | None) -> Tensor:
+    """The next token per row of [B, V] logits: argmax, or a draw after the processors."""
+    if not cfg.do_sample:
+        return logits.argmax(-1)
+    scores = logits.float() / cfg.temperature
+    if cfg.top_k is not None and cfg.top_k < scores.shape[-1]:
+        kth = scores.topk(cfg.top_k, -1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if cfg.top_p is not None and cfg.top_p < 1:
+        ordered, order = scores.sort(-1)  # ascending, as transformers' TopPLogitsWarper
+        drop = ordered.softmax(-1).cumsum(-1) <= 1 - cfg.top_p
+        drop[:, -1] = False  # the most likely token always stays
+        scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(scores.softmax(-1), 1, generator=rng).squeeze(-1)
