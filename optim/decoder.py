@@ -26,7 +26,7 @@ from hardware.capability import pass_advice
 from hardware.estimate import DEFAULT_PRECISION
 from optim import generation, saving, shapes, timing, verify
 from optim.capture import Inputs, weight_bytes
-from optim.decoder_steps import CacheLayout, DecodeStep, PrefillStep, probe_layout
+from optim.decoder_steps import CacheLayout, DecodeStep, PrefillStep, modes_kept, probe_layout
 from optim.errors import ConfigError
 from optim.ir import op_histogram
 from optim.lower import lower, resolve_backend
@@ -57,7 +57,19 @@ def optimize_decoder(model: torch.nn.Module, tgt, pipe: Pipeline, example_inputs
                      *, max_length: int | None = None, measure_latency: bool | None = None,
                      new_tokens: int = 16, estimate_targets: list[str] | None = None,
                      name: str | None = None, say=lambda msg: None) -> OptimizedDecoder:
-    """See `optim.optimize`; called by it for causal LMs."""
+    """See `optim.optimize`; called by it for causal LMs. The model's train/eval flags are
+    put back as they were, module by module."""
+    with modes_kept(model):
+        return _optimize_decoder(model, tgt, pipe, example_inputs, example_kwargs, backend,
+                                 backend_options, max_length=max_length,
+                                 measure_latency=measure_latency, new_tokens=new_tokens,
+                                 estimate_targets=estimate_targets, name=name, say=say)
+
+
+def _optimize_decoder(model, tgt, pipe, example_inputs, example_kwargs, backend,
+                      backend_options, *, max_length, measure_latency, new_tokens,
+                      estimate_targets, name, say) -> OptimizedDecoder:
+    model.eval()
     chosen, options = resolve_backend(backend, tgt, backend_options)
     if not chosen.dynamic:
         raise ConfigError(f"generation needs a backend that runs a growing sequence; "
@@ -179,6 +191,7 @@ class OptimizedDecoder:
         return torch.cat([ids, torch.stack(out, 1)], 1)
 
     def _sampling(self, max_new_tokens: int, options: dict) -> generation.Sampling:
+        options = dict(options)
         known = {f for f in generation.Sampling.__dataclass_fields__} - {"max_new_tokens"}
         unknown = sorted(set(options) - known)
         if unknown:
@@ -342,14 +355,30 @@ def hf_generate(model, ids: Tensor, mask: Tensor, new_tokens: int, tokens: dict)
 
 def greedy_agreement(model, fast: OptimizedDecoder, ids: Tensor, mask: Tensor,
                      new_tokens: int) -> dict:
+    """Greedy tokens against Hugging Face's on the same prompts. Where a sequence first differs,
+    the original model's logit margin between its token and ours says whether that was a tie
+    within float rounding (a margin near 1e-6) or a real change."""
     ref = hf_generate(model, ids, mask, new_tokens, fast.special_tokens)[:, ids.shape[1]:]
     ours = fast.generate(ids, new_tokens, attention_mask=mask)[:, ids.shape[1]:]
     n = min(ref.shape[1], ours.shape[1])
     same = (ref[:, :n] == ours[:, :n])
     first = [int((~row).nonzero()[0]) if (~row).any() else n for row in same]
+    margins = [_margin(model, ids[i], mask[i], ref[i, :at], int(ref[i, at]), int(ours[i, at]))
+               for i, at in enumerate(first) if at < n]
     return {"tokens": int(same.numel()), "agreement": float(same.float().mean()),
             "identical": bool(same.all()) and ref.shape == ours.shape,
-            "first_difference": first, "against": "transformers generate (greedy), same prompts"}
+            "first_difference": first, "margins_at_difference": margins,
+            "against": "transformers generate (greedy), same prompts"}
+
+
+def _margin(model, ids: Tensor, mask: Tensor, before: Tensor, theirs: int, ours: int) -> float:
+    """The original model's logit of its greedy token minus that of ours, after `before`."""
+    full = torch.cat([ids, before])[None]
+    m = torch.cat([mask, torch.ones_like(before)])[None]
+    with torch.no_grad():
+        logits = model(input_ids=full, attention_mask=m,
+                       position_ids=generation.positions(m)).logits[0, -1]
+    return float(logits[theirs] - logits[ours])
 
 
 def measure_generation(model, fast: OptimizedDecoder, ids: Tensor, mask: Tensor, new_tokens: int,

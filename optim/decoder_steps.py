@@ -93,6 +93,17 @@ AttentionInterface.register(ATTENTION, _attention)
 
 
 @contextlib.contextmanager
+def modes_kept(model: torch.nn.Module):
+    """Every submodule's train/eval flag as it was, whatever ran in between."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+@contextlib.contextmanager
 def _optim_attention(model: torch.nn.Module, state: _StepState):
     """The model's config names optim's attention for the call, then what it named before."""
     configs = {id(c): c for c in (getattr(m, "config", None) for m in model.modules())
@@ -126,6 +137,7 @@ class PrefillStep(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, layers: int):
         super().__init__()
         self.model, self.layers = model, layers
+        self.training = model.training  # a wrapper's train()/eval() reaches the model
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor):
         state = _StepState(prefill_mask(attention_mask), None)
@@ -145,6 +157,7 @@ class DecodeStep(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, layers: int):
         super().__init__()
         self.model, self.layers = model, layers
+        self.training = model.training  # a wrapper's train()/eval() reaches the model
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, cache_mask: Tensor,
                 past_keys: tuple, past_values: tuple):
