@@ -43,6 +43,13 @@ class Artifact:
         reads back."""
         raise NotImplementedError
 
+    binds_buffers: bool = False  # implements `run_bound`
+
+    def run_bound(self, inputs: list, outputs: list) -> None:
+        """One run on the flat tensor inputs (traced order), writing the flat outputs into the
+        preallocated, contiguous `outputs` without copies (e.g. ONNX Runtime's I/O binding)."""
+        raise NotImplementedError
+
     def measured_latency(self) -> list[dict]:
         """Latency rows this artifact measured while lowering (e.g. on a GPU); default none."""
         return []

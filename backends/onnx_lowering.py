@@ -111,13 +111,16 @@ def linear_int8(x, w_q, w_scale, bias, in_scale=None, act_scale=None):
     return op.Reshape(y, out_shape)
 
 
-def linear_int4(x, w_packed, scales, bias, block: int):
-    """ONNX Runtime's 4-bit MatMulNBits (zero point 8 by default, as the packing assumes)."""
+def linear_int4(x, w_packed, scales, bias, block: int, accuracy_level: int = 0):
+    """ONNX Runtime's 4-bit MatMulNBits (zero point 8 by default, as the packing assumes).
+    `accuracy_level` 4 lets ORT quantize activations to int8 per block and run an integer
+    kernel (what onnxruntime-genai uses on CPUs); 0 dequantizes to fp32."""
     n, k = w_packed.shape[0], w_packed.shape[1] * block
     flat = op.Reshape(scales, op.Constant(value_ints=[-1]))
+    attrs = {"K": k, "N": n, "bits": 4, "block_size": block, "accuracy_level": accuracy_level}
     if bias is None:
-        return _MatMulNBits(x, w_packed, flat, K=k, N=n, bits=4, block_size=block)
-    return _MatMulNBits(x, w_packed, flat, None, None, bias, K=k, N=n, bits=4, block_size=block)
+        return _MatMulNBits(x, w_packed, flat, **attrs)
+    return _MatMulNBits(x, w_packed, flat, None, None, bias, **attrs)
 
 
 def attention_decode(q, k, v, k_cache, v_cache, cache_mask, scale: float):
@@ -146,9 +149,12 @@ def attention_decode(q, k, v, k_cache, v_cache, cache_mask, scale: float):
     return op.Reshape(out, op.Concat(b, h, t, op.Shape(v, start=3, end=4), axis=0))
 
 
-def translation_table() -> dict:
+def translation_table(int4_accuracy_level: int = 0) -> dict:
+    def int4(x, w_packed, scales, bias, block: int):
+        return linear_int4(x, w_packed, scales, bias, block, int4_accuracy_level)
+
     return {torch.ops.optim.attention.default: attention,
             torch.ops.optim.attention_trimmed.default: attention_trimmed,
             torch.ops.optim.attention_decode.default: attention_decode,
             torch.ops.optim.linear_int8.default: linear_int8,
-            torch.ops.optim.linear_int4.default: linear_int4}
+            torch.ops.optim.linear_int4.default: int4}

@@ -31,7 +31,8 @@ from optim.ir import require_lowerings
 from optim.shapes import export_program
 
 
-def export_onnx(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> onnx.ModelProto:
+def export_onnx(gm: torch.fx.GraphModule, args: tuple, kwargs: dict,
+                int4_accuracy_level: int = 0) -> onnx.ModelProto:
     """The graph as one self-contained ONNX model (weights inline)."""
     require_lowerings(gm, {op.name().split("::")[1] for op in translation_table()},
                       "onnxruntime")
@@ -48,7 +49,8 @@ def export_onnx(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> onnx.Mod
             # other shapes (measured: Llama at batch 3 after export at 2): with dynamic axes
             # only the plain optimizer runs (constant folding), and ORT's session fuses
             program = torch.onnx.export(exported, dynamo=True, opset_version=OPSET,
-                                        custom_translation_table=translation_table(),
+                                        custom_translation_table=translation_table(
+                                            int4_accuracy_level),
                                         optimize=not dynamic, verbose=False, report=False)
             if dynamic:
                 onnxscript.optimizer.optimize(program.model)
@@ -87,6 +89,25 @@ class OrtArtifact(Artifact):
             (f"{n.domain}." if n.domain not in ("", "ai.onnx") else "") + n.op_type
             for n in final.graph.node).items()))
         self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    binds_buffers = True
+
+    def run_bound(self, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
+        """One run on flat inputs, in place: ORT reads every input and writes every output
+        where the torch tensors lie (I/O binding), so a KV cache is never copied."""
+        if len(inputs) != len(self.input_names) or len(outputs) != len(self.output_names):
+            raise BackendError(f"run_bound: the ONNX model takes {len(self.input_names)} inputs "
+                               f"and gives {len(self.output_names)} outputs, got "
+                               f"{len(inputs)} and {len(outputs)}")
+        binding = self.session.io_binding()
+        for names, tensors, bind in ((self.input_names, inputs, binding.bind_input),
+                                     (self.output_names, outputs, binding.bind_output)):
+            for name, t in zip(names, tensors):
+                if not t.is_contiguous():
+                    raise BackendError(f"run_bound: {name} must be contiguous")
+                bind(name, "cpu", 0, _NUMPY[t.dtype], tuple(t.shape), t.data_ptr())
+        self.session.run_with_iobinding(binding)
 
     def __call__(self, *args, **kwargs):
         if self.in_spec is not None:
@@ -114,9 +135,18 @@ class OrtArtifact(Artifact):
         return {"artifact": "model.onnx"}
 
 
+_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64,
+          torch.int32: np.int32, torch.bool: np.bool_, torch.uint8: np.uint8,
+          torch.int8: np.int8}
+
+
 @dataclass(frozen=True)
 class OrtOptions:
-    """ONNX Runtime takes no options: the session uses every core and all graph optimizations."""
+    """The session uses every core and all graph optimizations. `int4_accuracy_level` is
+    MatMulNBits' compute type for int4 linears: 4 quantizes activations to int8 per block and
+    runs ORT's integer kernel (onnxruntime-genai's CPU default), 0 dequantizes to fp32."""
+
+    int4_accuracy_level: int = 4
 
 
 def load(directory: Path, manifest: dict, in_spec=None, out_spec=None) -> OrtArtifact:
@@ -128,5 +158,9 @@ def load(directory: Path, manifest: dict, in_spec=None, out_spec=None) -> OrtArt
 def lower(gm: torch.fx.GraphModule, example: Batch, target: Target, options: OrtOptions,
           progress: Progress | None = None) -> OrtArtifact:
     """ONNX export (opset 23, optim's ops as ONNX/contrib ops) run by an ORT CPU session."""
+    if options.int4_accuracy_level not in (0, 1, 2, 3, 4):
+        raise BackendError(f"onnxruntime backend: int4_accuracy_level must be 0..4, got "
+                           f"{options.int4_accuracy_level!r}")
     in_spec, out_spec = pytree_specs(gm)
-    return OrtArtifact(export_onnx(gm, *example), out_spec=out_spec, in_spec=in_spec)
+    return OrtArtifact(export_onnx(gm, *example, options.int4_accuracy_level),
+                       out_spec=out_spec, in_spec=in_spec)

@@ -75,18 +75,20 @@ def _optimize_decoder(model, tgt, pipe, example_inputs, example_kwargs, backend,
         raise ConfigError(f"generation needs a backend that runs a growing sequence; "
                           f"{chosen.name} compiles for one shape: use 'torch' or 'onnxruntime'")
     pipe, dropped = _decoder_pipeline(pipe)
-    ids, mask = _prompt(example_inputs, example_kwargs)
+    ids, mask = _prompt(example_inputs, example_kwargs)  # the user's prompts
+    traced_ids, traced_mask = _traceable(ids, mask)
     layout = probe_layout(model)
     limit = _max_length(model, max_length)
     tokens = _special_tokens(model)
     say(f"decoder: {layout.layers} layers, {layout.kv_heads} kv heads x {layout.head_dim}; "
         f"cache up to {limit} tokens")
-    prefill_inputs = _prefill_inputs(ids, mask, limit)
+    prefill_inputs = _prefill_inputs(traced_ids, traced_mask, limit)
     p_orig, p_passes = capture_and_run(PrefillStep(model, layout.layers), prefill_inputs, pipe,
                                        tgt, lambda m: say(f"[prefill] {m}"))
-    decode_inputs = _decode_inputs(model, layout, ids, mask, limit)
+    decode_inputs = _decode_inputs(model, layout, traced_ids, traced_mask, limit)
     d_orig, d_passes = capture_and_run(DecodeStep(model, layout.layers), decode_inputs, pipe,
                                        tgt, lambda m: say(f"[decode] {m}"))
+    tokens["logits"] = int(d_orig.refs[0][0].shape[-1])  # the LM head's width
     shared = share_weights(p_passes.gm, d_passes.gm)
     p_art, p_s = lower(p_passes.gm, prefill_inputs.example, tgt, chosen, options, p_orig.shapes,
                        lambda m: say(f"[prefill] {m}"))
@@ -170,8 +172,25 @@ class OptimizedDecoder:
                 return decode(input_ids=i, position_ids=p, cache_mask=cm, past_keys=tuple(k),
                               past_values=tuple(v))
 
+        if decode.binds_buffers:  # the cache is read where it lies, outputs land in place
+            run_decode = self._bound_decode(ids.shape[0])
+
         yield from generation.stream(run_prefill, run_decode, self.layout, ids, mask, cfg,
                                      self.max_length, self.timing)
+
+    def _bound_decode(self, batch: int):
+        lay = self.layout
+        logits = torch.empty(batch, self.special_tokens["logits"])
+        new_k = [torch.empty(batch, lay.kv_heads, 1, lay.head_dim) for _ in range(lay.layers)]
+        new_v = [torch.empty(batch, lay.kv_heads, 1, lay.value_dim) for _ in range(lay.layers)]
+        outputs = [logits, *new_k, *new_v]
+        run = self.decode.artifact.run_bound
+
+        def decode(i, p, cm, k, v):
+            run([i.contiguous(), p.contiguous(), cm, *k, *v], outputs)
+            return logits, new_k, new_v
+
+        return decode
 
     def generate(self, input_ids: Tensor | list, max_new_tokens: int = 32, *,
                  attention_mask: Tensor | None = None, streamer=None, **sampling: Any) -> Tensor:
@@ -256,9 +275,12 @@ def _prompt(example_inputs: Any, example_kwargs: dict | None) -> tuple[Tensor, T
     if ids.shape[1] < 2:
         raise ConfigError("the example prompt needs at least 2 tokens (torch.export fixes a "
                           "length of 1)")
-    if ids.shape[0] < 2:  # a batch of 1 would be fixed at 1: trace two copies
-        ids, mask = ids.repeat(2, 1), mask.repeat(2, 1)
     return ids, mask
+
+
+def _traceable(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The prompts to trace with: a batch of 1 would be fixed at 1, so two copies of it."""
+    return (ids.repeat(2, 1), mask.repeat(2, 1)) if ids.shape[0] < 2 else (ids, mask)
 
 
 def _max_length(model, asked: int | None) -> int:

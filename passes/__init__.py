@@ -16,6 +16,7 @@ from passes import (  # noqa: F401
     distill_widths,
     dynamic_width,
     fuse_attention,
+    fuse_linears,
     linearize_attention,
     low_rank,
     merge_tokens,
