@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
 from optim import shapes
@@ -160,6 +161,13 @@ def weight_bytes(module: torch.nn.Module) -> int:
 
 
 def _as_batch(example_inputs: Any, example_kwargs: dict | None) -> Batch:
+    """(args, kwargs), views copied: torch.export guards a view on its base tensor (a slice of
+    a longer text would be traced with a guard every later input fails)."""
+    return pytree.tree_map_only(torch.Tensor, lambda t: t.clone() if t._base is not None else t,
+                                _split_batch(example_inputs, example_kwargs))
+
+
+def _split_batch(example_inputs: Any, example_kwargs: dict | None) -> Batch:
     if isinstance(example_inputs, dict):
         return (), {**example_inputs, **(example_kwargs or {})}
     if example_inputs is None:

@@ -15,6 +15,7 @@ latency and tokens/s measured here against `generate` eager, and memory (weights
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -54,20 +55,21 @@ def is_causal_lm(model: Any, example_kwargs: dict | None = None) -> bool:
 
 def optimize_decoder(model: torch.nn.Module, tgt, pipe: Pipeline, example_inputs: Any,
                      example_kwargs: dict | None, backend: str | None, backend_options: Any,
-                     *, max_length: int | None = None, measure_latency: bool | None = None,
-                     new_tokens: int = 16, estimate_targets: list[str] | None = None,
-                     name: str | None = None, say=lambda msg: None) -> OptimizedDecoder:
+                     *, eval_data: list | None = None, max_length: int | None = None,
+                     measure_latency: bool | None = None, new_tokens: int = 16,
+                     estimate_targets: list[str] | None = None, name: str | None = None,
+                     say=lambda msg: None) -> OptimizedDecoder:
     """See `optim.optimize`; called by it for causal LMs. The model's train/eval flags are
     put back as they were, module by module."""
     with modes_kept(model):
         return _optimize_decoder(model, tgt, pipe, example_inputs, example_kwargs, backend,
-                                 backend_options, max_length=max_length,
+                                 backend_options, eval_data=eval_data, max_length=max_length,
                                  measure_latency=measure_latency, new_tokens=new_tokens,
                                  estimate_targets=estimate_targets, name=name, say=say)
 
 
 def _optimize_decoder(model, tgt, pipe, example_inputs, example_kwargs, backend,
-                      backend_options, *, max_length, measure_latency, new_tokens,
+                      backend_options, *, eval_data, max_length, measure_latency, new_tokens,
                       estimate_targets, name, say) -> OptimizedDecoder:
     model.eval()
     chosen, options = resolve_backend(backend, tgt, backend_options)
@@ -104,6 +106,9 @@ def _optimize_decoder(model, tgt, pipe, example_inputs, example_kwargs, backend,
     fidelity = {"prefill": verify.fidelity(p_orig, p_art, prefill_inputs),
                 "decode": verify.fidelity(d_orig, d_art, decode_inputs),
                 "greedy": greedy_agreement(model, fast, ids, mask, new_tokens)}
+    if eval_data:
+        say("measuring perplexity on eval_data (original and optimized)")
+        fidelity["perplexity"] = perplexities(model, fast, _token_batches(eval_data))
     gen: dict[str, Any] = {
         "cache": {**layout.to_dict(), "max_length": limit,
                   "bytes_per_token": layout.bytes_per_token()},
@@ -177,6 +182,31 @@ class OptimizedDecoder:
 
         yield from generation.stream(run_prefill, run_decode, self.layout, ids, mask, cfg,
                                      self.max_length, self.timing)
+
+    def perplexity(self, batches: list[Tensor]) -> float:
+        """Perplexity of unpadded token batches [B, T], every token predicted through the KV
+        cache (the prefill for the first, one decode step for each after it)."""
+        total = count = 0.0
+        for ids in batches:
+            logits = self._teacher_forced(ids)
+            total += math.log(generation.perplexity(logits, ids)) * logits.shape[0] * \
+                logits.shape[1]
+            count += logits.shape[0] * logits.shape[1]
+        return math.exp(total / count)
+
+    def _teacher_forced(self, ids: Tensor) -> Tensor:
+        self._check_ids(ids)
+        prefill, decode = self.prefill.artifact, self.decode.artifact
+
+        def run_prefill(i, m, p):
+            return prefill(input_ids=i, attention_mask=m, position_ids=p)
+
+        def run_decode(i, p, cm, k, v):
+            return decode(input_ids=i, position_ids=p, cache_mask=cm, past_keys=tuple(k),
+                          past_values=tuple(v))
+
+        with torch.inference_mode():
+            return generation.teacher_forced(run_prefill, run_decode, self.layout, ids)
 
     def _bound_decode(self, batch: int):
         lay = self.layout
@@ -272,6 +302,7 @@ def _prompt(example_inputs: Any, example_kwargs: dict | None) -> tuple[Tensor, T
         raise ConfigError("optimizing a causal LM needs example prompt token ids "
                           "(example_inputs=input_ids, a [batch, tokens] integer tensor)")
     ids, mask = generation.left_pad(ids, kwargs.get("attention_mask"), 0)
+    ids, mask = ids.clone(), mask.clone()  # not views: export would guard on their base
     if ids.shape[1] < 2:
         raise ConfigError("the example prompt needs at least 2 tokens (torch.export fixes a "
                           "length of 1)")
@@ -401,6 +432,32 @@ def _margin(model, ids: Tensor, mask: Tensor, before: Tensor, theirs: int, ours:
         logits = model(input_ids=full, attention_mask=m,
                        position_ids=generation.positions(m)).logits[0, -1]
     return float(logits[theirs] - logits[ours])
+
+
+def perplexities(model, fast: OptimizedDecoder, batches: list[Tensor]) -> dict:
+    """Perplexity of the original (one forward) and the optimized model (through its cache)."""
+    total = count = 0.0
+    for ids in batches:
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[:, :-1]
+        n = logits.shape[0] * logits.shape[1]
+        total, count = total + math.log(generation.perplexity(logits, ids)) * n, count + n
+    original = math.exp(total / count)
+    optimized = fast.perplexity(batches)
+    return {"original": original, "optimized": optimized,
+            "relative_change": optimized / original - 1, "batches": len(batches),
+            "tokens": int(count)}
+
+
+def _token_batches(eval_data: list) -> list[Tensor]:
+    out = []
+    for i, b in enumerate(eval_data):
+        ids = b.get("input_ids") if isinstance(b, dict) else b
+        if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype != torch.long:
+            raise ConfigError(f"eval_data[{i}]: for a causal LM, each item is a [batch, tokens] "
+                              f"int64 tensor of real text (no padding), got {type(b).__name__}")
+        out.append(ids)
+    return out
 
 
 def measure_generation(model, fast: OptimizedDecoder, ids: Tensor, mask: Tensor, new_tokens: int,

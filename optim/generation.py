@@ -154,3 +154,27 @@ def choose(logits: Tensor, cfg: Sampling, rng: torch.Generator | None) -> Tensor
         drop[:, -1] = False  # the most likely token always stays
         scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     return torch.multinomial(scores.softmax(-1), 1, generator=rng).squeeze(-1)
+
+
+def teacher_forced(prefill: Step, decode: Step, layout: CacheLayout, ids: Tensor) -> Tensor:
+    """Logits [B, T - 1, V] predicting tokens 1..T-1 of `ids` (no padding): the first token
+    through the prefill, then one decode step per token, as generation reads the cache."""
+    b, t = ids.shape
+    keys, values = layout.allocate(b, t)
+    cache_mask = torch.zeros(b, t, dtype=torch.bool)
+    pos = torch.zeros(b, 1, dtype=torch.long)
+    logits, new_k, new_v = prefill(ids[:, :1], torch.ones(b, 1, dtype=torch.long), pos)
+    out = [logits.clone()]
+    for i in range(1, t - 1):
+        _write(keys, values, new_k, new_v, slice(i - 1, i))
+        cache_mask[:, i - 1] = True
+        logits, new_k, new_v = decode(ids[:, i:i + 1], pos + i, cache_mask, keys, values)
+        out.append(logits.clone())
+    return torch.stack(out, 1)
+
+
+def perplexity(logits: Tensor, ids: Tensor) -> float:
+    """exp(mean cross-entropy) of `logits` [B, T - 1, V] against the next tokens of `ids`."""
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                           ids[:, 1:].reshape(-1))
+    return float(torch.exp(ce))
