@@ -123,11 +123,10 @@ def linear_int4(x, w_packed, scales, bias, block: int, accuracy_level: int = 0):
     return _MatMulNBits(x, w_packed, flat, None, None, bias, **attrs)
 
 
-def attention_decode(q, k, v, k_cache, v_cache, cache_mask, scale: float):
+def attention_decode(q, k, v, k_cache, v_cache, cache_mask, new_mask, scale: float):
     """New tokens over the cache and each other: two MatMuls against the cache (its Transpose
     folds into ORT's FusedMatMul, so the cache is not copied), one Softmax over both blocks."""
-    b, h, t = op.Shape(q, start=0, end=1), op.Shape(q, start=1, end=2), op.Shape(q, start=2,
-                                                                              end=3)
+    b, h, t = (op.Shape(q, start=i, end=i + 1) for i in range(3))
     hkv, n = op.Shape(k, start=1, end=2), op.Shape(k_cache, start=2, end=3)
     group = op.Div(h, hkv)
     qg = op.Reshape(q, op.Concat(b, hkv, op.Constant(value_ints=[-1]),
@@ -138,11 +137,18 @@ def attention_decode(q, k, v, k_cache, v_cache, cache_mask, scale: float):
     past = op.Add(past, op.Where(op.Unsqueeze(cache_mask, op.Constant(value_ints=[1, 2])),
                                  zero, ninf))
     new = op.Mul(op.MatMul(qg, op.Transpose(k, perm=[0, 1, 3, 2])), scale_c)
-    causal = op.Trilu(op.ConstantOfShape(op.Concat(t, t, axis=0),
-                                         value=ir.tensor(np.array([1], dtype=np.int64))))
-    causal = op.Tile(op.Cast(causal, to=onnx.TensorProto.BOOL),
-                     op.Concat(group, op.Constant(value_ints=[1]), axis=0))
-    p = op.Softmax(op.Concat(past, op.Add(new, op.Where(causal, zero, ninf)), axis=-1), axis=-1)
+    ones = op.ConstantOfShape(op.Concat(t, t, axis=0),
+                              value=ir.tensor(np.array([1], dtype=np.int64)))
+    causal = op.Cast(op.Trilu(ones, upper=0), to=onnx.TensorProto.BOOL)  # [T, T], lower
+    eye = op.Cast(op.EyeLike(ones), to=onnx.TensorProto.BOOL)
+    real = op.Unsqueeze(op.Cast(new_mask, to=onnx.TensorProto.BOOL),
+                        op.Constant(value_ints=[1]))  # [B, 1, T]
+    allowed = op.Or(op.And(causal, real), eye)  # [B, T, T]
+    allowed = op.Unsqueeze(op.Tile(allowed, op.Concat(op.Constant(value_ints=[1]), group,
+                                                      op.Constant(value_ints=[1]), axis=0)),
+                           op.Constant(value_ints=[1]))  # [B, 1, G * T, T]
+    p = op.Softmax(op.Concat(past, op.Add(new, op.Where(allowed, zero, ninf)), axis=-1),
+                   axis=-1)
     three, big = op.Constant(value_ints=[3]), op.Constant(value_ints=[2 ** 62])
     out = op.Add(op.MatMul(op.Slice(p, op.Constant(value_ints=[0]), n, three), v_cache),
                  op.MatMul(op.Slice(p, n, big, three), v))

@@ -91,7 +91,8 @@ def optimize(model: torch.nn.Module, target: str | Target = "cpu", example_input
         return optimize_decoder(model, tgt, resolve_pipeline(pipeline, tgt.default_pipeline,
                                                              pass_options),
                                 example_inputs, example_kwargs, backend, backend_options,
-                                eval_data=eval_data, max_length=max_length, measure_latency=measure_latency,
+                                eval_data=eval_data, max_length=max_length,
+                                measure_latency=measure_latency,
                                 estimate_targets=estimate_targets, name=name, say=say)
     chosen, options = resolve_backend(backend, tgt, backend_options)
     pipe = resolve_pipeline(pipeline, tgt.default_pipeline, pass_options)

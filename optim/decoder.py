@@ -1,20 +1,20 @@
-"""`optimize()` for causal LMs: two graphs, one cache, `generate()`.
+"""`optimize()` for causal LMs: one step graph, one KV cache, `generate()`.
 
     fast = optim.optimize(gpt2, target="cpu", example_inputs=prompt_ids)
     fast.generate(prompt_ids, max_new_tokens=32)          # greedy; sampling with do_sample
     fast.save("out/"); optim.load("out/").generate(...)
 
-The model is captured twice around its KV cache (`optim.decoder_steps`): a prefill graph (the
-prompt) and a decode-step graph (one token against the cache). The pipeline rewrites both, each
-checked against the original model as any graph is; identical weights are then shared between
-them, and both are lowered to the backend. The report adds a `generation` section: greedy
-tokens against Hugging Face `generate` on the same prompts, time to first token, per-token
-latency and tokens/s measured here against `generate` eager, and memory (weights and cache).
+The model is captured once around its KV cache (`optim.decoder_steps.DecoderStep`): T new
+tokens against the cache. A prompt runs it over an empty cache (the prefill), each new token
+as a step of one (decode), so both phases share one graph, one set of weights and one pipeline
+run, checked against the original model as any graph is, and lowered once. The report adds a
+`generation` section: greedy tokens against Hugging Face `generate` on the same prompts,
+perplexity through the cache on `eval_data`, time to first token, per-token latency and
+tokens/s measured here against `generate` eager, and memory (weights and cache).
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +27,7 @@ from hardware.capability import pass_advice
 from hardware.estimate import DEFAULT_PRECISION
 from optim import generation, saving, shapes, timing, verify
 from optim.capture import Inputs, weight_bytes
-from optim.decoder_steps import CacheLayout, DecodeStep, PrefillStep, modes_kept, probe_layout
+from optim.decoder_steps import CacheLayout, DecoderStep, modes_kept, probe_layout
 from optim.errors import ConfigError
 from optim.ir import op_histogram
 from optim.lower import lower, resolve_backend
@@ -78,33 +78,21 @@ def _optimize_decoder(model, tgt, pipe, example_inputs, example_kwargs, backend,
                           f"{chosen.name} compiles for one shape: use 'torch' or 'onnxruntime'")
     pipe, dropped = _decoder_pipeline(pipe)
     ids, mask = _prompt(example_inputs, example_kwargs)  # the user's prompts
-    traced_ids, traced_mask = _traceable(ids, mask)
     layout = probe_layout(model)
     limit = _max_length(model, max_length)
     tokens = _special_tokens(model)
     say(f"decoder: {layout.layers} layers, {layout.kv_heads} kv heads x {layout.head_dim}; "
         f"cache up to {limit} tokens")
-    prefill_inputs = _prefill_inputs(traced_ids, traced_mask, limit)
-    p_orig, p_passes = capture_and_run(PrefillStep(model, layout.layers), prefill_inputs, pipe,
-                                       tgt, lambda m: say(f"[prefill] {m}"))
-    decode_inputs = _decode_inputs(model, layout, traced_ids, traced_mask, limit)
-    d_orig, d_passes = capture_and_run(DecodeStep(model, layout.layers), decode_inputs, pipe,
-                                       tgt, lambda m: say(f"[decode] {m}"))
-    tokens["logits"] = int(d_orig.refs[0][0].shape[-1])  # the LM head's width
-    shared = share_weights(p_passes.gm, d_passes.gm)
-    p_art, p_s = lower(p_passes.gm, prefill_inputs.example, tgt, chosen, options, p_orig.shapes,
-                       lambda m: say(f"[prefill] {m}"))
-    d_art, d_s = lower(d_passes.gm, decode_inputs.example, tgt, chosen, options, d_orig.shapes,
-                       lambda m: say(f"[decode] {m}"))
-    fast = OptimizedDecoder(
-        OptimizedModel(p_art, None, p_passes.gm, prefill_inputs.example, p_passes.stages,
-                       options, p_orig.shapes),
-        OptimizedModel(d_art, None, d_passes.gm, decode_inputs.example, d_passes.stages,
-                       options, d_orig.shapes),
-        layout, limit, tokens, None)
+    inputs = _step_inputs(model, layout, *_traceable(ids, mask), limit)
+    original, passes = capture_and_run(DecoderStep(model, layout.layers), inputs, pipe, tgt, say)
+    tokens["logits"] = int(original.refs[0][0].shape[-1])  # the LM head's width
+    artifact, lower_s = lower(passes.gm, inputs.example, tgt, chosen, options, original.shapes,
+                              say)
+    fast = OptimizedDecoder(OptimizedModel(artifact, None, passes.gm, inputs.example,
+                                           passes.stages, options, original.shapes),
+                            layout, limit, tokens, None)
     say("checking greedy tokens against transformers' generate")
-    fidelity = {"prefill": verify.fidelity(p_orig, p_art, prefill_inputs),
-                "decode": verify.fidelity(d_orig, d_art, decode_inputs),
+    fidelity = {"step": verify.fidelity(original, artifact, inputs),
                 "greedy": greedy_agreement(model, fast, ids, mask, new_tokens)}
     if eval_data:
         say("measuring perplexity on eval_data (original and optimized)")
@@ -112,53 +100,56 @@ def _optimize_decoder(model, tgt, pipe, example_inputs, example_kwargs, backend,
     gen: dict[str, Any] = {
         "cache": {**layout.to_dict(), "max_length": limit,
                   "bytes_per_token": layout.bytes_per_token()},
-        "special_tokens": tokens, "shared_weights": shared,
-        "prefill": {"passes": [r.to_dict() for r in p_passes.records],
-                    "graph": op_histogram(p_passes.gm), "lower_seconds": round(p_s, 3),
-                    "backend": p_art.info()},
+        "special_tokens": tokens,
+        "steps": "one graph: a prompt is a step over an empty cache, a new token a step of one",
         **({"dropped_passes": dropped} if dropped else {})}
     latency, speedup = [], {}
     if tgt.runs_here if measure_latency is None else measure_latency:
         latency, speedup, gen["measured"] = measure_generation(model, fast, ids, mask, new_tokens,
                                                                chosen.name, say)
     others = [resolve_target(t) for t in estimate_targets or []]
-    estimates = timing.estimate_on(d_passes.stages, [tgt, *others], weight_bytes(d_passes.gm),
-                                   say)
+    estimates = timing.estimate_on(passes.stages, [tgt, *others], weight_bytes(passes.gm), say)
     latency += timing.estimate_rows(estimates[0])
     report = Report(ReportData(
         model=ModelFacts(name or type(model).__name__, type(model).__qualname__,
-                         sum(p.numel() for p in model.parameters()), d_orig.flops,
-                         d_orig.weight_bytes, weight_bytes(d_passes.gm),
+                         sum(p.numel() for p in model.parameters()), original.flops,
+                         original.weight_bytes, weight_bytes(passes.gm),
                          [{"name": "input_ids", "shape": list(ids.shape), "dtype": "int64"}],
-                         p_orig.captured.seconds + d_orig.captured.seconds,
-                         d_orig.shapes.to_dict()),
+                         original.captured.seconds, original.shapes.to_dict()),
         target={"name": tgt.name, "kind": tgt.kind, "description": tgt.description,
                 "runs_here": tgt.runs_here, "provenance": tgt.provenance},
-        backend={"name": chosen.name, "lower_seconds": round(p_s + d_s, 3), **d_art.info()},
-        pipeline=pipe.to_list(), passes=d_passes.records,
-        graph={"before": d_passes.histogram_before, "after": op_histogram(d_passes.gm)},
+        backend={"name": chosen.name, "lower_seconds": round(lower_s, 3), **artifact.info()},
+        pipeline=pipe.to_list(), passes=passes.records,
+        graph={"before": passes.histogram_before, "after": op_histogram(passes.gm)},
         fidelity=fidelity, latency=latency, speedup=speedup, estimates=estimates,
         advice=pass_advice(tgt.spec, pipe.names, DEFAULT_PRECISION[tgt.kind]),
         warnings=[], generation=gen)).validate()
-    fast.report = fast.prefill.report = fast.decode.report = report
+    fast.report = fast.step.report = report
     return fast
 
 
 class OptimizedDecoder:
-    """What `optimize()` returns for a causal LM: `generate()` and `stream()` over the optimized
-    prefill and decode graphs, `.report`, `save()`; `optim.load` reads it back."""
+    """What `optimize()` returns for a causal LM: `generate()`, `stream()` and `perplexity()`
+    over the optimized step graph and a KV cache, `.report`, `save()`; `optim.load` reads it
+    back."""
 
-    def __init__(self, prefill: OptimizedModel, decode: OptimizedModel, layout: CacheLayout,
-                 max_length: int, special_tokens: dict, report: Report | None):
-        self.prefill, self.decode = prefill, decode
+    def __init__(self, step: OptimizedModel, layout: CacheLayout, max_length: int,
+                 special_tokens: dict, report: Report | None):
+        self.step = step
         self.layout, self.max_length = layout, max_length
-        self.special_tokens = special_tokens  # {"eos": [...], "pad": int}
+        self.special_tokens = special_tokens  # {"eos": [...], "pad": int, "logits": int, ...}
         self.report = report
         self.timing = generation.Timing()  # of the last generate() call
 
     @property
     def backend(self) -> str:
-        return self.decode.artifact.backend
+        return self.step.artifact.backend
+
+    def _run(self, ids, mask, pos, cache_mask, keys, values):
+        with torch.inference_mode():
+            return self.step.artifact(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                      cache_mask=cache_mask, past_keys=tuple(keys),
+                                      past_values=tuple(values))
 
     def stream(self, input_ids: Tensor | list, max_new_tokens: int = 32, *,
                attention_mask: Tensor | None = None, **sampling: Any) -> Iterator[Tensor]:
@@ -166,61 +157,10 @@ class OptimizedDecoder:
         cfg = self._sampling(max_new_tokens, sampling)
         ids, mask = generation.left_pad(input_ids, attention_mask, cfg.pad_token_id)
         self._check_ids(ids)
-        prefill, decode = self.prefill.artifact, self.decode.artifact
-
-        def run_prefill(i, m, p):
-            with torch.inference_mode():
-                return prefill(input_ids=i, attention_mask=m, position_ids=p)
-
-        def run_decode(i, p, cm, k, v):
-            with torch.inference_mode():
-                return decode(input_ids=i, position_ids=p, cache_mask=cm, past_keys=tuple(k),
-                              past_values=tuple(v))
-
-        if decode.binds_buffers:  # the cache is read where it lies, outputs land in place
-            run_decode = self._bound_decode(ids.shape[0])
-
-        yield from generation.stream(run_prefill, run_decode, self.layout, ids, mask, cfg,
-                                     self.max_length, self.timing)
-
-    def perplexity(self, batches: list[Tensor]) -> float:
-        """Perplexity of unpadded token batches [B, T], every token predicted through the KV
-        cache (the prefill for the first, one decode step for each after it)."""
-        total = count = 0.0
-        for ids in batches:
-            logits = self._teacher_forced(ids)
-            total += math.log(generation.perplexity(logits, ids)) * logits.shape[0] * \
-                logits.shape[1]
-            count += logits.shape[0] * logits.shape[1]
-        return math.exp(total / count)
-
-    def _teacher_forced(self, ids: Tensor) -> Tensor:
-        self._check_ids(ids)
-        prefill, decode = self.prefill.artifact, self.decode.artifact
-
-        def run_prefill(i, m, p):
-            return prefill(input_ids=i, attention_mask=m, position_ids=p)
-
-        def run_decode(i, p, cm, k, v):
-            return decode(input_ids=i, position_ids=p, cache_mask=cm, past_keys=tuple(k),
-                          past_values=tuple(v))
-
-        with torch.inference_mode():
-            return generation.teacher_forced(run_prefill, run_decode, self.layout, ids)
-
-    def _bound_decode(self, batch: int):
-        lay = self.layout
-        logits = torch.empty(batch, self.special_tokens["logits"])
-        new_k = [torch.empty(batch, lay.kv_heads, 1, lay.head_dim) for _ in range(lay.layers)]
-        new_v = [torch.empty(batch, lay.kv_heads, 1, lay.value_dim) for _ in range(lay.layers)]
-        outputs = [logits, *new_k, *new_v]
-        run = self.decode.artifact.run_bound
-
-        def decode(i, p, cm, k, v):
-            run([i.contiguous(), p.contiguous(), cm, *k, *v], outputs)
-            return logits, new_k, new_v
-
-        return decode
+        # a backend that binds buffers reads the cache where it lies, outputs land in place
+        decode = self._bound(ids.shape[0]) if self.step.artifact.binds_buffers else None
+        yield from generation.stream(self._run, self.layout, ids, mask, cfg, self.max_length,
+                                     self.timing, decode)
 
     def generate(self, input_ids: Tensor | list, max_new_tokens: int = 32, *,
                  attention_mask: Tensor | None = None, streamer=None, **sampling: Any) -> Tensor:
@@ -238,6 +178,32 @@ class OptimizedDecoder:
             if streamer is not None:
                 streamer(token)
         return torch.cat([ids, torch.stack(out, 1)], 1)
+
+    def perplexity(self, batches: list[Tensor]) -> float:
+        """Perplexity of unpadded token batches [B, T], every token predicted through the KV
+        cache, one step per token, as generation predicts it."""
+        total = count = 0.0
+        for ids in batches:
+            self._check_ids(ids)
+            logits = generation.teacher_forced(self._run, self.layout, ids)
+            n = logits.shape[0] * logits.shape[1]
+            total += math.log(generation.perplexity(logits, ids)) * n
+            count += n
+        return math.exp(total / count)
+
+    def _bound(self, batch: int):
+        lay = self.layout
+        logits = torch.empty(batch, self.special_tokens["logits"])
+        new_k = [torch.empty(batch, lay.kv_heads, 1, lay.head_dim) for _ in range(lay.layers)]
+        new_v = [torch.empty(batch, lay.kv_heads, 1, lay.value_dim) for _ in range(lay.layers)]
+        outputs = [logits, *new_k, *new_v]
+        run = self.step.artifact.run_bound
+
+        def decode(ids, mask, pos, cache_mask, keys, values):
+            run([ids.contiguous(), mask, pos.contiguous(), cache_mask, *keys, *values], outputs)
+            return logits, new_k, new_v
+
+        return decode
 
     def _sampling(self, max_new_tokens: int, options: dict) -> generation.Sampling:
         options = dict(options)
@@ -259,19 +225,21 @@ class OptimizedDecoder:
                               f"{int(ids.min())}..{int(ids.max())}")
 
     def save(self, directory: str | Path) -> Path:
-        """Both graphs (each as its backend saves it), the cache layout and the report."""
+        """The step graph (as its backend saves it), the cache layout and the report."""
         meta = {"kind": "decoder", "cache": self.layout.to_dict(), "max_length": self.max_length,
                 "special_tokens": self.special_tokens}
-        return saving.save_parts({"prefill": self.prefill, "decode": self.decode}, meta,
-                                 self.report, Path(directory))
+        return saving.save_parts({"step": self.step}, meta, self.report, Path(directory))
 
     @classmethod
     def load(cls, directory: Path, manifest: dict) -> OptimizedDecoder:
         parts, report = saving.load_parts(directory, manifest)
-        steps = {k: OptimizedModel(s.artifact, report, s.graph, s.example, shapes=s.shapes)
-                 for k, s in parts.items()}
-        return cls(steps["prefill"], steps["decode"], CacheLayout(**manifest["cache"]),
-                   manifest["max_length"], manifest["special_tokens"], report)
+        if set(parts) != {"step"}:
+            raise ConfigError(f"{directory}: a decoder save holds one part 'step', found "
+                              f"{sorted(parts)}")
+        s = parts["step"]
+        return cls(OptimizedModel(s.artifact, report, s.graph, s.example, shapes=s.shapes),
+                   CacheLayout(**manifest["cache"]), manifest["max_length"],
+                   manifest["special_tokens"], report)
 
     def __repr__(self) -> str:
         name = self.report["model"]["name"] if self.report else "?"
@@ -279,7 +247,7 @@ class OptimizedDecoder:
                 f"layers x {self.layout.kv_heads} kv heads, max_length={self.max_length})")
 
 
-# ---- building the two steps' inputs ----
+# ---- the step's example and shapes ----
 
 def _decoder_pipeline(pipe: Pipeline) -> tuple[Pipeline, list[dict]]:
     keep = [s for s in pipe.steps if s.name not in PREFUSED]
@@ -339,61 +307,35 @@ def _special_tokens(model) -> dict:
             "vocab_size": vocab}
 
 
-def _prefill_inputs(ids: Tensor, mask: Tensor, limit: int) -> Inputs:
-    kwargs = {"input_ids": ids, "attention_mask": mask,
-              "position_ids": generation.positions(mask)}
-    spec = shapes.infer((), kwargs, {"batch": shapes.DEFAULT_RANGES["batch"], "seq": (1, limit)})
-    return Inputs(((), kwargs), [((), kwargs)], [((), kwargs)], spec)
-
-
-def _decode_inputs(model, layout: CacheLayout, ids: Tensor, mask: Tensor, limit: int) -> Inputs:
-    """A decode step's example: the prompt's cache (eagerly, from the original model) in a
-    buffer three slots longer, and the first greedy token."""
+def _step_inputs(model, layout: CacheLayout, ids: Tensor, mask: Tensor, limit: int) -> Inputs:
+    """The step's example: the prompts' first half already in the cache (computed by the
+    original model), the rest as new tokens; batch, new tokens and cache length dynamic."""
     b, t = ids.shape
-    with torch.no_grad():
-        logits, keys, values = PrefillStep(model, layout.layers)(ids, mask,
-                                                                 generation.positions(mask))
-    slots = min(t + 3, limit)
-    cache_k, cache_v = layout.allocate(b, slots)
-    for c, k in zip(cache_k + cache_v, keys + values):
-        c[:, :, :t] = k
-    cache_mask = torch.zeros(b, slots, dtype=torch.bool)
-    cache_mask[:, :t] = mask.bool()
-    kwargs = {"input_ids": logits.argmax(-1, keepdim=True),
-              "position_ids": generation.positions(mask)[:, -1:] + 1, "cache_mask": cache_mask,
-              "past_keys": tuple(cache_k), "past_values": tuple(cache_v)}
-    kv = [InputShape(f"{group}[{i}]", layout.dtype, ("batch", layout.kv_heads, "seq",
+    cut = t // 2 if t >= 4 else 0
+    past_mask, new_mask = mask[:, :cut], mask[:, cut:]
+    pos = generation.positions(mask)
+    cache_mask, keys, values = generation.empty_cache(layout, b)
+    if cut:
+        with torch.no_grad():
+            _, keys, values = DecoderStep(model, layout.layers)(ids[:, :cut], past_mask,
+                                                                pos[:, :cut])
+        cache_mask = past_mask.bool()
+    kwargs = {"input_ids": ids[:, cut:].clone(), "attention_mask": new_mask.clone(),
+              "position_ids": pos[:, cut:].clone(), "cache_mask": cache_mask.clone(),
+              "past_keys": tuple(k.clone() for k in keys),
+              "past_values": tuple(v.clone() for v in values)}
+    kv = [InputShape(f"{group}[{i}]", layout.dtype, ("batch", layout.kv_heads, "past",
                                                      layout.head_dim if group == "past_keys"
                                                      else layout.value_dim))
           for group in ("past_keys", "past_values") for i in range(layout.layers)]
-    spec = ShapeSpec([InputShape("input_ids", "int64", ("batch", 1)),
-                      InputShape("position_ids", "int64", ("batch", 1)),
-                      InputShape("cache_mask", "bool", ("batch", "seq")), *kv],
-                     {"batch": shapes.DEFAULT_RANGES["batch"], "seq": (1, limit)}, {},
-                     {"batch": b, "seq": slots})
+    spec = ShapeSpec([InputShape("input_ids", "int64", ("batch", "seq")),
+                      InputShape("attention_mask", "int64", ("batch", "seq")),
+                      InputShape("position_ids", "int64", ("batch", "seq")),
+                      InputShape("cache_mask", "bool", ("batch", "past")), *kv],
+                     {"batch": shapes.DEFAULT_RANGES["batch"], "seq": (1, limit),
+                      "past": (1, limit)}, {},
+                     {"batch": b, "seq": t - cut, "past": max(cut, 1)})
     return Inputs(((), kwargs), [((), kwargs)], [((), kwargs)], spec)
-
-
-def share_weights(*graphs: torch.fx.GraphModule) -> dict:
-    """Point every graph's identical weights (same dtype, shape and bytes) at one tensor, so
-    the prefill and decode graphs hold one copy; returns what was shared."""
-    seen: dict[tuple, Tensor] = {}
-    shared = total = 0
-    for gm in graphs:
-        for module in gm.modules():
-            for store in (module._parameters, module._buffers, module.__dict__):
-                for key, t in list(store.items()):
-                    if not isinstance(t, Tensor) or t.numel() < 64:
-                        continue
-                    total += 1
-                    digest = hashlib.blake2b(t.detach().contiguous().view(torch.uint8)
-                                             .numpy().tobytes(), digest_size=16).digest()
-                    sig = (t.dtype, tuple(t.shape), digest)
-                    first = seen.setdefault(sig, t)
-                    if first is not t:
-                        store[key] = first
-                        shared += t.numel() * t.element_size()
-    return {"tensors": total, "bytes_shared": shared}
 
 
 # ---- checks and measurements ----
@@ -468,8 +410,8 @@ def measure_generation(model, fast: OptimizedDecoder, ids: Tensor, mask: Tensor,
     n = max(new_tokens, 2)
     tokens = fast.special_tokens
     no_stop = {"stop_tokens": ()}
-    prefill = fast.prefill.artifact
     pos = generation.positions(mask)
+    empty = generation.empty_cache(fast.layout, ids.shape[0])
 
     def hf_gen():
         with torch.no_grad():
@@ -482,8 +424,7 @@ def measure_generation(model, fast: OptimizedDecoder, ids: Tensor, mask: Tensor,
                          logits_to_keep=1)
 
     m = measure({"original prefill": hf_prefill,
-                 "optimized prefill": lambda: prefill(input_ids=ids, attention_mask=mask,
-                                                      position_ids=pos),
+                 "optimized prefill": lambda: fast._run(ids, mask, pos, *empty),
                  "original generate": hf_gen,
                  "optimized generate": lambda: fast.generate(ids, n, attention_mask=mask,
                                                              **no_stop)},
@@ -500,7 +441,7 @@ def measure_generation(model, fast: OptimizedDecoder, ids: Tensor, mask: Tensor,
                     "per_token_ms": round(per[who], 3),
                     "tokens_per_s": round(b * 1e3 / per[who], 1) if per[who] > 0 else None
                 }.items()},
-                "memory": {"weights_bytes": weight_bytes(fast.decode.graph),
+                "memory": {"weights_bytes": weight_bytes(fast.step.graph),
                            "cache_bytes": fast.layout.bytes_per_token() * b
                            * (ids.shape[1] + n)}}
     speedup = {"decode_tokens_per_s": per["original"] / per["optimized"],

@@ -1,15 +1,17 @@
-"""A causal LM as two traceable graphs around a preallocated KV cache: `PrefillStep` (the prompt,
-every layer's keys and values out) and `DecodeStep` (one new token per sequence; the cache in,
-the new token's keys and values out). Both wrap the user's `transformers` model without changing
-it: for the length of a call its config names optim's attention function, which every
-`transformers` decoder calls through `AttentionInterface` after `Cache.update`.
+"""A causal LM as one traceable step around a preallocated KV cache: `DecoderStep` takes T new
+tokens per sequence and the cache, and returns the last position's logits and the new tokens'
+keys and values. A prompt is a step over an empty cache (T = its length); each generated token
+is a step with T = 1. One graph, one set of weights, one pipeline run for both phases. The step
+wraps the user's `transformers` model without changing it: for the length of a call its config
+names optim's attention function, which every `transformers` decoder calls through
+`AttentionInterface` after `Cache.update`.
 
 The cache is one [batch, kv_heads, length, head_dim] tensor per layer for keys and one for
 values, preallocated to the longest sequence a `generate()` call can reach; `cache_mask`
 [batch, length] says which slots hold a real token (left padding, unwritten and evicted slots
-are False). Decode attention reads the cache where it lies (`optim::attention_decode`: two
-blocks, the cache and the new token, one softmax), so no step copies the cache; the runtime
-writes the new token's keys and values into their slot. Grouped-query attention stays grouped.
+are False). Attention reads the cache where it lies (`optim::attention_decode`: two blocks,
+the cache and the new tokens, one softmax), so no step copies the cache; the runtime writes
+the new tokens' keys and values into their slots. Grouped-query attention stays grouped.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ _STEP: contextvars.ContextVar[_StepState | None] = contextvars.ContextVar("optim
 
 @dataclass
 class _StepState:
-    prefill_mask: Tensor | None  # [B, 1, T, T] bool (prefill)
-    cache_mask: Tensor | None  # [B, S] bool (decode)
+    new_mask: Tensor  # [B, T] 1 = a real new token
+    cache_mask: Tensor | None  # [B, S] bool; None: no cache at all (a plain forward)
     past_keys: tuple = ()
     past_values: tuple = ()
 
@@ -80,12 +82,13 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
                            f"optim's KV-cache attention does not implement yet")
     scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
     if state.cache_mask is None:
-        out = torch.ops.optim.attention(query, key, value, state.prefill_mask, scale, False)
+        mask = _new_block_mask(state.new_mask, 1)  # [B, 1, T, T]
+        out = torch.ops.optim.attention(query, key, value, mask, scale, False)
     else:
         layer = module.layer_idx
         out = torch.ops.optim.attention_decode(query, key, value, state.past_keys[layer],
                                                state.past_values[layer], state.cache_mask,
-                                               scale)
+                                               state.new_mask, scale)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -120,57 +123,35 @@ def _optim_attention(model: torch.nn.Module, state: _StepState):
         _STEP.reset(token)
 
 
-def prefill_mask(attention_mask: Tensor) -> Tensor:
-    """[B, T] padding mask (1 = token) -> [B, 1, T, T] bool: causal, real keys only; a padding
-    query attends to itself alone (a finite row: its keys and values land in the cache)."""
-    t = attention_mask.shape[1]
-    pos = torch.arange(t, device=attention_mask.device)
-    causal = pos[None, :] <= pos[:, None]  # [T(query), T(key)]
-    real = attention_mask.bool()[:, None, None, :]
-    return (causal[None, None] & real) | torch.eye(t, dtype=torch.bool)[None, None]
-
-
-class PrefillStep(torch.nn.Module):
-    """(input_ids, attention_mask, position_ids) [B, T] -> (logits of the last position [B, V],
-    keys, values: one [B, kv_heads, T, head_dim] per layer)."""
+class DecoderStep(torch.nn.Module):
+    """(input_ids, attention_mask, position_ids) [B, T] for T new tokens, cache_mask [B, S]
+    and the cache (past_keys, past_values: one [B, kv_heads, S, head_dim] per layer) ->
+    (logits of the last position [B, V], the new tokens' keys and values [B, kv_heads, T,
+    head_dim] per layer)."""
 
     def __init__(self, model: torch.nn.Module, layers: int):
         super().__init__()
         self.model, self.layers = model, layers
         self.training = model.training  # a wrapper's train()/eval() reaches the model
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor):
-        state = _StepState(prefill_mask(attention_mask), None)
-        cache = _StepCache(self.layers, 0)
-        with _optim_attention(self.model, state):
-            out = self.model(input_ids=input_ids, position_ids=position_ids,
-                             attention_mask=attention_mask, past_key_values=cache,
-                             use_cache=True, logits_to_keep=1)
-        return (out.logits[:, -1], *_split(cache))
-
-
-class DecodeStep(torch.nn.Module):
-    """(input_ids, position_ids) [B, 1], cache_mask [B, S] and the cache (keys, values: one
-    [B, kv_heads, S, head_dim] per layer) -> (next-token logits [B, V], the new token's keys and
-    values [B, kv_heads, 1, head_dim] per layer)."""
-
-    def __init__(self, model: torch.nn.Module, layers: int):
-        super().__init__()
-        self.model, self.layers = model, layers
-        self.training = model.training  # a wrapper's train()/eval() reaches the model
-
-    def forward(self, input_ids: Tensor, position_ids: Tensor, cache_mask: Tensor,
-                past_keys: tuple, past_values: tuple):
-        state = _StepState(None, cache_mask, tuple(past_keys), tuple(past_values))
-        cache = _StepCache(self.layers, past_keys[0].shape[2])
-        # the model's own mask is not used (optim's attention reads cache_mask); it is passed
-        # so that models deriving positions from it see the right length
-        mask = torch.ones(input_ids.shape[0], cache.past + 1, dtype=torch.long)
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
+                cache_mask: Tensor | None = None, past_keys: tuple = (),
+                past_values: tuple = ()):
+        state = _StepState(attention_mask, cache_mask, tuple(past_keys), tuple(past_values))
+        past = past_keys[0].shape[2] if past_keys else 0
+        cache = _StepCache(self.layers, past)
+        # the model's own mask is not used (optim's attention reads the step's masks); it is
+        # passed so that models deriving positions from it see the right length
+        mask = torch.ones(input_ids.shape[0], past + input_ids.shape[1], dtype=torch.long)
         with _optim_attention(self.model, state):
             out = self.model(input_ids=input_ids, position_ids=position_ids,
                              attention_mask=mask, past_key_values=cache, use_cache=True,
                              logits_to_keep=1)
         return (out.logits[:, -1], *_split(cache))
+
+
+def _new_block_mask(new_mask: Tensor, group: int) -> Tensor:
+    return optim.ops._new_block_mask(new_mask, group)
 
 
 def _split(cache: _StepCache) -> tuple[tuple, tuple]:
@@ -212,10 +193,9 @@ def probe_layout(model: torch.nn.Module) -> CacheLayout:
     """The cache a model writes, found by running one token through it (every family names its
     heads and dimensions differently; what `Cache.update` receives does not lie)."""
     layers = _layer_count(model)
-    step = PrefillStep(model, layers)
     one = torch.zeros(1, 1, dtype=torch.long)
-    with torch.no_grad():
-        _, keys, values = step(one, torch.ones(1, 1, dtype=torch.long), one)
+    with torch.no_grad(), modes_kept(model):
+        _, keys, values = DecoderStep(model, layers).eval()(one, torch.ones_like(one), one)
     k, v = keys[0], values[0]
     return CacheLayout(layers, k.shape[1], k.shape[3], v.shape[3],
                        str(k.dtype).replace("torch.", ""))

@@ -19,7 +19,9 @@ from torch import Tensor
 from optim.decoder_steps import CacheLayout
 from optim.errors import ConfigError
 
-Step = Callable[..., tuple]  # prefill(ids, mask, positions) / decode(ids, positions, mask, k, v)
+# step(input_ids, attention_mask, position_ids, cache_mask, keys, values) -> (last logits,
+# new keys, new values): `optim.decoder_steps.DecoderStep` as lowered by a backend
+Step = Callable[..., tuple]
 
 
 @dataclass(frozen=True)
@@ -91,11 +93,19 @@ def positions(mask: Tensor) -> Tensor:
     return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
 
 
-def stream(prefill: Step, decode: Step, layout: CacheLayout, input_ids: Tensor,
-           attention_mask: Tensor, cfg: Sampling, max_length: int,
-           timing: Timing | None = None) -> Iterator[Tensor]:
-    """Yield the next token of every sequence ([B] int64), step by step."""
+def empty_cache(layout: CacheLayout, batch: int) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """A one-slot cache with nothing in it: what a prompt's step reads."""
+    keys, values = layout.allocate(batch, 1)
+    return torch.zeros(batch, 1, dtype=torch.bool), keys, values
+
+
+def stream(step: Step, layout: CacheLayout, input_ids: Tensor, attention_mask: Tensor,
+           cfg: Sampling, max_length: int, timing: Timing | None = None,
+           decode: Step | None = None) -> Iterator[Tensor]:
+    """Yield the next token of every sequence ([B] int64), step by step. `decode` (default
+    `step`) runs the one-token steps, e.g. with the cache bound in place."""
     cfg.check()
+    decode = decode or step
     b, t = input_ids.shape
     total = t + cfg.max_new_tokens
     if total > max_length:
@@ -106,16 +116,17 @@ def stream(prefill: Step, decode: Step, layout: CacheLayout, input_ids: Tensor,
     rng = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
     keys, values = layout.allocate(b, total)
     cache_mask = torch.zeros(b, total, dtype=torch.bool)
-    cache_mask[:, :t] = attention_mask.bool()
     pos = positions(attention_mask)
     t0 = time.perf_counter()
-    logits, new_k, new_v = prefill(input_ids, attention_mask, pos)
+    logits, new_k, new_v = step(input_ids, attention_mask, pos, *empty_cache(layout, b))
     _write(keys, values, new_k, new_v, slice(0, t))
+    cache_mask[:, :t] = attention_mask.bool()
     timing.prefill_s = time.perf_counter() - t0
     timing.steps_s = []
     done = torch.zeros(b, dtype=torch.bool)
     stops = torch.tensor(cfg.stop_tokens, dtype=torch.long)
     next_pos = pos[:, -1:] + 1
+    one = torch.ones(b, 1, dtype=torch.long)
     for i in range(cfg.max_new_tokens):
         token = choose(logits, cfg, rng)
         token = torch.where(done, torch.full_like(token, cfg.pad_token_id), token)
@@ -126,7 +137,7 @@ def stream(prefill: Step, decode: Step, layout: CacheLayout, input_ids: Tensor,
             return
         slot = t + i
         t0 = time.perf_counter()
-        logits, new_k, new_v = decode(token[:, None], next_pos, cache_mask, keys, values)
+        logits, new_k, new_v = decode(token[:, None], one, next_pos, cache_mask, keys, values)
         _write(keys, values, new_k, new_v, slice(slot, slot + 1))
         cache_mask[:, slot] = True
         next_pos = next_pos + 1
@@ -156,19 +167,19 @@ def choose(logits: Tensor, cfg: Sampling, rng: torch.Generator | None) -> Tensor
     return torch.multinomial(scores.softmax(-1), 1, generator=rng).squeeze(-1)
 
 
-def teacher_forced(prefill: Step, decode: Step, layout: CacheLayout, ids: Tensor) -> Tensor:
-    """Logits [B, T - 1, V] predicting tokens 1..T-1 of `ids` (no padding): the first token
-    through the prefill, then one decode step per token, as generation reads the cache."""
+def teacher_forced(step: Step, layout: CacheLayout, ids: Tensor) -> Tensor:
+    """Logits [B, T - 1, V] predicting tokens 1..T-1 of `ids` (no padding), through the cache
+    as generation reads it: the first token alone, then one step of one token per position."""
     b, t = ids.shape
     keys, values = layout.allocate(b, t)
     cache_mask = torch.zeros(b, t, dtype=torch.bool)
-    pos = torch.zeros(b, 1, dtype=torch.long)
-    logits, new_k, new_v = prefill(ids[:, :1], torch.ones(b, 1, dtype=torch.long), pos)
-    out = [logits.clone()]
-    for i in range(1, t - 1):
-        _write(keys, values, new_k, new_v, slice(i - 1, i))
-        cache_mask[:, i - 1] = True
-        logits, new_k, new_v = decode(ids[:, i:i + 1], pos + i, cache_mask, keys, values)
+    one = torch.ones(b, 1, dtype=torch.long)
+    out = []
+    for i in range(t - 1):
+        mask, k, v = (cache_mask, keys, values) if i else empty_cache(layout, b)
+        logits, new_k, new_v = step(ids[:, i:i + 1], one, one * i, mask, k, v)
+        _write(keys, values, new_k, new_v, slice(i, i + 1))
+        cache_mask[:, i] = True
         out.append(logits.clone())
     return torch.stack(out, 1)
 

@@ -10,10 +10,11 @@ ONNX nodes (`backends/onnx_lowering.py`).
 - `optim::attention_trimmed(q, k, v, mask, scale, positions)`: the same (non-causal) attention
   over the first n = max(positions) + 1 positions only; later positions, padding in every
   sequence of the batch, output zeros. `positions`: each real token's position in its sequence.
-- `optim::attention_decode(q, k, v, k_cache, v_cache, cache_mask, scale)`: new tokens (q, k,
-  v: [B, H or Hkv, T, D]) attending to a KV cache (k_cache, v_cache: [B, Hkv, S, D], the slots
-  where `cache_mask` [B, S] is True) and causally to each other, in two blocks with one softmax:
-  the cache is read where it lies, never concatenated (`optim.decoder_steps`).
+- `optim::attention_decode(q, k, v, k_cache, v_cache, cache_mask, new_mask, scale)`: new tokens
+  (q, k, v: [B, H or Hkv, T, D]) attending to a KV cache (k_cache, v_cache: [B, Hkv, S, D], the
+  slots where `cache_mask` [B, S] is True) and causally to the real new tokens (`new_mask`
+  [B, T]), in two blocks with one softmax: the cache is read where it lies, never concatenated
+  (`optim.decoder_steps`). A prompt is T tokens over an empty cache; a decode step, T = 1.
 - `optim::merge_tokens(x, metric, size, r, protect)`: ToMe bipartite soft matching; returns the
   merged tokens, their sizes and where every input token went (for `optim::unmerge_tokens`).
 - `optim::linear_int4(x, w_packed, scales, bias, block)`: weight-only 4-bit linear, ONNX
@@ -100,7 +101,7 @@ VALUE_META[torch.ops.optim.attention_trimmed.default] = lambda q, k, v, mask, sc
 
 @torch.library.custom_op("optim::attention_decode", mutates_args=())
 def attention_decode(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
-                     cache_mask: Tensor, scale: float) -> Tensor:
+                     cache_mask: Tensor, new_mask: Tensor, scale: float) -> Tensor:
     """New tokens attending to a KV cache and to each other, without concatenating them."""
     b, h, t, d = q.shape
     hkv = k.shape[1]
@@ -109,12 +110,20 @@ def attention_decode(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: 
     past = torch.matmul(qg, k_cache[:, :, :n].transpose(-1, -2)).mul_(scale)
     past.masked_fill_(~cache_mask[:, None, None, :n], float("-inf"))
     new = torch.matmul(qg, k.transpose(-1, -2)).mul_(scale)
-    if t > 1:  # new token i sees new tokens 0..i (rows are head-major: row = head * t + i)
-        causal = torch.ones(t, t, dtype=torch.bool).tril().repeat(h // hkv, 1)
-        new.masked_fill_(~causal, float("-inf"))
+    if t > 1:  # new token i sees real new tokens 0..i, and itself (rows: head * t + i)
+        new.masked_fill_(~_new_block_mask(new_mask, h // hkv), float("-inf"))
     p = torch.softmax(torch.cat([past, new], -1), -1)
     out = torch.matmul(p[..., :n], v_cache[:, :, :n]) + torch.matmul(p[..., n:], v)
     return out.reshape(b, h, t, v.shape[-1])
+
+
+def _new_block_mask(new_mask: Tensor, group: int) -> Tensor:
+    """[B, 1, group * T, T] bool: causal among the new tokens, padding keys masked, and every
+    token sees itself (a padding row stays finite)."""
+    t = new_mask.shape[-1]
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    allowed = (causal & new_mask.bool()[:, None, :]) | torch.eye(t, dtype=torch.bool)
+    return allowed.repeat(1, group, 1)[:, None]
 
 
 def _used_slots(cache_mask: Tensor) -> int:
@@ -123,7 +132,7 @@ def _used_slots(cache_mask: Tensor) -> int:
 
 
 @attention_decode.register_fake
-def _(q, k, v, k_cache, v_cache, cache_mask, scale):
+def _(q, k, v, k_cache, v_cache, cache_mask, new_mask, scale):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 

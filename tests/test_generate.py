@@ -166,3 +166,16 @@ def test_save_then_load_in_a_fresh_process_generates_the_same_tokens(backend, tm
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert eval(out.stdout.strip().splitlines()[-1]) == want.tolist()
+
+
+def test_perplexity_through_the_cache_equals_the_original_on_real_text():
+    from optim.zoo import char_lm
+
+    model = char_lm.load()
+    text = char_lm.batches("test", 4, 2, seed=1)
+    fast = optim.optimize(model, "cpu", text[0][:2, :32], pipeline="cleanup",
+                          eval_data=text, measure_latency=False)
+    ppl = fast.report["fidelity"]["perplexity"]
+    assert abs(ppl["relative_change"]) < 1e-5 and ppl["tokens"] == 2 * 4 * 127
+    assert abs(ppl["original"] - char_lm.perplexity(model, text)) < 1e-4
+    assert fast.report["fidelity"]["greedy"]["identical"]
