@@ -92,7 +92,7 @@ def _optimize_decoder(model, tgt, pipe, example_inputs, example_kwargs, backend,
                                            passes.stages, options, original.shapes),
                             layout, limit, tokens, None)
     say("checking greedy tokens against transformers' generate")
-    fidelity = {"step": verify.fidelity(original, artifact, inputs),
+    fidelity = {**verify.fidelity(original, artifact, inputs),  # one step, the cache half full
                 "greedy": greedy_agreement(model, fast, ids, mask, new_tokens)}
     if eval_data:
         say("measuring perplexity on eval_data (original and optimized)")
@@ -240,6 +240,10 @@ class OptimizedDecoder:
         return cls(OptimizedModel(s.artifact, report, s.graph, s.example, shapes=s.shapes),
                    CacheLayout(**manifest["cache"]), manifest["max_length"],
                    manifest["special_tokens"], report)
+
+    def rooflines(self) -> dict[str, bytes]:
+        """A roofline PNG per estimated target with the step graph's kernels on it."""
+        return self.step.rooflines()
 
     def __repr__(self) -> str:
         name = self.report["model"]["name"] if self.report else "?"

@@ -68,6 +68,10 @@ def summary_rows(d: dict) -> list[tuple[str, str]]:
     if "optimized_vs_original" in d.get("speedup", {}):
         rows.append(("speedup", f"{d['speedup']['optimized_vs_original']:.2f}x "
                                 f"({d['speedup']['basis']})"))
+    if "decode_tokens_per_s" in d.get("speedup", {}):
+        rows.append(("speedup", f"decode {d['speedup']['decode_tokens_per_s']:.2f}x tokens/s, "
+                                f"time to first token {d['speedup']['time_to_first_token']:.2f}x "
+                                f"({d['speedup']['basis']})"))
     pad = " (padding excluded)" if d["fidelity"].get("padding") == "excluded" else ""
     rows.append((f"output fidelity{pad}",
                  f"cosine mean {_fmt(fid['cosine_mean'], 6)}, "
@@ -79,11 +83,46 @@ def summary_rows(d: dict) -> list[tuple[str, str]]:
                      f"min {_fmt(other['cosine_min'], 6)}"))
     for k, v in d["fidelity"].get("task", {}).items():
         rows.append((f"task: {k}", _fmt(v, 5)))
+    rows += generation_rows(d)
     wb, wa = (d["model"]["weight_bytes"],
               d["model"].get("weight_bytes_after", d["model"]["weight_bytes"]))
     rows.append(("weights", f"{wb / 2**20:.1f} MiB -> {wa / 2**20:.1f} MiB"))
     for w in d.get("warnings", []):
         rows.append(("WARNING", w))
+    return rows
+
+
+def generation_rows(d: dict) -> list[tuple[str, str]]:
+    """A causal LM's report: greedy tokens and perplexity against the original, measured
+    generation speed, and the KV cache."""
+    gen, fid, rows = d.get("generation"), d["fidelity"], []
+    if not gen:
+        return rows
+    g = fid.get("greedy")
+    if g:
+        rows.append(("greedy tokens vs transformers", f"identical ({g['tokens']} tokens)"
+                     if g["identical"] else
+                     f"{g['agreement']:.1%} agree; first difference at token "
+                     f"{min(g['first_difference'])} (original's logit margin there: "
+                     + ", ".join(_fmt(m, 3) for m in g.get("margins_at_difference", [])) + ")"))
+    p = fid.get("perplexity")
+    if p:
+        rows.append(("perplexity (eval_data)", f"{_fmt(p['original'], 5)} -> "
+                                               f"{_fmt(p['optimized'], 5)} "
+                                               f"({p['relative_change']:+.2%}, {p['tokens']} "
+                                               f"tokens)"))
+    m = gen.get("measured")
+    if m:
+        rows.append(("generation (measured)",
+                     f"batch {m['batch']}, prompt {m['prompt_tokens']}, {m['new_tokens']} new: "
+                     f"TTFT {_num(m['original_ttft_ms'])} -> {_num(m['optimized_ttft_ms'])} ms, "
+                     f"{_num(m['original_per_token_ms'])} -> {_num(m['optimized_per_token_ms'])}"
+                     f" ms/token, {m['original_tokens_per_s']} -> {m['optimized_tokens_per_s']} "
+                     f"tokens/s"))
+    c = gen["cache"]
+    rows.append(("KV cache", f"{c['layers']} layers x {c['kv_heads']} kv heads x "
+                             f"{c['head_dim']}, {c['bytes_per_token'] / 1024:.1f} KiB/token, up "
+                             f"to {c['max_length']} tokens"))
     return rows
 
 
