@@ -182,6 +182,61 @@ def llm(model: str = typer.Argument("llama2-7b", help="llama2-7b | llama2-13b | 
 
 
 @app.command()
+def generate(saved: Path = typer.Argument(..., help="a decoder saved by optimize()/optim run"),
+             prompt: str = typer.Option(None, help="prompt text (needs a tokenizer)"),
+             ids: str = typer.Option(None, help="prompt token ids, comma-separated"),
+             max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n"),
+             sample: bool = typer.Option(False, "--sample", help="sample instead of greedy"),
+             temperature: float = typer.Option(1.0), top_k: int = typer.Option(None),
+             top_p: float = typer.Option(None), seed: int = typer.Option(None),
+             tokenizer: str = typer.Option(None, help="'bytes' or a local tokenizer directory "
+                                                      "(default: the one saved with the model)"),
+             stats: bool = typer.Option(True, help="print time to first token and tokens/s")
+             ) -> None:
+    """Generate from a saved decoder, printing tokens as they come."""
+    from optim.api import load
+    from optim.decoder import OptimizedDecoder
+    from optim.tokenizers import load_tokenizer
+
+    try:
+        fast = load(saved)
+        if not isinstance(fast, OptimizedDecoder):
+            raise OptimError(f"{saved} holds a model that does not generate (not a causal LM "
+                             f"optimized for generation)")
+        if (prompt is None) == (ids is None):
+            raise OptimError("give exactly one of --prompt TEXT or --ids 1,2,3")
+        tok = load_tokenizer(tokenizer or fast.tokenizer) if prompt is not None else None
+        tokens = tok.encode(prompt) if tok else [int(x) for x in ids.split(",") if x.strip()]
+        seen: list[int] = []
+        shown = ""
+
+        def show(token) -> None:
+            nonlocal shown
+            seen.append(int(token[0]))
+            if tok is None:
+                sys.stdout.write(f"{seen[-1]} ")
+            else:  # decode everything so far: multi-byte characters arrive whole
+                text = tok.decode(seen)
+                sys.stdout.write(text[len(shown):])
+                shown = text
+            sys.stdout.flush()
+
+        if tok is not None:
+            sys.stdout.write(prompt)
+        fast.generate([tokens], max_new_tokens, streamer=show, do_sample=sample,
+                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        sys.stdout.write("\n")
+        if stats:
+            t = fast.timing
+            per = sum(t.steps_s) / len(t.steps_s) if t.steps_s else 0.0
+            console.print(f"[dim]{fast.backend}: time to first token {t.prefill_s * 1e3:.1f} ms, "
+                          f"{per * 1e3:.2f} ms/token"
+                          + (f" ({1 / per:.0f} tokens/s)" if per else "") + "[/]")
+    except OptimError as e:
+        _fail(e)
+
+
+@app.command()
 def demo(out: Path = typer.Option(Path("reports/minilm"), help="where to write the reports"),
          sentences: int = typer.Option(256, help="real sentences to measure fidelity on")) -> None:
     """Optimize the real all-MiniLM-L6-v2 for this CPU and print the report."""

@@ -140,6 +140,7 @@ class OptimizedDecoder:
         self.special_tokens = special_tokens  # {"eos": [...], "pad": int, "logits": int, ...}
         self.report = report
         self.timing = generation.Timing()  # of the last generate() call
+        self.tokenizer: str | None = None  # "bytes" or a local tokenizer directory (the CLI)
 
     @property
     def backend(self) -> str:
@@ -227,7 +228,7 @@ class OptimizedDecoder:
     def save(self, directory: str | Path) -> Path:
         """The step graph (as its backend saves it), the cache layout and the report."""
         meta = {"kind": "decoder", "cache": self.layout.to_dict(), "max_length": self.max_length,
-                "special_tokens": self.special_tokens}
+                "special_tokens": self.special_tokens, "tokenizer": self.tokenizer}
         return saving.save_parts({"step": self.step}, meta, self.report, Path(directory))
 
     @classmethod
@@ -237,9 +238,12 @@ class OptimizedDecoder:
             raise ConfigError(f"{directory}: a decoder save holds one part 'step', found "
                               f"{sorted(parts)}")
         s = parts["step"]
-        return cls(OptimizedModel(s.artifact, report, s.graph, s.example, shapes=s.shapes),
+        fast = cls(OptimizedModel(s.artifact, report, s.graph, s.example, shapes=s.shapes),
                    CacheLayout(**manifest["cache"]), manifest["max_length"],
                    manifest["special_tokens"], report)
+        tokenizer = manifest.get("tokenizer")
+        fast.tokenizer = tokenizer if isinstance(tokenizer, str) else None
+        return fast
 
     def rooflines(self) -> dict[str, bytes]:
         """A roofline PNG per estimated target with the step graph's kernels on it."""

@@ -6,12 +6,15 @@ import importlib
 import os
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
 from optim import render, zoo
 from optim.api import optimize
 from optim.config import load_pipeline_file
 from optim.errors import ConfigError
+from optim.tokenizers import load_tokenizer
+from optim.zoo import char_lm
 from optim.zoo.data import sentences
 from optim.zoo.tasks import sentence_batches, sentence_embedding_fidelity
 
@@ -68,6 +71,8 @@ def run_pipeline_file(path: Path, out: Path | None = None, save: Path | None = N
         batches = sentence_batches(z.tokenizer, sentences(inputs.get("count", 64)), *batch)
         eval_data, task = batches[:4], sentence_embedding_fidelity(batches)
     targets = spec.get("targets") or [spec.get("target", "cpu")]
+    if spec.get("generate"):
+        return _run_generation(spec, z, targets, path, out, save, console)
     reports = []
     for target in targets:
         with console.status(f"optimizing {z.name} for {target}") as status:
@@ -80,21 +85,82 @@ def run_pipeline_file(path: Path, out: Path | None = None, save: Path | None = N
                           dynamic=spec.get("dynamic"),
                           progress=lambda m, t=target: status.update(f"{z.name} → {t}: {m}"))
         render.print_report(om.report.data, console)
-        outputs = dict(spec.get("report") or {})
-        if out is not None:
-            stem = f"{spec.get('name', Path(path).stem)}-{target}"
-            outputs = {"json": str(out / f"{stem}.json"), "html": str(out / f"{stem}.html"),
-                       "markdown": str(out / f"{stem}.md")}
-        for kind, dest in outputs.items():
-            dest = Path(dest.replace("{target}", target))
-            if kind == "json":
-                om.report.save(dest)
-            else:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                dest.write_text(render.to_html(om.report.data, rooflines=om.rooflines())
-                                if kind == "html" else render.to_markdown(om.report.data))
-            console.print(f"wrote {dest}")
+        _write_outputs(spec, path, out, target, om, console)
         if save is not None:
             om.save(Path(save) / target if len(targets) > 1 else Path(save))
         reports.append(om.report.data)
     return reports
+
+
+def _write_outputs(spec: dict, path: Path, out: Path | None, target: str, om,
+                   console: Console) -> None:
+    outputs = dict(spec.get("report") or {})
+    if out is not None:
+        stem = f"{spec.get('name', Path(path).stem)}-{target}"
+        outputs = {"json": str(out / f"{stem}.json"), "html": str(out / f"{stem}.html"),
+                   "markdown": str(out / f"{stem}.md")}
+    for kind, dest in outputs.items():
+        dest = Path(dest.replace("{target}", target))
+        if kind == "json":
+            om.report.save(dest)
+        else:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_text(render.to_html(om.report.data, rooflines=om.rooflines())
+                            if kind == "html" else render.to_markdown(om.report.data))
+        console.print(f"wrote {dest}")
+
+
+def _run_generation(spec: dict, z: zoo.ZooModel, targets: list[str], path: Path,
+                    out: Path | None, save: Path | None, console: Console) -> list[dict]:
+    """A `generate:` block: the prompt is the example, the model is optimized for generation
+    (`OptimizedDecoder`), then generates from the prompt; `inputs.data: text` measures
+    perplexity on held-out real text."""
+    gen, inputs = spec["generate"], spec.get("inputs", {}) or {}
+    tokenizer_spec = tokenizer_for(spec["model"])
+    tok = load_tokenizer(tokenizer_spec)
+    ids = torch.tensor([tok.encode(gen["prompt"])])
+    eval_data = (text_batches(tok, z, inputs.get("batch", 4), inputs.get("seq", 64),
+                              inputs.get("count", 4))
+                 if inputs.get("data") == "text" else None)
+    sampling = {k: gen[k] for k in ("do_sample", "temperature", "top_k", "top_p", "seed")
+                if k in gen}
+    reports = []
+    for target in targets:
+        with console.status(f"optimizing {z.name} for generation on {target}") as status:
+            om = optimize(z.model, target=target, example_inputs=ids, pipeline=spec["passes"],
+                          backend=spec.get("backend"),
+                          backend_options=spec.get("backend_options"), eval_data=eval_data,
+                          measure_latency=spec.get("measure_latency"), name=z.name,
+                          generation=True, max_length=gen.get("max_length"),
+                          progress=lambda m, t=target: status.update(f"{z.name} → {t}: {m}"))
+        om.tokenizer = tokenizer_spec
+        render.print_report(om.report.data, console)
+        new = om.generate(ids, gen.get("max_new_tokens", 32), **sampling)[0, ids.shape[1]:]
+        console.print(f"[bold]prompt:[/] {gen['prompt']!r}")
+        console.print(f"[bold]generated:[/] {tok.decode(new.tolist())!r}")
+        _write_outputs(spec, path, out, target, om, console)
+        if save is not None:
+            om.save(Path(save) / target if len(targets) > 1 else Path(save))
+        reports.append(om.report.data)
+    return reports
+
+
+def tokenizer_for(model_spec: dict) -> str | None:
+    """The tokenizer a pipeline's model reads text with: bytes for the zoo's char_lm, the
+    model directory for hf_dir, else none known."""
+    if model_spec.get("zoo") == "char_lm":
+        return "bytes"
+    return model_spec.get("hf_dir")
+
+
+def text_batches(tok, z: zoo.ZooModel, batch: int, seq: int, count: int) -> list:
+    """`count` [batch, seq] batches of held-out real text: char_lm's held-out topics, or the
+    prose sentences other models are measured on, tokenized and cut into windows."""
+    if z.name == "char_lm":
+        return [b[:, :seq] for b in char_lm.batches("test", batch, count, seed=1)]
+    ids = torch.tensor(tok.encode(" ".join(sentences(256))))
+    need = batch * seq * count
+    if len(ids) < need:
+        raise ConfigError(f"inputs.data text: {len(ids)} tokens of text, {need} needed "
+                          f"(lower inputs.batch, seq or count)")
+    return list(ids[:need].reshape(count, batch, seq))

@@ -179,3 +179,31 @@ def test_perplexity_through_the_cache_equals_the_original_on_real_text():
     assert abs(ppl["relative_change"]) < 1e-5 and ppl["tokens"] == 2 * 4 * 127
     assert abs(ppl["original"] - char_lm.perplexity(model, text)) < 1e-4
     assert fast.report["fidelity"]["greedy"]["identical"]
+
+
+def test_cli_generates_from_a_save_and_a_pipeline_file_generates(tmp_path):
+    from typer.testing import CliRunner
+
+    from optim.cli import app
+    from optim.runner import run_pipeline_file
+
+    _, fast = _optimized("gpt2")
+    fast.save(tmp_path / "gpt2")
+    want = fast.generate([[5, 6, 7]], 4, stop_tokens=[])[0, 3:].tolist()
+    out = CliRunner().invoke(app, ["generate", str(tmp_path / "gpt2"), "--ids", "5,6,7", "-n",
+                                   "4"])
+    assert out.exit_code == 0, out.output
+    assert out.output.split()[:4] == [str(t) for t in want]
+    bad = CliRunner().invoke(app, ["generate", str(tmp_path / "gpt2"), "--prompt", "hi"])
+    assert bad.exit_code == 2 and "names no tokenizer" in bad.output
+
+    pipe = tmp_path / "gen.yaml"
+    pipe.write_text("version: 1\nmodel: {zoo: char_lm}\ninputs: {data: text, batch: 2, seq: 32, "
+                    "count: 1}\nbackend: torch\nmeasure_latency: false\npasses: [cleanup]\n"
+                    "generate: {prompt: 'The while loop', max_new_tokens: 8}\n")
+    (report,) = run_pipeline_file(pipe, save=tmp_path / "clm")
+    assert report["fidelity"]["greedy"]["identical"]
+    assert abs(report["fidelity"]["perplexity"]["relative_change"]) < 1e-5
+    again = CliRunner().invoke(app, ["generate", str(tmp_path / "clm"), "--prompt", "The while",
+                                     "-n", "8"])  # the byte tokenizer was saved with it
+    assert again.exit_code == 0 and again.output.startswith("The while"), again.output
