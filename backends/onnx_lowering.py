@@ -152,7 +152,8 @@ def attention_decode(q, k, v, k_cache, v_cache, cache_mask, new_mask, scale: flo
     three, big = op.Constant(value_ints=[3]), op.Constant(value_ints=[2 ** 62])
     out = op.Add(op.MatMul(op.Slice(p, op.Constant(value_ints=[0]), n, three), v_cache),
                  op.MatMul(op.Slice(p, n, big, three), v))
-    return op.Reshape(out, op.Concat(b, h, t, op.Shape(v, start=3, end=4), axis=0))
+    mass = op.ReduceSum(p, op.Constant(value_ints=[1, 2]), keepdims=0)  # [B, S + T]
+    return op.Reshape(out, op.Concat(b, h, t, op.Shape(v, start=3, end=4), axis=0)), mass
 
 
 def translation_table(int4_accuracy_level: int = 0) -> dict:

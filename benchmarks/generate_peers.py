@@ -97,9 +97,13 @@ def hf_static_compiled(model, ids, mask, new_tokens: int) -> Runner:
 
 
 def _weights_hash(model) -> str:
-    h = hashlib.sha256(model.config.to_json_string().encode())
+    """Hash of the class, config and weights (config keys `save_pretrained` fills in excluded)."""
+    config = {k: v for k, v in model.config.to_dict().items()
+              if k not in ("architectures", "dtype", "transformers_version")}
+    h = hashlib.sha256(json.dumps([type(model).__name__, config], sort_keys=True,
+                                  default=str).encode())
     for name, t in model.state_dict().items():
-        h.update(name.encode())
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
         h.update(t.detach().contiguous().view(-1).view(torch.uint8).numpy())
     return h.hexdigest()[:16]
 
@@ -189,3 +193,51 @@ def peer_versions() -> dict[str, str]:
         except Exception:
             found[name] = "not installed"
     return found
+
+
+def _llama_100m():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=768, num_hidden_layers=8, num_attention_heads=12,
+                      num_key_value_heads=4, intermediate_size=2048, vocab_size=32000,
+                      max_position_embeddings=2048)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "generate_peers"))
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    args = parser.parse_args()
+    model, n = _llama_100m(), args.new_tokens
+    ids = torch.randint(0, model.config.vocab_size, (1, args.prompt),
+                        generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    factories = {"hf_eager": lambda: hf_eager(model, ids, mask, n),
+                 "hf_static_compiled": lambda: hf_static_compiled(model, ids, mask, n)}
+    for precision in ("fp32", "int4"):
+        factories[f"ortgenai_{precision}"] = lambda p=precision: ortgenai(
+            model, ids, mask, n, p, args.workdir)
+    print(json.dumps(peer_versions()), f"threads={torch.get_num_threads()}")
+    reference = None
+    for name, factory in factories.items():
+        start = time.perf_counter()
+        run = factory()
+        setup = time.perf_counter() - start
+        tokens = run()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        reference = tokens if reference is None else reference
+        median = statistics.median(times)
+        print(f"{name:20s} setup {setup:6.1f} s  median {median * 1e3:7.1f} ms  "
+              f"{ids.shape[0] * n / median:6.1f} tok/s  "
+              f"same tokens as hf_eager: {int((tokens == reference).sum())}/{tokens.numel()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -30,6 +30,7 @@ from optim.capture import Inputs, weight_bytes
 from optim.decoder_steps import CacheLayout, DecoderStep, modes_kept, probe_layout
 from optim.errors import ConfigError
 from optim.ir import op_histogram
+from optim.kv_cache import CachePolicy
 from optim.lower import lower, resolve_backend
 from optim.measure import measure
 from optim.model import OptimizedModel
@@ -153,40 +154,48 @@ class OptimizedDecoder:
                                       past_values=tuple(values))
 
     def stream(self, input_ids: Tensor | list, max_new_tokens: int = 32, *,
-               attention_mask: Tensor | None = None, **sampling: Any) -> Iterator[Tensor]:
-        """Yield each step's new token per sequence ([batch] int64) as soon as it is chosen."""
+               attention_mask: Tensor | None = None, cache: Any = None,
+               **sampling: Any) -> Iterator[Tensor]:
+        """Yield each step's new token per sequence ([batch] int64) as soon as it is chosen.
+        `cache`: a `CachePolicy` or dict bounding the KV cache, e.g. {"method": "keyformer",
+        "budget": 0.5} (`optim.kv_cache`); default: every token kept."""
+        policy = CachePolicy.parse(cache)
         cfg = self._sampling(max_new_tokens, sampling)
         ids, mask = generation.left_pad(input_ids, attention_mask, cfg.pad_token_id)
         self._check_ids(ids)
         # a backend that binds buffers reads the cache where it lies, outputs land in place
         decode = self._bound(ids.shape[0]) if self.step.artifact.binds_buffers else None
         yield from generation.stream(self._run, self.layout, ids, mask, cfg, self.max_length,
-                                     self.timing, decode)
+                                     self.timing, decode, policy)
 
     def generate(self, input_ids: Tensor | list, max_new_tokens: int = 32, *,
-                 attention_mask: Tensor | None = None, streamer=None, **sampling: Any) -> Tensor:
+                 attention_mask: Tensor | None = None, streamer=None, cache: Any = None,
+                 **sampling: Any) -> Tensor:
         """The prompts followed by their new tokens, [batch, prompt + new] (left-padded as the
         prompts were; sequences that stopped early continue with the pad token), like
         Hugging Face `generate`. Options: `do_sample`, `temperature`, `top_k`, `top_p`,
         `seed`, `stop_tokens` (default: the model's end-of-sequence tokens), `pad_token_id`;
-        `streamer(tokens)` is called with each step's [batch] tokens."""
+        `streamer(tokens)` is called with each step's [batch] tokens; `cache` bounds the KV
+        cache (see `stream`)."""
         cfg = self._sampling(max_new_tokens, sampling)
         ids, _ = generation.left_pad(input_ids, attention_mask, cfg.pad_token_id)
         out = []
         for token in self.stream(input_ids, max_new_tokens, attention_mask=attention_mask,
-                                 **sampling):
+                                 cache=cache, **sampling):
             out.append(token)
             if streamer is not None:
                 streamer(token)
         return torch.cat([ids, torch.stack(out, 1)], 1)
 
-    def perplexity(self, batches: list[Tensor]) -> float:
-        """Perplexity of unpadded token batches [B, T], every token predicted through the KV
-        cache, one step per token, as generation predicts it."""
+    def perplexity(self, batches: list[Tensor], prompt: int = 1, cache: Any = None) -> float:
+        """Perplexity of unpadded token batches [B, T] on their tokens after the first
+        `prompt`, each predicted through the KV cache (bounded by `cache`, see `stream`), one
+        step per token, as generation predicts it."""
+        policy = CachePolicy.parse(cache)
         total = count = 0.0
         for ids in batches:
             self._check_ids(ids)
-            logits = generation.teacher_forced(self._run, self.layout, ids)
+            logits = generation.teacher_forced(self._run, self.layout, ids, prompt, policy)
             n = logits.shape[0] * logits.shape[1]
             total += math.log(generation.perplexity(logits, ids)) * n
             count += n
@@ -197,12 +206,16 @@ class OptimizedDecoder:
         logits = torch.empty(batch, self.special_tokens["logits"])
         new_k = [torch.empty(batch, lay.kv_heads, 1, lay.head_dim) for _ in range(lay.layers)]
         new_v = [torch.empty(batch, lay.kv_heads, 1, lay.value_dim) for _ in range(lay.layers)]
-        outputs = [logits, *new_k, *new_v]
+        mass = torch.empty(batch, 0)
         run = self.step.artifact.run_bound
 
         def decode(ids, mask, pos, cache_mask, keys, values):
-            run([ids.contiguous(), mask, pos.contiguous(), cache_mask, *keys, *values], outputs)
-            return logits, new_k, new_v
+            nonlocal mass
+            if mass.shape[1] != cache_mask.shape[1] + 1:  # once per generation
+                mass = torch.empty(batch, cache_mask.shape[1] + 1)
+            run([ids.contiguous(), mask, pos.contiguous(), cache_mask, *keys, *values],
+                [logits, *new_k, *new_v, mass])
+            return logits, new_k, new_v, mass
 
         return decode
 
@@ -325,8 +338,8 @@ def _step_inputs(model, layout: CacheLayout, ids: Tensor, mask: Tensor, limit: i
     cache_mask, keys, values = generation.empty_cache(layout, b)
     if cut:
         with torch.no_grad():
-            _, keys, values = DecoderStep(model, layout.layers)(ids[:, :cut], past_mask,
-                                                                pos[:, :cut])
+            _, keys, values, _ = DecoderStep(model, layout.layers)(
+                ids[:, :cut], past_mask, pos[:, :cut], *generation.empty_cache(layout, b))
         cache_mask = past_mask.bool()
     kwargs = {"input_ids": ids[:, cut:].clone(), "attention_mask": new_mask.clone(),
               "position_ids": pos[:, cut:].clone(), "cache_mask": cache_mask.clone(),

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -40,6 +40,7 @@ class _StepState:
     cache_mask: Tensor | None  # [B, S] bool; None: no cache at all (a plain forward)
     past_keys: tuple = ()
     past_values: tuple = ()
+    masses: dict = field(default_factory=dict)  # layer -> attention each key received
 
 
 class _StepCache(DynamicCache):
@@ -86,9 +87,9 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
         out = torch.ops.optim.attention(query, key, value, mask, scale, False)
     else:
         layer = module.layer_idx
-        out = torch.ops.optim.attention_decode(query, key, value, state.past_keys[layer],
-                                               state.past_values[layer], state.cache_mask,
-                                               state.new_mask, scale)
+        out, state.masses[layer] = torch.ops.optim.attention_decode(
+            query, key, value, state.past_keys[layer], state.past_values[layer],
+            state.cache_mask, state.new_mask, scale)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -127,7 +128,8 @@ class DecoderStep(torch.nn.Module):
     """(input_ids, attention_mask, position_ids) [B, T] for T new tokens, cache_mask [B, S]
     and the cache (past_keys, past_values: one [B, kv_heads, S, head_dim] per layer) ->
     (logits of the last position [B, V], the new tokens' keys and values [B, kv_heads, T,
-    head_dim] per layer)."""
+    head_dim] per layer, and the attention each key received [B, S + T], summed over layers,
+    heads and queries: what KV-cache eviction scores tokens by)."""
 
     def __init__(self, model: torch.nn.Module, layers: int):
         super().__init__()
@@ -147,7 +149,20 @@ class DecoderStep(torch.nn.Module):
             out = self.model(input_ids=input_ids, position_ids=position_ids,
                              attention_mask=mask, past_key_values=cache, use_cache=True,
                              logits_to_keep=1)
-        return (out.logits[:, -1], *_split(cache))
+        keys, values = _split(cache)
+        if cache_mask is None:
+            return out.logits[:, -1], keys, values
+        return out.logits[:, -1], keys, values, _total(state.masses, self.layers)
+
+
+def _total(masses: dict, layers: int) -> Tensor:
+    missing = [i for i in range(layers) if i not in masses]
+    if missing:
+        raise CaptureError(f"layers {missing} did not attend through optim's attention")
+    total = masses[0]
+    for i in range(1, layers):
+        total = total + masses[i]
+    return total
 
 
 def _new_block_mask(new_mask: Tensor, group: int) -> Tensor:

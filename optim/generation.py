@@ -18,6 +18,7 @@ from torch import Tensor
 
 from optim.decoder_steps import CacheLayout
 from optim.errors import ConfigError
+from optim.kv_cache import CachePolicy, KVCache
 
 # step(input_ids, attention_mask, position_ids, cache_mask, keys, values) -> (last logits,
 # new keys, new values): `optim.decoder_steps.DecoderStep` as lowered by a backend
@@ -101,26 +102,26 @@ def empty_cache(layout: CacheLayout, batch: int) -> tuple[Tensor, list[Tensor], 
 
 def stream(step: Step, layout: CacheLayout, input_ids: Tensor, attention_mask: Tensor,
            cfg: Sampling, max_length: int, timing: Timing | None = None,
-           decode: Step | None = None) -> Iterator[Tensor]:
+           decode: Step | None = None, policy: CachePolicy | None = None) -> Iterator[Tensor]:
     """Yield the next token of every sequence ([B] int64), step by step. `decode` (default
-    `step`) runs the one-token steps, e.g. with the cache bound in place."""
+    `step`) runs the one-token steps, e.g. with the cache bound in place; `policy` bounds the
+    cache (`optim.kv_cache`)."""
     cfg.check()
+    policy = policy or CachePolicy()
     decode = decode or step
     b, t = input_ids.shape
     total = t + cfg.max_new_tokens
     if total > max_length:
         raise ConfigError(f"a prompt of {t} tokens plus max_new_tokens={cfg.max_new_tokens} "
-                          f"needs {total} cache slots; this model holds {max_length} (its "
+                          f"needs {total} positions; this model holds {max_length} (its "
                           f"position table); shorten the prompt or generate fewer tokens")
     timing = timing if timing is not None else Timing()
     rng = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
-    keys, values = layout.allocate(b, total)
-    cache_mask = torch.zeros(b, total, dtype=torch.bool)
+    cache = KVCache(layout, b, policy.slots(t, cfg.max_new_tokens), policy, cfg.max_new_tokens)
     pos = positions(attention_mask)
     t0 = time.perf_counter()
-    logits, new_k, new_v = step(input_ids, attention_mask, pos, *empty_cache(layout, b))
-    _write(keys, values, new_k, new_v, slice(0, t))
-    cache_mask[:, :t] = attention_mask.bool()
+    logits, new_k, new_v, mass = step(input_ids, attention_mask, pos, *empty_cache(layout, b))
+    cache.fill(new_k, new_v, mass[:, -t:], pos, attention_mask)
     timing.prefill_s = time.perf_counter() - t0
     timing.steps_s = []
     done = torch.zeros(b, dtype=torch.bool)
@@ -135,20 +136,34 @@ def stream(step: Step, layout: CacheLayout, input_ids: Tensor, attention_mask: T
             done |= torch.isin(token, stops)
         if bool(done.all()) or i == cfg.max_new_tokens - 1:
             return
-        slot = t + i
         t0 = time.perf_counter()
-        logits, new_k, new_v = decode(token[:, None], one, next_pos, cache_mask, keys, values)
-        _write(keys, values, new_k, new_v, slice(slot, slot + 1))
-        cache_mask[:, slot] = True
+        logits, new_k, new_v, mass = decode(token[:, None], one, next_pos, cache.mask,
+                                            cache.keys, cache.values)
+        cache.add(new_k, new_v, mass, next_pos[:, 0])
         next_pos = next_pos + 1
         timing.steps_s.append(time.perf_counter() - t0)
 
 
-def _write(keys: list[Tensor], values: list[Tensor], new_k, new_v, where: slice) -> None:
-    for cache, new in zip(keys, new_k):
-        cache[:, :, where] = new
-    for cache, new in zip(values, new_v):
-        cache[:, :, where] = new
+def teacher_forced(step: Step, layout: CacheLayout, ids: Tensor, prompt: int = 1,
+                   policy: CachePolicy | None = None) -> Tensor:
+    """Logits [B, T - prompt, V] predicting tokens prompt..T-1 of `ids` (no padding), through
+    the cache as generation reads it: the first `prompt` tokens in one step, then one step per
+    token, with the cache bounded by `policy`."""
+    policy = policy or CachePolicy()
+    b, t = ids.shape
+    cache = KVCache(layout, b, policy.slots(prompt, t - prompt), policy, t - prompt)
+    mask = torch.ones(b, prompt, dtype=torch.long)
+    pos = positions(mask)
+    logits, new_k, new_v, mass = step(ids[:, :prompt], mask, pos, *empty_cache(layout, b))
+    cache.fill(new_k, new_v, mass[:, -prompt:], pos, mask)
+    out = [logits.clone()]
+    one = torch.ones(b, 1, dtype=torch.long)
+    for i in range(prompt, t - 1):
+        logits, new_k, new_v, mass = step(ids[:, i:i + 1], one, one * i, cache.mask,
+                                          cache.keys, cache.values)
+        cache.add(new_k, new_v, mass, one[:, 0] * i)
+        out.append(logits.clone())
+    return torch.stack(out, 1)
 
 
 def choose(logits: Tensor, cfg: Sampling, rng: torch.Generator | None) -> Tensor:
@@ -167,25 +182,9 @@ def choose(logits: Tensor, cfg: Sampling, rng: torch.Generator | None) -> Tensor
     return torch.multinomial(scores.softmax(-1), 1, generator=rng).squeeze(-1)
 
 
-def teacher_forced(step: Step, layout: CacheLayout, ids: Tensor) -> Tensor:
-    """Logits [B, T - 1, V] predicting tokens 1..T-1 of `ids` (no padding), through the cache
-    as generation reads it: the first token alone, then one step of one token per position."""
-    b, t = ids.shape
-    keys, values = layout.allocate(b, t)
-    cache_mask = torch.zeros(b, t, dtype=torch.bool)
-    one = torch.ones(b, 1, dtype=torch.long)
-    out = []
-    for i in range(t - 1):
-        mask, k, v = (cache_mask, keys, values) if i else empty_cache(layout, b)
-        logits, new_k, new_v = step(ids[:, i:i + 1], one, one * i, mask, k, v)
-        _write(keys, values, new_k, new_v, slice(i, i + 1))
-        cache_mask[:, i] = True
-        out.append(logits.clone())
-    return torch.stack(out, 1)
-
-
 def perplexity(logits: Tensor, ids: Tensor) -> float:
-    """exp(mean cross-entropy) of `logits` [B, T - 1, V] against the next tokens of `ids`."""
+    """exp(mean cross-entropy) of `logits` [B, n, V] against the last n tokens of `ids`."""
+    n = logits.shape[1]
     ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                           ids[:, 1:].reshape(-1))
+                                           ids[:, -n:].reshape(-1))
     return float(torch.exp(ce))

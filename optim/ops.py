@@ -101,10 +101,13 @@ VALUE_META[torch.ops.optim.attention_trimmed.default] = lambda q, k, v, mask, sc
 
 @torch.library.custom_op("optim::attention_decode", mutates_args=())
 def attention_decode(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
-                     cache_mask: Tensor, new_mask: Tensor, scale: float) -> Tensor:
-    """New tokens attending to a KV cache and to each other, without concatenating them."""
+                     cache_mask: Tensor, new_mask: Tensor, scale: float
+                     ) -> tuple[Tensor, Tensor]:
+    """New tokens attending to a KV cache and to each other, without concatenating them; also
+    the attention each key received, summed over heads and queries ([B, S + T]: cache slots,
+    then new tokens), which KV-cache eviction scores tokens by."""
     b, h, t, d = q.shape
-    hkv = k.shape[1]
+    hkv, s = k.shape[1], k_cache.shape[2]
     n = _used_slots(cache_mask)  # slots after the last one any sequence holds are skipped
     qg = q.reshape(b, hkv, (h // hkv) * t, d)  # a group's query heads share one kv head
     past = torch.matmul(qg, k_cache[:, :, :n].transpose(-1, -2)).mul_(scale)
@@ -114,7 +117,10 @@ def attention_decode(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: 
         new.masked_fill_(~_new_block_mask(new_mask, h // hkv), float("-inf"))
     p = torch.softmax(torch.cat([past, new], -1), -1)
     out = torch.matmul(p[..., :n], v_cache[:, :, :n]) + torch.matmul(p[..., n:], v)
-    return out.reshape(b, h, t, v.shape[-1])
+    mass = p.new_zeros(b, s + t)
+    summed = p.sum((1, 2))
+    mass[:, :n], mass[:, s:] = summed[:, :n], summed[:, n:]
+    return out.reshape(b, h, t, v.shape[-1]), mass
 
 
 def _new_block_mask(new_mask: Tensor, group: int) -> Tensor:
@@ -133,7 +139,8 @@ def _used_slots(cache_mask: Tensor) -> int:
 
 @attention_decode.register_fake
 def _(q, k, v, k_cache, v_cache, cache_mask, new_mask, scale):
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+    return (q.new_empty((*q.shape[:-1], v.shape[-1])),
+            q.new_empty((q.shape[0], k_cache.shape[2] + q.shape[2])))
 
 
 # ---- optim::linear_int8: int8 weights, dynamic per-token int8 activations ----

@@ -124,7 +124,7 @@ def test_streaming_yields_the_generated_tokens_in_order():
 
 def test_a_prompt_longer_than_the_cache_and_bad_options_get_clear_errors():
     _, fast = _optimized("gpt2")
-    with pytest.raises(ConfigError, match="needs 140 cache slots; this model holds 128"):
+    with pytest.raises(ConfigError, match="needs 140 positions; this model holds 128"):
         fast.generate(_prompt(1, 100), 40)
     with pytest.raises(ConfigError, match="unknown options"):
         fast.generate(_prompt(), 4, beams=2)
