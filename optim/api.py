@@ -83,16 +83,16 @@ def optimize(model: torch.nn.Module, target: str | Target = "cpu", example_input
     say = progress or (lambda msg: None)
     tgt = resolve_target(target)
     if generation or generation is None and is_causal_lm(model, example_kwargs):
-        if calibration or task_fidelity or fidelity_budget or dynamic is not None:
-            raise ConfigError("calibration, task_fidelity, fidelity_budget and dynamic are not "
-                              "taken for generation yet; the prompt is the example and "
-                              "eval_data token batches measure perplexity (pass "
-                              "generation=False to trace one forward)")
+        if task_fidelity or fidelity_budget or dynamic is not None:
+            raise ConfigError("task_fidelity, fidelity_budget and dynamic are not taken for "
+                              "generation yet; the prompt is the example, eval_data token "
+                              "batches measure perplexity and calibration token batches "
+                              "calibrate (pass generation=False to trace one forward)")
         return optimize_decoder(model, tgt, resolve_pipeline(pipeline, tgt.default_pipeline,
                                                              pass_options),
                                 example_inputs, example_kwargs, backend, backend_options,
-                                eval_data=eval_data, max_length=max_length,
-                                measure_latency=measure_latency,
+                                eval_data=eval_data, calibration=calibration,
+                                max_length=max_length, measure_latency=measure_latency,
                                 estimate_targets=estimate_targets, name=name, say=say)
     chosen, options = resolve_backend(backend, tgt, backend_options)
     pipe = resolve_pipeline(pipeline, tgt.default_pipeline, pass_options)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from hardware.capability import pass_advice
-from hardware.estimate import DEFAULT_PRECISION
+from hardware.estimate import DEFAULT_PRECISION, report_section
 from optim import generation, saving, shapes, timing, verify
 from optim.capture import Inputs, weight_bytes
 from optim.decoder_steps import CacheLayout, DecoderStep, modes_kept, probe_layout
@@ -38,6 +38,7 @@ from optim.pipeline import Pipeline
 from optim.report import LatencyRow, ModelFacts, Report, ReportData
 from optim.shapes import InputShape, ShapeSpec
 from optim.targets import resolve_target
+from optim.timing import kernels_at
 from optim.transform import capture_and_run
 
 PREFUSED = ("fuse_attention",)  # attention is captured fused; these passes have nothing to do
@@ -56,7 +57,8 @@ def is_causal_lm(model: Any, example_kwargs: dict | None = None) -> bool:
 
 def optimize_decoder(model: torch.nn.Module, tgt, pipe: Pipeline, example_inputs: Any,
                      example_kwargs: dict | None, backend: str | None, backend_options: Any,
-                     *, eval_data: list | None = None, max_length: int | None = None,
+                     *, eval_data: list | None = None, calibration: list | None = None,
+                     max_length: int | None = None,
                      measure_latency: bool | None = None, new_tokens: int = 16,
                      estimate_targets: list[str] | None = None, name: str | None = None,
                      say=lambda msg: None) -> OptimizedDecoder:
@@ -64,14 +66,16 @@ def optimize_decoder(model: torch.nn.Module, tgt, pipe: Pipeline, example_inputs
     put back as they were, module by module."""
     with modes_kept(model):
         return _optimize_decoder(model, tgt, pipe, example_inputs, example_kwargs, backend,
-                                 backend_options, eval_data=eval_data, max_length=max_length,
+                                 backend_options, eval_data=eval_data,
+                                 calibration=calibration, max_length=max_length,
                                  measure_latency=measure_latency, new_tokens=new_tokens,
                                  estimate_targets=estimate_targets, name=name, say=say)
 
 
 def _optimize_decoder(model, tgt, pipe, example_inputs, example_kwargs, backend,
-                      backend_options, *, eval_data, max_length, measure_latency, new_tokens,
-                      estimate_targets, name, say) -> OptimizedDecoder:
+                      backend_options, *, eval_data, calibration, max_length,
+                      measure_latency, new_tokens, estimate_targets, name,
+                      say) -> OptimizedDecoder:
     model.eval()
     chosen, options = resolve_backend(backend, tgt, backend_options)
     if not chosen.dynamic:
@@ -85,6 +89,8 @@ def _optimize_decoder(model, tgt, pipe, example_inputs, example_kwargs, backend,
     say(f"decoder: {layout.layers} layers, {layout.kv_heads} kv heads x {layout.head_dim}; "
         f"cache up to {limit} tokens")
     inputs = _step_inputs(model, layout, *_traceable(ids, mask), limit)
+    if calibration:  # passes that calibrate see these texts as prompts
+        inputs.calibration = [_prompt_step(layout, t) for t in _token_batches(calibration)]
     original, passes = capture_and_run(DecoderStep(model, layout.layers), inputs, pipe, tgt, say)
     tokens["logits"] = int(original.refs[0][0].shape[-1])  # the LM head's width
     artifact, lower_s = lower(passes.gm, inputs.example, tgt, chosen, options, original.shapes,
@@ -258,6 +264,41 @@ class OptimizedDecoder:
         fast.tokenizer = tokenizer if isinstance(tokenizer, str) else None
         return fast
 
+    def estimate_generation(self, target: str = "cpu", batch: int = 1, prompt: int = 128,
+                            new_tokens: int = 64) -> dict:
+        """The cost model's view of one generation on `target`, from this model's own step
+        graph: the prompt's step over an empty cache (time to first token), and a one-token
+        step over a cache of prompt + new_tokens / 2 (the mean decode context) per new token."""
+        if self.step.graph is None:
+            raise ConfigError("this decoder has no step graph (loaded from disk?); optimize "
+                              "the model again to estimate it")
+        tgt = resolve_target(target)
+        lay = self.layout
+        ids = torch.zeros(batch, prompt, dtype=torch.long)
+        ones = torch.ones_like(ids)
+        first = {"input_ids": ids, "attention_mask": ones,
+                 "position_ids": generation.positions(ones)}
+        mask, keys, values = generation.empty_cache(lay, batch)
+        context = prompt + new_tokens // 2
+        k, v = lay.allocate(batch, context)
+        one = torch.ones(batch, 1, dtype=torch.long)
+        step = {"input_ids": one, "attention_mask": one, "position_ids": one * context,
+                "cache_mask": torch.ones(batch, context, dtype=torch.bool),
+                "past_keys": tuple(k), "past_values": tuple(v)}
+        weights = float(weight_bytes(self.step.graph))
+        sections = {}
+        for name, kwargs in (("prefill", {**first, "cache_mask": mask, "past_keys": tuple(keys),
+                                          "past_values": tuple(values)}), ("decode", step)):
+            kernels = kernels_at(self.step.graph, (), kwargs)
+            sections[name] = report_section({name: kernels}, tgt, memory_bytes=weights)
+        per_token = sections["decode"]["estimated_ms"]
+        return {"target": tgt.name, "by": sections["decode"]["by"], "batch": batch,
+                "prompt": prompt, "new_tokens": new_tokens,
+                "ttft_ms": sections["prefill"]["estimated_ms"], "per_token_ms": per_token,
+                "tokens_per_s": batch * 1e3 / per_token,
+                "total_ms": sections["prefill"]["estimated_ms"] + per_token * (new_tokens - 1),
+                "decode_bound": sections["decode"]["bound"]}
+
     def rooflines(self) -> dict[str, bytes]:
         """A roofline PNG per estimated target with the step graph's kernels on it."""
         return self.step.rooflines()
@@ -359,6 +400,15 @@ def _step_inputs(model, layout: CacheLayout, ids: Tensor, mask: Tensor, limit: i
     return Inputs(((), kwargs), [((), kwargs)], [((), kwargs)], spec)
 
 
+def _prompt_step(layout: CacheLayout, ids: Tensor) -> tuple[tuple, dict]:
+    """A step's inputs for unpadded prompts `ids` over an empty cache."""
+    mask, keys, values = generation.empty_cache(layout, ids.shape[0])
+    ones = torch.ones_like(ids)
+    return (), {"input_ids": ids, "attention_mask": ones,
+                "position_ids": generation.positions(ones), "cache_mask": mask,
+                "past_keys": tuple(keys), "past_values": tuple(values)}
+
+
 # ---- checks and measurements ----
 
 def hf_generate(model, ids: Tensor, mask: Tensor, new_tokens: int, tokens: dict) -> Tensor:
@@ -417,8 +467,9 @@ def _token_batches(eval_data: list) -> list[Tensor]:
     for i, b in enumerate(eval_data):
         ids = b.get("input_ids") if isinstance(b, dict) else b
         if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype != torch.long:
-            raise ConfigError(f"eval_data[{i}]: for a causal LM, each item is a [batch, tokens] "
-                              f"int64 tensor of real text (no padding), got {type(b).__name__}")
+            raise ConfigError(f"eval_data / calibration [{i}]: for a causal LM, each item is a "
+                              f"[batch, tokens] int64 tensor of real text (no padding), got "
+                              f"{type(b).__name__}")
         out.append(ids)
     return out
 
