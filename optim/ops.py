@@ -110,6 +110,10 @@ def attention_decode(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: 
     hkv, s = k.shape[1], k_cache.shape[2]
     n = _used_slots(cache_mask)  # slots after the last one any sequence holds are skipped
     qg = q.reshape(b, hkv, (h // hkv) * t, d)  # a group's query heads share one kv head
+    splits = split_k(b * hkv, n) if t == 1 else 1
+    if splits > 1:
+        return _attention_split(qg, k, v, k_cache, v_cache, cache_mask, scale, n, splits,
+                                (b, h, t))
     past = torch.matmul(qg, k_cache[:, :, :n].transpose(-1, -2)).mul_(scale)
     past.masked_fill_(~cache_mask[:, None, None, :n], float("-inf"))
     new = torch.matmul(qg, k.transpose(-1, -2)).mul_(scale)
@@ -120,6 +124,54 @@ def attention_decode(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: 
     mass = p.new_zeros(b, s + t)
     summed = p.sum((1, 2))
     mass[:, :n], mass[:, s:] = summed[:, :n], summed[:, n:]
+    return out.reshape(b, h, t, v.shape[-1]), mass
+
+
+SPLIT_K_MIN_SLOTS = 1024  # shorter caches are read fast enough by one batched matmul
+
+
+def split_k(rows: int, slots: int) -> int:
+    """How many pieces to split a cache of `slots` into, for `rows` (batch x kv heads) attention
+    rows: enough that every thread has a piece when there are fewer rows than threads
+    (LeanAttention's observation: one sequence's decode attention leaves cores idle)."""
+    threads = torch.get_num_threads()
+    if rows >= threads or slots < SPLIT_K_MIN_SLOTS or not SPLIT_K_ENABLED[0]:
+        return 1
+    return max(1, threads // rows) * 2
+
+
+SPLIT_K_ENABLED = [True]  # a switch for measuring the unsplit kernel against the split one
+
+
+def _attention_split(qg, k, v, k_cache, v_cache, cache_mask, scale, n, splits, shape):
+    """One new token (t = 1) over the cache split into `splits` pieces along the slots, each
+    piece's softmax kept as (max, sum, weighted values) and the pieces combined exactly (the
+    rescaling is associative): one batched matmul with `splits` times more rows to share out."""
+    b, h, t = shape
+    hkv, d = qg.shape[1], qg.shape[3]
+    c = -(-n // splits)  # slots per piece; the last piece is padded and masked
+    pad = c * splits - n
+    kc, vc, mask = k_cache[:, :, :n], v_cache[:, :, :n], cache_mask[:, :n]
+    if pad:
+        kc = torch.nn.functional.pad(kc, (0, 0, 0, pad))
+        vc = torch.nn.functional.pad(vc, (0, 0, 0, pad))
+        mask = torch.nn.functional.pad(mask, (0, pad))
+    kp = kc.reshape(b, hkv, splits, c, d)
+    vp = vc.reshape(b, hkv, splits, c, vc.shape[-1])
+    scores = torch.matmul(qg.unsqueeze(2), kp.transpose(-1, -2)).mul_(scale)  # [b,hkv,P,r,c]
+    scores.masked_fill_(~mask.reshape(b, 1, splits, 1, c), float("-inf"))
+    top = scores.amax(-1, keepdim=True).clamp(min=torch.finfo(scores.dtype).min)
+    w = torch.exp(scores - top)
+    part_sum, part_out = w.sum(-1, keepdim=True), torch.matmul(w, vp)
+    new = torch.matmul(qg, k.transpose(-1, -2)).mul_(scale)  # [b, hkv, r, 1]
+    best = torch.maximum(top.amax(2), new)
+    rescale = torch.exp(top - best.unsqueeze(2))
+    e_new = torch.exp(new - best)
+    total = (part_sum * rescale).sum(2) + e_new
+    out = ((part_out * rescale).sum(2) + e_new * v) / total
+    mass = qg.new_zeros(b, k_cache.shape[2] + t)
+    mass[:, :n] = (w * rescale / total.unsqueeze(2)).sum((1, 3)).reshape(b, -1)[:, :n]
+    mass[:, -t:] = (e_new / total).sum((1, 2))[:, None]
     return out.reshape(b, h, t, v.shape[-1]), mass
 
 
