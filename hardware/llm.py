@@ -5,7 +5,8 @@ No weights are needed: the caller passes `capture(shape, batch, seq)`, the kerne
 copy of the decoder (`optim.llm` captures it on the meta device). The second layer's kernels
 stand for every later one (decoder layers are identical), so a 70B config costs seconds. Decode
 is the seq=1 graph with each attention reading the whole cache: the K/V of `context_len` tokens
-move as the `kv_cache` byte class. Users call `optim.llm.estimate_llm("llama2-7b", "a100")`.
+(the shape's KV heads x head_dim per layer) move as the `kv_cache` byte class. Users call
+`optim.llm.estimate_llm("llama2-7b", "a100")`.
 """
 
 from __future__ import annotations
@@ -26,12 +27,16 @@ WEIGHT_FORMATS = {"fp16": ("fp16", 2.0), "bf16": ("bf16", 2.0), "fp8": ("fp8", 1
 
 
 def _layer(k: Kernel) -> int | None:
+    """The decoder layer a kernel belongs to: the first numeric part of its module path
+    (`model.layers.1.mlp`, `transformer.h.1.attn`, `model.decoder.layers.1.fc1`), else None."""
+    return next((int(p) for p in k.module.split(".") if p.isdigit()), None)
+
+
+def _as_layer(k: Kernel, i: int) -> Kernel:
+    """Kernel `k` of the template layer, renamed as layer `i`'s."""
     parts = k.module.split(".")
-    if "layers" in parts:
-        i = parts.index("layers")
-        if i + 1 < len(parts) and parts[i + 1].isdigit():
-            return int(parts[i + 1])
-    return None
+    at = next(j for j, p in enumerate(parts) if p.isdigit())
+    return replace(k, module=".".join(parts[:at] + [str(i)] + parts[at + 1:]))
 
 
 Capture = Callable[[LLMShape, int, int], Sequence[Kernel]]  # (shape, batch, seq) -> 2 layers
@@ -50,11 +55,14 @@ def decoder_kernels(shape: LLMShape, capture: Capture, *, batch: int, seq: int,
     template = [k for k in base if _layer(k) == 1]
     if not template:
         raise ConfigError("could not find decoder layer 1 in the captured graph")
+    if context_len is not None and not any(k.kind == "attention" for k in template):
+        raise ConfigError(f"{shape.name}: no fused attention in the captured decoder layer, so "
+                          f"decode's KV-cache reads have nowhere to go; its attention is not "
+                          f"one fuse_attention recognizes (softcapping?): use an LLMShape")
     kernels = [k for k in base if _layer(k) != 1]
     for i in range(1, shape.layers):
-        kernels += [replace(k, module=k.module.replace("layers.1", f"layers.{i}", 1))
-                    for k in template]
-    return [_retype(_with_cache(k, context_len, kv), weights) for k in kernels]
+        kernels += [_as_layer(k, i) for k in template]
+    return [_retype(_with_cache(k, shape, context_len, kv), weights) for k in kernels]
 
 
 def _retype(k: Kernel, weights: str) -> Kernel:
@@ -69,15 +77,15 @@ def _retype(k: Kernel, weights: str) -> Kernel:
     return replace(k, bytes=b, dtype=math_dtype, weight_format=weights)
 
 
-def _with_cache(k: Kernel, context_len: int | None, kv: str) -> Kernel:
+def _with_cache(k: Kernel, shape: LLMShape, context_len: int | None, kv: str) -> Kernel:
+    """Attention over a KV cache of `context_len` tokens: it reads the shape's K and V
+    (kv_heads x head_dim each, per token) besides the new tokens' Q, K, V and output."""
     if k.kind != "attention" or context_len is None:
         return k
     b, h, lq, _, d = k.shape
-    kv_heads_bytes = k.bytes["activations"]  # q + out + k + v of the new tokens (fp16)
     q_out = 2 * b * h * lq * d * 2.0
-    new_kv = max(kv_heads_bytes - q_out, 0.0)  # k, v of the new tokens, written to the cache
-    hkv_elems = new_kv / 2.0 / 2.0 / max(lq, 1)  # per token: b * hkv * d for each of k and v
-    cache = 2 * hkv_elems * context_len * BYTES[kv]
+    new_kv = 2 * b * lq * shape.kv_heads * shape.head_dim * 2.0  # written to the cache (fp16)
+    cache = b * context_len * shape.kv_bytes_per_token(BYTES[kv]) / shape.layers
     flops = 4.0 * b * h * lq * context_len * d + 5.0 * b * h * lq * context_len
     return replace(k, flops=flops, shape=(b, h, lq, context_len, d),
                    bytes={"weights": 0.0, "activations": q_out + new_kv, "kv_cache": cache})
@@ -107,12 +115,13 @@ def _fpga(shape: LLMShape, spec, batch: int, prompt_len: int, ctx: int, weights:
     dec = fpga.estimate_llm(spec, shape, phase="decode", batch=batch, prompt_len=prompt_len,
                             context_len=ctx, **bits)
     weight_bytes = shape.parameters() * WEIGHT_FORMATS[weights][1]
-    kv_bytes = 2 * shape.layers * batch * ctx * shape.kv_heads * shape.head_dim * BYTES[kv]
+    kv_bytes = batch * ctx * shape.kv_bytes_per_token(BYTES[kv])
     phase = lambda e: {"seconds": e.seconds, "bound": e.bound, "notes": [],  # noqa: E731
                        "bytes_by_class": e.hbm_bytes, "instructions": e.instructions,
                        "tp_comm_s": 0.0, "pp_transfer_s": 0.0, "compute_s": e.seconds}
     return {
-        "model": shape.name, "parameters": shape.parameters(), "target": spec.name,
+        "model": shape.name, "parameters": shape.parameters(), "shape": shape_summary(shape),
+        "target": spec.name,
         "status": "estimated", "devices": {"tp": 1, "pp": 1},
         "by": "optim FPGA instruction-level model (hardware/fpga.py, FlightLLM-style), "
               "unvalidated on this hardware",
@@ -126,11 +135,21 @@ def _fpga(shape: LLMShape, spec, batch: int, prompt_len: int, ctx: int, weights:
     }
 
 
+def shape_summary(shape: LLMShape) -> dict:
+    """The shape an estimate used, as the result's `shape` block."""
+    return {"layers": shape.layers, "hidden": shape.hidden, "heads": shape.heads,
+            "kv_heads": shape.kv_heads, "head_dim": shape.head_dim, "ffn": shape.ffn,
+            "gated_mlp": shape.gated_mlp, "vocab": shape.vocab, "tied_lm_head": shape.tied,
+            "kv_bytes_per_token_fp16": shape.kv_bytes_per_token(2.0)}
+
+
 def estimate_llm(model: str | LLMShape, spec: HardwareSpec, cal: Calibration, capture: Capture,
                  *, batch: int = 1, prompt_len: int = 512, context_len: int | None = None,
                  weights: str = "fp16", kv: str = "fp16", tp: int = 1, pp: int = 1) -> dict:
-    """Prefill and decode estimates for a decoder LLM (a name like `llama2-7b`, an `LLMShape`,
-    or a transformers config) on `spec` with calibration `cal`, over `tp` x `pp` devices."""
+    """Prefill and decode estimates for a decoder LLM (a Llama-2 name like `llama2-7b`, an
+    `LLMShape`, or a transformers config read by its attributes) on `spec` with calibration
+    `cal`, over `tp` x `pp` devices. `optim.llm.estimate_llm` takes the shape from the model
+    itself (any causal-LM family) and is the one to use for configs."""
     shape = model if isinstance(model, LLMShape) else (
         llm_shape(model) if isinstance(model, str) else LLMShape.from_config(model))
     check_parallel(spec, tp, pp)
@@ -149,10 +168,11 @@ def estimate_llm(model: str | LLMShape, spec: HardwareSpec, cal: Calibration, ca
     decode["tokens_per_s"] = batch / decode["seconds"]
     decode["tokens_per_s_pipelined"] = batch / decode["pipelined_stage_s"]
     weight_bytes = shape.parameters() * WEIGHT_FORMATS[weights][1]
-    kv_bytes = 2 * shape.layers * batch * ctx * shape.kv_heads * shape.head_dim * BYTES[kv]
+    kv_bytes = batch * ctx * shape.kv_bytes_per_token(BYTES[kv])
     per_device = (weight_bytes + kv_bytes) / devices
     return {
-        "model": shape.name, "parameters": shape.parameters(), "target": spec.name,
+        "model": shape.name, "parameters": shape.parameters(), "shape": shape_summary(shape),
+        "target": spec.name,
         "status": "estimated", "devices": {"tp": tp, "pp": pp},
         "by": f"optim cost model, meta-device capture, calibration: {cal.source}",
         "settings": {"batch": batch, "prompt_len": prompt_len, "context_len": ctx,

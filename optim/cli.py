@@ -10,7 +10,9 @@ from rich.console import Console
 
 import passes  # noqa: F401  (registers every pass)
 from optim import render, zoo
+from optim.api import load
 from optim.compare import compare_targets
+from optim.decoder import OptimizedDecoder
 from optim.demo import run_demo
 from optim.errors import OptimError
 from optim.host_memory import keep_freed_memory as keep
@@ -19,6 +21,7 @@ from optim.registry import PASSES
 from optim.report import Report
 from optim.runner import run_pipeline_file
 from optim.targets import resolve_target, target_names
+from optim.tokenizers import load_tokenizer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="optim: a compiler-style optimization toolchain for transformers.")
@@ -153,32 +156,60 @@ def compare(reports: list[Path] = typer.Argument(None, help="report JSON files t
 
 
 @app.command()
-def llm(model: str = typer.Argument("llama2-7b", help="llama2-7b | llama2-13b | llama2-70b"),
+def llm(model: str = typer.Argument(
+            "llama2-7b", help="a preset (llama2-7b, llama2-13b, llama2-70b, falcon-7b, gemma-7b, "
+                              "gpt2-xl) or any causal-LM family of transformers at its default "
+                              "config (falcon, gemma, gpt2, qwen2, mistral, phi3, opt, llama...)"),
         targets: str = typer.Option("a100,h100", help="comma-separated target names"),
         batch: int = typer.Option(1), prompt: int = typer.Option(512, help="prompt tokens"),
         context: int = typer.Option(None, help="KV-cache length for decode (default: prompt)"),
         weights: str = typer.Option("fp16", help="fp16 | bf16 | fp8 | int8 | int4"),
         kv: str = typer.Option("fp16", help="KV-cache dtype"),
         tp: int = typer.Option(1, help="tensor-parallel devices"),
-        pp: int = typer.Option(1, help="pipeline-parallel stages")) -> None:
-    """Estimate LLM prefill (time to first token) and decode (tokens/s) on targets, no weights."""
+        pp: int = typer.Option(1, help="pipeline-parallel stages"),
+        set_: list[str] = typer.Option(None, "--set", help="config override KEY=VALUE, "
+                                       "repeatable (e.g. --set num_hidden_layers=60)")) -> None:
+    """Estimate LLM prefill (time to first token) and decode (tokens/s) on targets, no weights:
+    the shape and kernels come from a meta-device instance of the model's own architecture."""
     from rich.table import Table
 
     t = Table("target", "devices", "TTFT ms", "decode ms/token", "tokens/s", "bound (decode)",
               "memory/device GB", "fits", title=f"{model}: batch {batch}, prompt {prompt}, "
               f"context {context or prompt}, weights {weights}, kv {kv} (estimated)")
     try:
+        overrides = _llm_overrides(set_ or [])
         for name in [x.strip() for x in targets.split(",") if x.strip()]:
             with console.status(f"{model} on {name}"):
-                r = estimate_llm(model, name, batch=batch, prompt_len=prompt,
+                r = estimate_llm(model, name, batch=batch, prompt_len=prompt, overrides=overrides,
                                  context_len=context, weights=weights, kv=kv, tp=tp, pp=pp)
             t.add_row(name, f"tp{tp} x pp{pp}", f"{r['prefill']['ttft_s'] * 1e3:.1f}",
                       f"{r['decode']['seconds'] * 1e3:.2f}", f"{r['decode']['tokens_per_s']:.1f}",
                       r["decode"]["bound"], f"{r['memory']['per_device_bytes'] / 1e9:.1f}",
                       "yes" if r["memory"]["fits"] else "[red]no[/]")
+            s = r["shape"]
+            t.caption = (f"{r['parameters'] / 1e9:.2f}B parameters, {s['layers']} layers, "
+                         f"{s['heads']} heads, KV heads {s['kv_heads']} x {s['head_dim']}, "
+                         f"{'gated' if s['gated_mlp'] else 'plain'} MLP {s['ffn']}, KV cache "
+                         f"{s['kv_bytes_per_token_fp16'] / 1024:.0f} KiB/token in fp16")
     except OptimError as e:
         _fail(e)
     console.print(t)
+
+
+def _llm_overrides(pairs: list[str]) -> dict:
+    """`--set KEY=VALUE` pairs as config overrides; values are JSON (60, true, 1e-5) or text."""
+    import json
+
+    out = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip():
+            raise OptimError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set num_hidden_layers=60")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
 
 
 @app.command()
@@ -194,10 +225,6 @@ def generate(saved: Path = typer.Argument(..., help="a decoder saved by optimize
              stats: bool = typer.Option(True, help="print time to first token and tokens/s")
              ) -> None:
     """Generate from a saved decoder, printing tokens as they come."""
-    from optim.api import load
-    from optim.decoder import OptimizedDecoder
-    from optim.tokenizers import load_tokenizer
-
     try:
         fast = load(saved)
         if not isinstance(fast, OptimizedDecoder):
