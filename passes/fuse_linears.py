@@ -55,6 +55,9 @@ def fuse_linears(gm: torch.fx.GraphModule, cfg: FuseLinearsConfig, ctx: PassCont
         parts = _parts(gm, n)
         if parts is not None:
             groups.setdefault(parts[0], []).append((n, parts[1], parts[2]))
+    if not any(len(m) >= cfg.min_group for m in groups.values()):
+        ctx.skip("graph", f"no {cfg.min_group} float linears read the same input (q, k and v "
+                          f"may already be one projection, as GPT-2's c_attn is)")
     for x, members in groups.items():
         if len(members) < cfg.min_group:
             continue

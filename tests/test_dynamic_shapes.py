@@ -24,6 +24,8 @@ from tests.test_pass_contracts import BEFORE, OPTIONS, REFUSES
 # (pass, model) pairs whose rewrite holds only at the traced shape: causal linear attention is
 # traced at the example's batch and length (its chunked scan pads to whole chunks of it)
 STATIC = {("linearize_attention", "gpt2"), ("linearize_attention", "llama")}
+# passes with nothing to do on a model, and the reason they record
+NOTHING_TO_DO = {("fuse_linears", "gpt2"): "already be one projection"}
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +79,10 @@ def test_pass_keeps_the_graph_dynamic(pass_name, model_name, dynamic_graph):
             assert fid["max_abs_error"] <= contract.atol, label
         else:
             assert fid[contract.metric] >= contract.min_value, label
+    if (pass_name, model_name) in NOTHING_TO_DO:
+        assert not run.result.changed and NOTHING_TO_DO[pass_name, model_name] in \
+            run.result.skipped[0].reason
+        return
     assert run.result.changed, f"{pass_name} changed nothing on {model_name}"
 
 
