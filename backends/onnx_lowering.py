@@ -4,9 +4,9 @@
   a mask that does not already span [Lq, Lk] is expanded first (ORT's kernel checks the shape).
 - optim::attention_trimmed  ⇒  Slice q, k, v and the mask to the first max(positions) + 1
   positions, `Attention` there, Pad with zeros back to the full length.
-- optim::attention_decode  ⇒  MatMul against the cache (Transpose folded by ORT), Where for the
-  cache mask, the same for the new tokens (causal within them), one Softmax, two MatMuls: the
-  cache is never concatenated or copied.
+- optim::attention_decode  ⇒  MatMul against the cache (Transpose folded by ORT), the step's
+  cache bias added, the same for the new tokens with theirs, one Softmax, two MatMuls, and a
+  ReduceSum for the attention mass: the cache is never concatenated or copied.
 - optim::linear_int4  ⇒  `com.microsoft.MatMulNBits` (bits 4, the packed weight as it is).
 - optim::linear_int8  ⇒  per-token quantization (Abs, ReduceMax, QuantizeLinear along the token
   axis to uint8, zero point 128), `com.microsoft.MatMulIntegerToFloat` (u8 × s8 GEMM, int32
@@ -123,32 +123,19 @@ def linear_int4(x, w_packed, scales, bias, block: int, accuracy_level: int = 0):
     return _MatMulNBits(x, w_packed, flat, None, None, bias, **attrs)
 
 
-def attention_decode(q, k, v, k_cache, v_cache, cache_mask, new_mask, scale: float):
+def attention_decode(q, k, v, k_cache, v_cache, cache_bias, new_bias, scale: float):
     """New tokens over the cache and each other: two MatMuls against the cache (its Transpose
-    folds into ORT's FusedMatMul, so the cache is not copied), one Softmax over both blocks."""
+    folds into ORT's FusedMatMul, so the cache is not copied), the step's biases added, one
+    Softmax over both blocks, and the attention mass per key."""
     b, h, t = (op.Shape(q, start=i, end=i + 1) for i in range(3))
-    hkv, n = op.Shape(k, start=1, end=2), op.Shape(k_cache, start=2, end=3)
-    group = op.Div(h, hkv)
-    qg = op.Reshape(q, op.Concat(b, hkv, op.Constant(value_ints=[-1]),
+    n = op.Shape(k_cache, start=2, end=3)
+    qg = op.Reshape(q, op.Concat(b, op.Shape(k, start=1, end=2), op.Constant(value_ints=[-1]),
                                  op.Shape(q, start=3, end=4), axis=0))
     scale_c = op.Constant(value_float=scale)
-    zero, ninf = op.Constant(value_float=0.0), op.Constant(value_float=float("-inf"))
     past = op.Mul(op.MatMul(qg, op.Transpose(k_cache, perm=[0, 1, 3, 2])), scale_c)
-    past = op.Add(past, op.Where(op.Unsqueeze(cache_mask, op.Constant(value_ints=[1, 2])),
-                                 zero, ninf))
-    new = op.Mul(op.MatMul(qg, op.Transpose(k, perm=[0, 1, 3, 2])), scale_c)
-    ones = op.ConstantOfShape(op.Concat(t, t, axis=0),
-                              value=ir.tensor(np.array([1], dtype=np.int64)))
-    causal = op.Cast(op.Trilu(ones, upper=0), to=onnx.TensorProto.BOOL)  # [T, T], lower
-    eye = op.Cast(op.EyeLike(ones), to=onnx.TensorProto.BOOL)
-    real = op.Unsqueeze(op.Cast(new_mask, to=onnx.TensorProto.BOOL),
-                        op.Constant(value_ints=[1]))  # [B, 1, T]
-    allowed = op.Or(op.And(causal, real), eye)  # [B, T, T]
-    allowed = op.Unsqueeze(op.Tile(allowed, op.Concat(op.Constant(value_ints=[1]), group,
-                                                      op.Constant(value_ints=[1]), axis=0)),
-                           op.Constant(value_ints=[1]))  # [B, 1, G * T, T]
-    p = op.Softmax(op.Concat(past, op.Add(new, op.Where(allowed, zero, ninf)), axis=-1),
-                   axis=-1)
+    past = op.Add(past, op.Unsqueeze(cache_bias, op.Constant(value_ints=[1, 2])))
+    new = op.Add(op.Mul(op.MatMul(qg, op.Transpose(k, perm=[0, 1, 3, 2])), scale_c), new_bias)
+    p = op.Softmax(op.Concat(past, new, axis=-1), axis=-1)
     three, big = op.Constant(value_ints=[3]), op.Constant(value_ints=[2 ** 62])
     out = op.Add(op.MatMul(op.Slice(p, op.Constant(value_ints=[0]), n, three), v_cache),
                  op.MatMul(op.Slice(p, n, big, three), v))

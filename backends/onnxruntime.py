@@ -21,6 +21,7 @@ import onnxruntime as ort
 import onnxscript
 import torch
 import torch.fx
+from onnxscript.rewriter.ort_fusions import rms_normalization, skip_normalization
 from torch.utils import _pytree as pytree
 
 from backends.base import Artifact, Batch, Progress, pytree_specs, register_backend
@@ -54,12 +55,22 @@ def export_onnx(gm: torch.fx.GraphModule, args: tuple, kwargs: dict,
                                         optimize=not dynamic, verbose=False, report=False)
             if dynamic:
                 onnxscript.optimizer.optimize(program.model)
+            _fuse_rms_norms(program.model)
     except Exception as e:
         raise BackendError(f"ONNX export failed: {type(e).__name__}: {str(e)[:500]}") from e
     finally:
         for lg, level in zip(quiet, levels):
             lg.setLevel(level)
     return program.model_proto
+
+
+def _fuse_rms_norms(model) -> None:
+    """RMSNorm (Llama, Qwen2, Mistral: x / sqrt(mean(x²) + eps) · w), with the residual add
+    before it where there is one, as ORT's (Skip)SimplifiedLayerNormalization: one node instead
+    of seven, which ORT's own fusion misses in the exporter's form. Shape-agnostic, so safe with
+    dynamic axes (unlike the exporter's rotary-embedding fusion)."""
+    rms_normalization.fuse_rms_normalization(model)
+    skip_normalization.fuse_skip_rms_normalization(model)
 
 
 class OrtArtifact(Artifact):

@@ -41,6 +41,7 @@ class _StepState:
     past_keys: tuple = ()
     past_values: tuple = ()
     masses: dict = field(default_factory=dict)  # layer -> attention each key received
+    biases: dict = field(default_factory=dict)  # made by the first layer, shared by all
 
 
 class _StepCache(DynamicCache):
@@ -87,9 +88,13 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
         out = torch.ops.optim.attention(query, key, value, mask, scale, False)
     else:
         layer = module.layer_idx
+        if not state.biases:  # once per step, in the graph before the first attention
+            state.biases["cache"] = optim.ops.cache_bias(state.cache_mask)
+            state.biases["new"] = optim.ops.new_bias(state.new_mask,
+                                                     query.shape[1] // key.shape[1])
         out, state.masses[layer] = torch.ops.optim.attention_decode(
             query, key, value, state.past_keys[layer], state.past_values[layer],
-            state.cache_mask, state.new_mask, scale)
+            state.biases["cache"], state.biases["new"], scale)
     return out.transpose(1, 2).contiguous(), None
 
 

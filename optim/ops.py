@@ -10,11 +10,13 @@ ONNX nodes (`backends/onnx_lowering.py`).
 - `optim::attention_trimmed(q, k, v, mask, scale, positions)`: the same (non-causal) attention
   over the first n = max(positions) + 1 positions only; later positions, padding in every
   sequence of the batch, output zeros. `positions`: each real token's position in its sequence.
-- `optim::attention_decode(q, k, v, k_cache, v_cache, cache_mask, new_mask, scale)`: new tokens
-  (q, k, v: [B, H or Hkv, T, D]) attending to a KV cache (k_cache, v_cache: [B, Hkv, S, D], the
-  slots where `cache_mask` [B, S] is True) and causally to the real new tokens (`new_mask`
-  [B, T]), in two blocks with one softmax: the cache is read where it lies, never concatenated
-  (`optim.decoder_steps`). A prompt is T tokens over an empty cache; a decode step, T = 1.
+- `optim::attention_decode(q, k, v, k_cache, v_cache, cache_bias, new_bias, scale)`: new tokens
+  (q, k, v: [B, H or Hkv, T, D]) attending to a KV cache (k_cache, v_cache: [B, Hkv, S, D];
+  `cache_bias` [B, S]: 0 where a slot holds a token, -inf elsewhere) and to the new tokens
+  (`new_bias` [B, 1, group * T, T]: causal, padding masked), in two blocks with one softmax: the
+  cache is read where it lies, never concatenated (`optim.decoder_steps`). The biases are made
+  once per step (`cache_bias`, `new_bias`) and shared by every layer. A prompt is T tokens over
+  an empty cache; a decode step, T = 1.
 - `optim::merge_tokens(x, metric, size, r, protect)`: ToMe bipartite soft matching; returns the
   merged tokens, their sizes and where every input token went (for `optim::unmerge_tokens`).
 - `optim::linear_int4(x, w_packed, scales, bias, block)`: weight-only 4-bit linear, ONNX
@@ -101,30 +103,43 @@ VALUE_META[torch.ops.optim.attention_trimmed.default] = lambda q, k, v, mask, sc
 
 @torch.library.custom_op("optim::attention_decode", mutates_args=())
 def attention_decode(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
-                     cache_mask: Tensor, new_mask: Tensor, scale: float
+                     cache_bias: Tensor, new_bias: Tensor, scale: float
                      ) -> tuple[Tensor, Tensor]:
     """New tokens attending to a KV cache and to each other, without concatenating them; also
     the attention each key received, summed over heads and queries ([B, S + T]: cache slots,
     then new tokens), which KV-cache eviction scores tokens by."""
     b, h, t, d = q.shape
     hkv, s = k.shape[1], k_cache.shape[2]
-    n = _used_slots(cache_mask)  # slots after the last one any sequence holds are skipped
+    n = _used_slots(cache_bias)  # slots after the last one any sequence holds are skipped
     qg = q.reshape(b, hkv, (h // hkv) * t, d)  # a group's query heads share one kv head
     splits = split_k(b * hkv, n) if t == 1 else 1
     if splits > 1:
-        return _attention_split(qg, k, v, k_cache, v_cache, cache_mask, scale, n, splits,
+        return _attention_split(qg, k, v, k_cache, v_cache, cache_bias, scale, n, splits,
                                 (b, h, t))
     past = torch.matmul(qg, k_cache[:, :, :n].transpose(-1, -2)).mul_(scale)
-    past.masked_fill_(~cache_mask[:, None, None, :n], float("-inf"))
+    past += cache_bias[:, None, None, :n]
     new = torch.matmul(qg, k.transpose(-1, -2)).mul_(scale)
-    if t > 1:  # new token i sees real new tokens 0..i, and itself (rows: head * t + i)
-        new.masked_fill_(~_new_block_mask(new_mask, h // hkv), float("-inf"))
+    if t > 1:
+        new += new_bias
     p = torch.softmax(torch.cat([past, new], -1), -1)
     out = torch.matmul(p[..., :n], v_cache[:, :, :n]) + torch.matmul(p[..., n:], v)
     mass = p.new_zeros(b, s + t)
     summed = p.sum((1, 2))
     mass[:, :n], mass[:, s:] = summed[:, :n], summed[:, n:]
     return out.reshape(b, h, t, v.shape[-1]), mass
+
+
+def cache_bias(cache_mask: Tensor) -> Tensor:
+    """[B, S] bool (True: the slot holds a token) -> the additive bias attention_decode takes."""
+    return torch.zeros(cache_mask.shape, dtype=torch.float32).masked_fill(~cache_mask,
+                                                                           float("-inf"))
+
+
+def new_bias(new_mask: Tensor, group: int) -> Tensor:
+    """[B, T] (1: a real new token) -> [B, 1, group * T, T] additive bias: causal among the new
+    tokens, padding keys masked, and every token sees itself (a padding row stays finite)."""
+    allowed = _new_block_mask(new_mask, group)
+    return torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed, float("-inf"))
 
 
 SPLIT_K_MIN_SLOTS = 1024  # shorter caches are read fast enough by one batched matmul
@@ -143,7 +158,7 @@ def split_k(rows: int, slots: int) -> int:
 SPLIT_K_ENABLED = [True]  # a switch for measuring the unsplit kernel against the split one
 
 
-def _attention_split(qg, k, v, k_cache, v_cache, cache_mask, scale, n, splits, shape):
+def _attention_split(qg, k, v, k_cache, v_cache, cache_bias, scale, n, splits, shape):
     """One new token (t = 1) over the cache split into `splits` pieces along the slots, each
     piece's softmax kept as (max, sum, weighted values) and the pieces combined exactly (the
     rescaling is associative): one batched matmul with `splits` times more rows to share out."""
@@ -151,15 +166,15 @@ def _attention_split(qg, k, v, k_cache, v_cache, cache_mask, scale, n, splits, s
     hkv, d = qg.shape[1], qg.shape[3]
     c = -(-n // splits)  # slots per piece; the last piece is padded and masked
     pad = c * splits - n
-    kc, vc, mask = k_cache[:, :, :n], v_cache[:, :, :n], cache_mask[:, :n]
+    kc, vc, bias = k_cache[:, :, :n], v_cache[:, :, :n], cache_bias[:, :n]
     if pad:
         kc = torch.nn.functional.pad(kc, (0, 0, 0, pad))
         vc = torch.nn.functional.pad(vc, (0, 0, 0, pad))
-        mask = torch.nn.functional.pad(mask, (0, pad))
+        bias = torch.nn.functional.pad(bias, (0, pad), value=float("-inf"))
     kp = kc.reshape(b, hkv, splits, c, d)
     vp = vc.reshape(b, hkv, splits, c, vc.shape[-1])
     scores = torch.matmul(qg.unsqueeze(2), kp.transpose(-1, -2)).mul_(scale)  # [b,hkv,P,r,c]
-    scores.masked_fill_(~mask.reshape(b, 1, splits, 1, c), float("-inf"))
+    scores += bias.reshape(b, 1, splits, 1, c)
     top = scores.amax(-1, keepdim=True).clamp(min=torch.finfo(scores.dtype).min)
     w = torch.exp(scores - top)
     part_sum, part_out = w.sum(-1, keepdim=True), torch.matmul(w, vp)
@@ -184,13 +199,13 @@ def _new_block_mask(new_mask: Tensor, group: int) -> Tensor:
     return allowed.repeat(1, group, 1)[:, None]
 
 
-def _used_slots(cache_mask: Tensor) -> int:
-    used = cache_mask.any(0).nonzero()
+def _used_slots(cache_bias: Tensor) -> int:
+    used = (cache_bias == 0).any(0).nonzero()
     return int(used[-1]) + 1 if used.numel() else 0
 
 
 @attention_decode.register_fake
-def _(q, k, v, k_cache, v_cache, cache_mask, new_mask, scale):
+def _(q, k, v, k_cache, v_cache, cache_bias, new_bias, scale):
     return (q.new_empty((*q.shape[:-1], v.shape[-1])),
             q.new_empty((q.shape[0], k_cache.shape[2] + q.shape[2])))
 
