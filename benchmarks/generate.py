@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -78,36 +80,54 @@ def ours_runner(fast, ids, n, **kw):
     return lambda: fast.generate(ids, n, stop_tokens=[], **kw)
 
 
-def speed(quick: bool, workdir: Path) -> list[dict]:
+def speed(quick: bool, save) -> list[dict]:
+    """Every shape in its own process (a shape's runners hold gigabytes: compiled graphs, ORT
+    arenas sized by its prefill), its rows kept as soon as it finishes."""
+    shapes = ["1x128"] if quick else ["1x128", "1x1024", "8x128", "8x1024"]
+    rows: list[dict] = []
+    for shape in shapes:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "rows.json"
+            done = subprocess.run([sys.executable, __file__, "--speed-shape", shape,
+                                   "--out", str(out)], check=False)
+            if done.returncode:
+                console.print(f"[red]speed {shape}: failed (exit {done.returncode})[/]")
+                rows.append({"shape": shape, "failed": f"exit {done.returncode}"})
+            else:
+                rows += json.loads(out.read_text())
+        save(rows)
+    return rows
+
+
+def speed_shape(shape: str, workdir: Path) -> list[dict]:
+    batch, length = (int(x) for x in shape.split("x"))
     model = llama_100m()
     ours = build_ours(model, prompts(2, 64, 32000), OURS)
-    shapes = [(1, 128)] if quick else [(1, 128), (1, 1024), (8, 128), (8, 1024)]
+    ids = prompts(batch, length, 32000, seed=1)
+    mask = torch.ones_like(ids)
+    console.print(f"speed: batch {batch}, prompt {length}: building peers")
+    cands = {}
+    for n in (1, NEW):
+        cands[("transformers eager", n)] = peers.hf_eager(model, ids, mask, n)
+        cands[("transformers static cache + torch.compile", n)] = \
+            peers.hf_static_compiled(model, ids, mask, n)
+        for precision in ("fp32", "int4"):
+            cands[(f"onnxruntime-genai {precision}", n)] = peers.ortgenai(
+                model, ids, mask, n, precision, workdir)
+        for name, fast in ours.items():
+            cands[(name, n)] = ours_runner(fast, ids, n)
+    console.print(f"speed: batch {batch}, prompt {length}: measuring {len(cands)} runners")
+    m = measure({f"{k[0]}|{k[1]}": fn for k, fn in cands.items()}, warmup=1, min_runs=3,
+                max_runs=3)
     rows = []
-    for batch, length in shapes:
-        ids = prompts(batch, length, 32000, seed=1)
-        mask = torch.ones_like(ids)
-        console.print(f"speed: batch {batch}, prompt {length}: building peers")
-        cands = {}
-        for n in (1, NEW):
-            cands[("transformers eager", n)] = peers.hf_eager(model, ids, mask, n)
-            cands[("transformers static cache + torch.compile", n)] = \
-                peers.hf_static_compiled(model, ids, mask, n)
-            for precision in ("fp32", "int4"):
-                cands[(f"onnxruntime-genai {precision}", n)] = peers.ortgenai(
-                    model, ids, mask, n, precision, workdir)
-            for name, fast in ours.items():
-                cands[(name, n)] = ours_runner(fast, ids, n)
-        console.print(f"speed: batch {batch}, prompt {length}: measuring {len(cands)} runners")
-        m = measure({f"{k[0]}|{k[1]}": fn for k, fn in cands.items()}, warmup=1, min_runs=3,
-                    max_runs=3 if not quick else 2)
-        for name in dict.fromkeys(k[0] for k in cands):
-            first = m[f"{name}|1"]["median_ms"]
-            total = m[f"{name}|{NEW}"]["median_ms"]
-            per = (total - first) / (NEW - 1)
-            rows.append({"row": name, "batch": batch, "prompt": length, "new_tokens": NEW,
-                         "ttft_ms": first, "per_token_ms": per,
-                         "tokens_per_s": batch * 1e3 / per, "generate_ms": total})
-        _cost_model(ours, rows, batch, length)
+    for name in dict.fromkeys(k[0] for k in cands):
+        first = m[f"{name}|1"]["median_ms"]
+        total = m[f"{name}|{NEW}"]["median_ms"]
+        per = (total - first) / (NEW - 1)
+        rows.append({"row": name, "batch": batch, "prompt": length, "new_tokens": NEW,
+                     "ttft_ms": first, "per_token_ms": per,
+                     "tokens_per_s": batch * 1e3 / per, "generate_ms": total})
+    _cost_model(ours, rows, batch, length)
     return rows
 
 
@@ -212,23 +232,37 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="one shape, fewer batches")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/generate.json"))
+    ap.add_argument("--speed-shape", help=argparse.SUPPRESS)  # BxT: one shape (a child process)
     args = ap.parse_args()
+    if args.speed_shape:
+        with tempfile.TemporaryDirectory() as work:
+            rows = speed_shape(args.speed_shape, Path(work))
+        args.out.write_text(json.dumps(rows, indent=2))
+        return
     result = {"machine": machine(), "peers": peers.peer_versions()}
-    with tempfile.TemporaryDirectory() as work:
-        result["speed"] = speed(args.quick, Path(work))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(rows: list[dict] | None = None) -> None:
+        if rows is not None:
+            result["speed"] = rows
+        args.out.write_text(json.dumps(result, indent=2))
+
+    result["speed"] = speed(args.quick, save)
     show("speed (measured here)", result["speed"],
          ["row", "batch", "prompt", "ttft_ms", "per_token_ms", "tokens_per_s"])
+    save()
     result["fidelity"] = fidelity(args.quick)
     show("fidelity, char_lm (real weights)", result["fidelity"],
          ["weights", "perplexity", "relative_change", "greedy_agreement"])
+    save()
     result["cache_reduction"] = cache_reduction(args.quick)
     show("KV-cache reduction, char_lm", result["cache_reduction"],
          ["cache", "budget", "perplexity", "relative_change", "greedy_agreement"])
+    save()
     result["long_context"] = long_context(args.quick)
     show("decode at long context (Llama-100M int8, onnxruntime)", result["long_context"],
          ["prompt", "cache", "ttft_ms", "per_token_ms", "decode_speedup_vs_full"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    save()
     console.print(f"wrote {args.out}")
 
 

@@ -28,7 +28,7 @@ from hardware.estimate import DEFAULT_PRECISION, report_section
 from optim import generation, saving, shapes, timing, verify
 from optim.capture import Inputs, weight_bytes
 from optim.decoder_steps import CacheLayout, DecoderStep, modes_kept, probe_layout
-from optim.errors import ConfigError
+from optim.errors import BackendError, ConfigError
 from optim.ir import op_histogram
 from optim.kv_cache import CachePolicy
 from optim.lower import lower, resolve_backend
@@ -93,8 +93,13 @@ def _optimize_decoder(model, tgt, pipe, example_inputs, example_kwargs, backend,
         inputs.calibration = [_prompt_step(layout, t) for t in _token_batches(calibration)]
     original, passes = capture_and_run(DecoderStep(model, layout.layers), inputs, pipe, tgt, say)
     tokens["logits"] = int(original.refs[0][0].shape[-1])  # the LM head's width
-    artifact, lower_s = lower(passes.gm, inputs.example, tgt, chosen, options, original.shapes,
-                              say)
+    try:
+        artifact, lower_s = lower(passes.gm, inputs.example, tgt, chosen, options,
+                                  original.shapes, say)
+    except BackendError as e:
+        raise BackendError(f"generation on the {chosen.name} backend: {e}. Decoders run on "
+                           f"backends that lower attention over the KV cache "
+                           f"(optim::attention_decode): torch and onnxruntime") from e
     fast = OptimizedDecoder(OptimizedModel(artifact, None, passes.gm, inputs.example,
                                            passes.stages, options, original.shapes),
                             layout, limit, tokens, None)

@@ -155,7 +155,11 @@ def split_k(rows: int, slots: int) -> int:
     return max(1, threads // rows) * 2
 
 
-SPLIT_K_ENABLED = [True]  # a switch for measuring the unsplit kernel against the split one
+# off by default: measured on a 2-core Xeon (benchmarks/RESULTS.md section 24), one MQA sequence
+# over 1k-16k slots ran 0.77-0.84x as fast split, because the one batched matmul already runs
+# on every core (oneDNN/MKL split the GEMM themselves); a CPU with more cores than batch x kv
+# heads rows per GEMM, or a GPU lowering, is where the split pays. `SPLIT_K_ENABLED[0] = True`
+SPLIT_K_ENABLED = [False]
 
 
 def _attention_split(qg, k, v, k_cache, v_cache, cache_bias, scale, n, splits, shape):

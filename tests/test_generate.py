@@ -207,3 +207,12 @@ def test_cli_generates_from_a_save_and_a_pipeline_file_generates(tmp_path):
     again = CliRunner().invoke(app, ["generate", str(tmp_path / "clm"), "--prompt", "The while",
                                      "-n", "8"])  # the byte tokenizer was saved with it
     assert again.exit_code == 0 and again.output.startswith("The while"), again.output
+
+
+def test_tvm_says_plainly_that_it_does_not_generate_yet():
+    from optim.errors import BackendError
+
+    with pytest.raises(BackendError, match="generation on the tvm backend.*torch and "
+                                           "onnxruntime"):
+        optim.optimize(_model("gpt2"), "cpu", _prompt(), pipeline="cleanup", backend="tvm",
+                       measure_latency=False)
