@@ -16,7 +16,8 @@ Sections (each prints a table; everything lands in the JSON):
    decode speed at long context (the Llama-shaped decoder, prompts of 2,048 and 4,096 tokens).
 4. cost model: `OptimizedDecoder.estimate_generation("cpu")` against each optim row measured.
 
-Usage: python benchmarks/generate.py [--quick] [--out benchmarks/results/generate.json]
+Usage: pip install -e ".[bench]"  (onnxruntime-genai), then
+       python benchmarks/generate.py [--quick] [--out benchmarks/results/generate.json]
 """
 
 from __future__ import annotations
