@@ -81,10 +81,10 @@ def ours_runner(fast, ids, n, **kw):
     return lambda: fast.generate(ids, n, stop_tokens=[], **kw)
 
 
-def speed(quick: bool, save) -> list[dict]:
+def speed(quick: bool, save, shapes: list[str]) -> list[dict]:
     """Every shape in its own process (a shape's runners hold gigabytes: compiled graphs, ORT
     arenas sized by its prefill), its rows kept as soon as it finishes."""
-    shapes = ["1x128"] if quick else ["1x128", "1x1024", "8x128", "8x1024"]
+    shapes = shapes[:1] if quick else shapes
     rows: list[dict] = []
     for shape in shapes:
         with tempfile.TemporaryDirectory() as tmp:
@@ -233,6 +233,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="one shape, fewer batches")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/generate.json"))
+    ap.add_argument("--sections", default="speed,fidelity,cache_reduction,long_context",
+                    help="comma-separated sections to run; the others keep their last results")
+    ap.add_argument("--shapes", default="1x128,1x1024,8x128,8x1024", help="batch x prompt")
     ap.add_argument("--speed-shape", help=argparse.SUPPRESS)  # BxT: one shape (a child process)
     args = ap.parse_args()
     if args.speed_shape:
@@ -240,7 +243,10 @@ def main() -> None:
             rows = speed_shape(args.speed_shape, Path(work))
         args.out.write_text(json.dumps(rows, indent=2))
         return
-    result = {"machine": machine(), "peers": peers.peer_versions()}
+    wanted = set(args.sections.split(","))
+    result = json.loads(args.out.read_text()) if args.out.exists() and wanted != {
+        "speed", "fidelity", "cache_reduction", "long_context"} else {}
+    result.update({"machine": machine(), "peers": peers.peer_versions()})
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     def save(rows: list[dict] | None = None) -> None:
@@ -248,21 +254,25 @@ def main() -> None:
             result["speed"] = rows
         args.out.write_text(json.dumps(result, indent=2))
 
-    result["speed"] = speed(args.quick, save)
-    show("speed (measured here)", result["speed"],
-         ["row", "batch", "prompt", "ttft_ms", "per_token_ms", "tokens_per_s"])
-    save()
-    result["fidelity"] = fidelity(args.quick)
-    show("fidelity, char_lm (real weights)", result["fidelity"],
-         ["weights", "perplexity", "relative_change", "greedy_agreement"])
-    save()
-    result["cache_reduction"] = cache_reduction(args.quick)
-    show("KV-cache reduction, char_lm", result["cache_reduction"],
-         ["cache", "budget", "perplexity", "relative_change", "greedy_agreement"])
-    save()
-    result["long_context"] = long_context(args.quick)
-    show("decode at long context (Llama-100M int8, onnxruntime)", result["long_context"],
-         ["prompt", "cache", "ttft_ms", "per_token_ms", "decode_speedup_vs_full"])
+    sections = {"speed": (lambda: speed(args.quick, save, args.shapes.split(",")),
+                          "speed (measured here)",
+                          ["row", "batch", "prompt", "ttft_ms", "per_token_ms", "tokens_per_s"]),
+                "fidelity": (lambda: fidelity(args.quick), "fidelity, char_lm (real weights)",
+                             ["weights", "perplexity", "relative_change", "greedy_agreement"]),
+                "cache_reduction": (lambda: cache_reduction(args.quick),
+                                    "KV-cache reduction, char_lm",
+                                    ["cache", "budget", "perplexity", "relative_change",
+                                     "greedy_agreement"]),
+                "long_context": (lambda: long_context(args.quick),
+                                 "decode at long context (Llama-100M int8, onnxruntime)",
+                                 ["prompt", "cache", "ttft_ms", "per_token_ms",
+                                  "decode_speedup_vs_full"])}
+    for name, (run, title, columns) in sections.items():
+        if name in wanted:
+            result[name] = run()
+            save()
+        if name in result:
+            show(title, result[name], columns)
     save()
     console.print(f"wrote {args.out}")
 

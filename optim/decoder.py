@@ -35,6 +35,7 @@ from optim.lower import lower, resolve_backend
 from optim.measure import measure
 from optim.model import OptimizedModel
 from optim.pipeline import Pipeline
+from optim.registry import BACKENDS
 from optim.report import LatencyRow, ModelFacts, Report, ReportData
 from optim.shapes import InputShape, ShapeSpec
 from optim.targets import resolve_target
@@ -77,7 +78,8 @@ def _optimize_decoder(model, tgt, pipe, example_inputs, example_kwargs, backend,
                       measure_latency, new_tokens, estimate_targets, name,
                       say) -> OptimizedDecoder:
     model.eval()
-    chosen, options = resolve_backend(backend, tgt, backend_options)
+    chosen, options = resolve_backend(backend, tgt, _latency_options(chosen_name(backend, tgt),
+                                                                     backend_options))
     if not chosen.dynamic:
         raise ConfigError(f"generation needs a backend that runs a growing sequence; "
                           f"{chosen.name} compiles for one shape: use 'torch' or 'onnxruntime'")
@@ -315,6 +317,19 @@ class OptimizedDecoder:
 
 
 # ---- the step's example and shapes ----
+
+def chosen_name(backend: str | None, tgt) -> str:
+    return backend or tgt.default_backend
+
+
+def _latency_options(backend: str, options: dict | None) -> dict | None:
+    """A decode step is hundreds of small nodes run once per token: where the backend offers
+    worker threads that spin between nodes (`spin_wait`), decoders use it unless told not to."""
+    names = BACKENDS.get(backend).option_names()
+    if "spin_wait" not in names or (options and "spin_wait" in options):
+        return options
+    return {**(options or {}), "spin_wait": True}
+
 
 def _decoder_pipeline(pipe: Pipeline) -> tuple[Pipeline, list[dict]]:
     keep = [s for s in pipe.steps if s.name not in PREFUSED]
