@@ -365,13 +365,19 @@ def _traceable(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _max_length(model, asked: int | None) -> int:
+    """The longest prompt + new tokens: the position table, and a sliding window where the
+    model uses one (inside it, the window masks nothing, so attention over the cache is exact)."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
         else model.config
     table = next((getattr(cfg, k) for k in ("max_position_embeddings", "n_positions")
                   if isinstance(getattr(cfg, k, None), int)), None)
+    window = getattr(cfg, "sliding_window", None)
+    if isinstance(window, int) and getattr(cfg, "use_sliding_window", True) is not False:
+        table = window if table is None else min(table, window)
     if asked is not None:
         if table is not None and asked > table:
-            raise ConfigError(f"max_length {asked} is beyond the model's {table} positions")
+            raise ConfigError(f"max_length {asked} is beyond the model's {table} positions "
+                              f"(position table or sliding window)")
         return asked
     if table is None:
         raise ConfigError(f"{type(model).__name__} names no position limit; pass max_length")

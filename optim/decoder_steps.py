@@ -70,7 +70,9 @@ class _StepCache(DynamicCache):
         return len(self.new)
 
 
-_UNSUPPORTED = ("sliding_window", "softcap", "s_aux", "sinks")
+# a sliding window is accepted because `optim.decoder` caps the cache at it (inside the window
+# it masks nothing); these change the scores themselves
+_UNSUPPORTED = ("softcap", "s_aux", "sinks")
 
 
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):

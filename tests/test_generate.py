@@ -15,6 +15,8 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     OPTConfig,
     OPTForCausalLM,
     Qwen2Config,
@@ -40,6 +42,10 @@ def _model(family: str) -> torch.nn.Module:
     elif family == "qwen2":
         m = Qwen2ForCausalLM(Qwen2Config(**SMALL, num_key_value_heads=1, intermediate_size=128,
                                          eos_token_id=1))
+    elif family == "mistral":  # a sliding window wider than the cache
+        m = MistralForCausalLM(MistralConfig(**SMALL, num_key_value_heads=2,
+                                             intermediate_size=128, eos_token_id=1,
+                                             sliding_window=4096))
     else:
         m = OPTForCausalLM(OPTConfig(**SMALL, ffn_dim=128, word_embed_proj_dim=64,
                                      eos_token_id=1, pad_token_id=0))
@@ -65,6 +71,7 @@ def _optimized(family: str, backend: str = "torch"):
 
 @pytest.mark.parametrize("family,backend", [("gpt2", "torch"), ("llama", "torch"),
                                             ("qwen2", "torch"), ("opt", "torch"),
+                                            ("mistral", "onnxruntime"),
                                             ("llama", "onnxruntime")])
 def test_greedy_tokens_equal_transformers_generate(family, backend):
     model, fast = _optimized(family, backend)
