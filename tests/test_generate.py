@@ -24,7 +24,7 @@ from transformers import (
 )
 
 import optim
-from optim.decoder import hf_generate
+from optim.decoder_checks import hf_generate
 from optim.errors import ConfigError
 
 SMALL = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=512,
