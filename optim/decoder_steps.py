@@ -86,7 +86,7 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
                            f"optim's KV-cache attention does not implement yet")
     scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
     if state.cache_mask is None:
-        mask = _new_block_mask(state.new_mask, 1)  # [B, 1, T, T]
+        mask = optim.ops._new_block_mask(state.new_mask, 1)  # [B, 1, T, T]
         out = torch.ops.optim.attention(query, key, value, mask, scale, False)
     else:
         layer = module.layer_idx
@@ -170,10 +170,6 @@ def _total(masses: dict, layers: int) -> Tensor:
     for i in range(1, layers):
         total = total + masses[i]
     return total
-
-
-def _new_block_mask(new_mask: Tensor, group: int) -> Tensor:
-    return optim.ops._new_block_mask(new_mask, group)
 
 
 def _split(cache: _StepCache) -> tuple[tuple, tuple]:
