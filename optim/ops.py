@@ -116,6 +116,8 @@ def attention_decode(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: 
     if splits > 1:
         return _attention_split(qg, k, v, k_cache, v_cache, cache_bias, scale, n, splits,
                                 (b, h, t))
+    if t > CHUNK_ROWS:
+        return _attention_chunked(q, k, v, k_cache, v_cache, cache_bias, new_bias, scale, n)
     past = torch.matmul(qg, k_cache[:, :, :n].transpose(-1, -2)).mul_(scale)
     past += cache_bias[:, None, None, :n]
     new = torch.matmul(qg, k.transpose(-1, -2)).mul_(scale)
@@ -127,6 +129,44 @@ def attention_decode(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: 
     summed = p.sum((1, 2))
     mass[:, :n], mass[:, s:] = summed[:, :n], summed[:, n:]
     return out.reshape(b, h, t, v.shape[-1]), mass
+
+
+CHUNK_ROWS = 128  # longer blocks of new tokens (prompts) are attended in chunks of queries
+
+
+def _attention_chunked(q, k, v, k_cache, v_cache, cache_bias, new_bias, scale, n):
+    """A long block of new tokens (a prompt) in chunks of CHUNK_ROWS queries: each chunk's
+    scores stay in cache instead of one [H, T, n + T] tensor in memory, and chunk i reads only
+    the new keys up to its own last query (causal: about half the work of the one-shot path).
+    Same arithmetic per row as the one-shot path (one softmax over cache + new keys)."""
+    b, h, t, d = q.shape
+    hkv, s, dv = k.shape[1], k_cache.shape[2], v.shape[-1]
+    g = h // hkv
+    qg = q.reshape(b, hkv, g, t, d)
+    kt, vn = k.transpose(-1, -2).unsqueeze(2), v.unsqueeze(2)  # shared by a group's heads
+    kc = k_cache[:, :, :n].transpose(-1, -2).unsqueeze(2)
+    vc = v_cache[:, :, :n].unsqueeze(2)
+    bias = new_bias.reshape(b, 1, g, t, t)
+    out = q.new_empty(b, hkv, g, t, dv)
+    mass = q.new_zeros(b, s + t)
+    for c0 in range(0, t, CHUNK_ROWS):
+        c1 = min(t, c0 + CHUNK_ROWS)
+        new = torch.matmul(qg[:, :, :, c0:c1], kt[..., :c1]).mul_(scale)
+        new += bias[:, :, :, c0:c1, :c1]
+        if n:
+            past = torch.matmul(qg[:, :, :, c0:c1], kc).mul_(scale)
+            past += cache_bias[:, None, None, None, :n]
+            p = torch.softmax(torch.cat([past, new], -1), -1)
+            o = torch.matmul(p[..., :n], vc)
+            o += torch.matmul(p[..., n:], vn[:, :, :, :c1])
+            mass[:, :n] += p[..., :n].sum((1, 2, 3))
+            p = p[..., n:]
+        else:
+            p = torch.softmax(new, -1)
+            o = torch.matmul(p, vn[:, :, :, :c1])
+        out[:, :, :, c0:c1] = o
+        mass[:, s:s + c1] += p.sum((1, 2, 3))
+    return out.reshape(b, h, t, dv), mass
 
 
 def cache_bias(cache_mask: Tensor) -> Tensor:

@@ -1,6 +1,7 @@
 """optim::attention_decode against plain attention over the concatenated cache: new tokens
 (causal among themselves, padding masked), grouped-query heads, the attention mass it returns,
-and the split-K form (LeanAttention) for one sequence with a long cache."""
+the split-K form (LeanAttention) for one sequence with a long cache, and the chunked form long
+prompts take."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def _reference(q, k, v, kc, vc, cache_mask, new_mask, scale):
                                           enable_gqa=True)
 
 
-@pytest.mark.parametrize("t", [1, 4])
+@pytest.mark.parametrize("t", [1, 4, ops.CHUNK_ROWS * 2 + 5])
 def test_matches_attention_over_the_concatenated_cache(t):
     case = _case(t=t)
     out, mass = torch.ops.optim.attention_decode(*_biased(case), 0.3)
@@ -58,3 +59,25 @@ def test_split_k_is_exact_for_one_sequence_over_a_long_cache():
                                          (1, 4, 1))
         assert torch.allclose(out, whole[0], atol=1e-6)
         assert torch.allclose(mass, whole[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("s", [1, 40])  # a prompt over an empty cache; a block after a cache
+def test_long_blocks_run_in_causal_chunks_with_the_same_result(s):
+    q, k, v, kc, vc, cache_mask, new_mask = _case(b=2, t=ops.CHUNK_ROWS + 70, s=s, seed=2)
+    new_mask[1, :9] = 0  # a left-padded prompt
+    if s == 1:
+        cache_mask[:] = False
+    case = (q, k, v, kc, vc, cache_mask, new_mask)
+    biased = _biased(case)
+    chunked = torch.ops.optim.attention_decode(*biased, 0.3)
+    n = ops._used_slots(biased[5])
+    qg = q.reshape(2, 2, -1, q.shape[-1])
+    past = torch.matmul(qg, kc[:, :, :n].transpose(-1, -2)) * 0.3 + biased[5][:, None, None, :n]
+    new = torch.matmul(qg, k.transpose(-1, -2)) * 0.3 + biased[6]
+    p = torch.softmax(torch.cat([past, new], -1), -1)  # the one-shot form, written out
+    mass = torch.zeros(2, s + q.shape[2])
+    mass[:, :n], mass[:, s:] = p[..., :n].sum((1, 2)), p[..., n:].sum((1, 2))
+    real = new_mask.bool()[:, None, :, None].expand(-1, 6, -1, -1)  # padding rows: anything
+    assert torch.allclose(torch.where(real, chunked[0], 0),
+                          torch.where(real, _reference(*case, 0.3), 0), atol=1e-5)
+    assert torch.allclose(chunked[1], mass, atol=1e-3)

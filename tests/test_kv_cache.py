@@ -99,3 +99,32 @@ def test_generation_with_a_bounded_cache(backend):
     ppl_full = fast.perplexity([text], prompt=48)
     ppl_small = fast.perplexity([text], prompt=48, cache={"method": "window", "budget": 0.25})
     assert ppl_full < ppl_small < 5 * ppl_full
+
+
+
+def test_onnxruntime_steps_return_the_attention_mass_torch_does():
+    """The attention each key received is Keyformer's eviction score: the ORT lowering of
+    attention_decode must return torch's, for a prompt (over an empty cache) and a decode step
+    (over a cache), with a padded sequence in the batch."""
+    import optim
+    from optim.zoo import char_lm
+
+    model = char_lm.load()
+    ids = char_lm.batches("test", 2, 1, seed=2)[0][:, :40]
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    masses = {}
+    for backend in ("torch", "onnxruntime"):
+        fast = optim.optimize(model, "cpu", ids[:, :24], pipeline="cleanup", backend=backend,
+                              measure_latency=False)
+        keys, values = fast.layout.allocate(2, 1)
+        _, k, v, prompt_mass = fast._run(ids, mask, pos, torch.zeros(2, 1, dtype=torch.bool),
+                                         keys, values)
+        one = torch.ones(2, 1, dtype=torch.long)
+        _, _, _, step_mass = fast._run(ids[:, -1:], one, pos[:, -1:] + 1, mask.bool(), k, v)
+        masses[backend] = prompt_mass, step_mass
+    for ours, theirs in zip(masses["torch"], masses["onnxruntime"]):
+        assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert masses["torch"][1][1, :7].abs().max() == 0  # padding slots receive nothing
+
