@@ -100,6 +100,32 @@ def empty_cache(layout: CacheLayout, batch: int) -> tuple[Tensor, list[Tensor], 
     return torch.zeros(batch, 1, dtype=torch.bool), keys, values
 
 
+PREFILL_CHUNK = 256  # prompt tokens per step when a prompt is prefilled in chunks
+
+
+def prefill(step: Step, layout: CacheLayout, cache: KVCache, ids: Tensor, mask: Tensor,
+            pos: Tensor) -> Tensor:
+    """Run the prompt into `cache`; returns the last token's logits [B, V]. With the full
+    cache, a prompt longer than `PREFILL_CHUNK` goes in chunks, each a step over the cache the
+    chunks before it filled (chunked prefill): a step's attention scores are then [chunk,
+    cache] instead of [prompt, prompt], which bounds memory (batch 8 x 1,024 tokens on ONNX
+    Runtime: 11.6 GB resident after one-shot prefills, see benchmarks/RESULTS.md section 24)
+    and lets attention skip the slots no chunk has reached. A bounded cache (window, Keyformer)
+    scores the whole prompt's attention first, so it takes the prompt in one step."""
+    b, t = ids.shape
+    if cache.policy.method != "full" or t <= PREFILL_CHUNK:
+        logits, new_k, new_v, mass = step(ids, mask, pos, *empty_cache(layout, b))
+        cache.fill(new_k, new_v, mass[:, -t:], pos, mask)
+        return logits
+    for start in range(0, t, PREFILL_CHUNK):
+        end = min(t, start + PREFILL_CHUNK)
+        past = empty_cache(layout, b) if start == 0 else (cache.mask, cache.keys, cache.values)
+        logits, new_k, new_v, _ = step(ids[:, start:end], mask[:, start:end],
+                                       pos[:, start:end], *past)
+        cache.write(new_k, new_v, pos[:, start:end], mask[:, start:end], start)
+    return logits
+
+
 def stream(step: Step, layout: CacheLayout, input_ids: Tensor, attention_mask: Tensor,
            cfg: Sampling, max_length: int, timing: Timing | None = None,
            decode: Step | None = None, policy: CachePolicy | None = None) -> Iterator[Tensor]:
@@ -120,8 +146,7 @@ def stream(step: Step, layout: CacheLayout, input_ids: Tensor, attention_mask: T
     cache = KVCache(layout, b, policy.slots(t, cfg.max_new_tokens), policy, cfg.max_new_tokens)
     pos = positions(attention_mask)
     t0 = time.perf_counter()
-    logits, new_k, new_v, mass = step(input_ids, attention_mask, pos, *empty_cache(layout, b))
-    cache.fill(new_k, new_v, mass[:, -t:], pos, attention_mask)
+    logits = prefill(step, layout, cache, input_ids, attention_mask, pos)
     timing.prefill_s = time.perf_counter() - t0
     timing.steps_s = []
     done = torch.zeros(b, dtype=torch.bool)
@@ -154,9 +179,7 @@ def teacher_forced(step: Step, layout: CacheLayout, ids: Tensor, prompt: int = 1
     cache = KVCache(layout, b, policy.slots(prompt, t - prompt), policy, t - prompt)
     mask = torch.ones(b, prompt, dtype=torch.long)
     pos = positions(mask)
-    logits, new_k, new_v, mass = step(ids[:, :prompt], mask, pos, *empty_cache(layout, b))
-    cache.fill(new_k, new_v, mass[:, -prompt:], pos, mask)
-    out = [logits.clone()]
+    out = [prefill(step, layout, cache, ids[:, :prompt], mask, pos).clone()]
     one = torch.ones(b, 1, dtype=torch.long)
     for i in range(prompt, t - 1):
         logits, new_k, new_v, mass = step(ids[:, i:i + 1], one, one * i, cache.mask,

@@ -106,6 +106,20 @@ class KVCache:
         self.position[:, :n] = torch.where(kept_ok, torch.gather(positions, 1, keep), -1)
         self.score[:, :n] = torch.gather(score, 1, keep) * kept_ok
 
+    def write(self, new_k, new_v, positions: Tensor, real: Tensor, start: int) -> None:
+        """Write a block of T tokens into slots start..start + T - 1 as they are (a chunk of a
+        prompt into the full cache: nothing is chosen or evicted)."""
+        t = real.shape[1]
+        if start + t > self.slots:
+            raise ConfigError(f"the KV cache has {self.slots} slots; cannot write tokens "
+                              f"{start}..{start + t - 1}")
+        for cache, new in zip(self.keys + self.values, list(new_k) + list(new_v)):
+            cache[:, :, start:start + t] = new
+        real = real.bool()
+        self.mask[:, start:start + t] = real
+        self.position[:, start:start + t] = torch.where(real, positions, -1)
+        self.score[:, start:start + t] = 0
+
     def add(self, new_k, new_v, mass: Tensor, position: Tensor) -> None:
         """Write one new token per sequence (after a decode step that read this cache; `mass`
         [B, slots + 1] is the attention each slot and the new token received)."""

@@ -95,6 +95,27 @@ def test_batched_prompts_of_unequal_length_match_one_by_one_and_transformers():
         assert torch.equal(out[i, 7:], alone)
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_long_prompts_prefilled_in_chunks_give_transformers_tokens(backend, monkeypatch):
+    """Chunked prefill (each chunk a step over the cache the chunks before it filled), with
+    chunks cutting through left-padded prompts of unequal length."""
+    from optim import generation
+
+    monkeypatch.setattr(generation, "PREFILL_CHUNK", 4)
+    model, fast = _optimized("llama", backend)
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [40, 41, 42], [7] * 9]
+    ids = torch.zeros(3, 11, dtype=torch.long)
+    mask = torch.zeros(3, 11, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, 11 - len(p):], mask[i, 11 - len(p):] = torch.tensor(p), 1
+    ref = hf_generate(model, ids, mask, 10, fast.special_tokens)
+    blocks = []
+    run = fast._run
+    monkeypatch.setattr(fast, "_run", lambda ids, *a: blocks.append(ids.shape[1]) or run(ids, *a))
+    assert torch.equal(fast.generate(prompts, 10), ref)
+    assert blocks[:3] == [4, 4, 3]  # the prompt went in three chunks
+
+
 def test_sampling_is_reproducible_under_a_seed_and_top_k_1_is_greedy():
     _, fast = _optimized("gpt2")
     ids = _prompt()
