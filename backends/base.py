@@ -63,6 +63,7 @@ class Backend:
     load: Callable[[Path, dict, Any, Any], Artifact]
     summary: str
     dynamic: bool = False  # runs the dynamic axes of `gm.meta["shapes"]` (optim.shapes)
+    runs_code: bool = False  # loading a save runs compiled code from it (a shared library)
 
     def make_options(self, options: Any) -> Any:
         return config_from_dict(self.options, options, f"backend {self.name!r}")
@@ -71,14 +72,17 @@ class Backend:
         return [f.name for f in dataclasses.fields(self.options)]
 
 
-def register_backend(name: str, *, options: type, load: Callable, dynamic: bool = False):
+def register_backend(name: str, *, options: type, load: Callable, dynamic: bool = False,
+                     runs_code: bool = False):
     """Register `lower(gm, example, target, options, progress) -> Artifact` as backend `name`;
     the docstring's first line is its summary. `dynamic`: the artifact runs every shape in the
-    ranges of `gm.meta["shapes"]` (otherwise the driver captures static shapes for it)."""
+    ranges of `gm.meta["shapes"]` (otherwise the driver captures static shapes for it).
+    `runs_code`: its saves hold compiled code that loading executes (`optim.load` asks for
+    `trust_compiled_code=True`)."""
 
     def deco(lower):
         summary = (lower.__doc__ or "").strip().splitlines()[0] if lower.__doc__ else name
-        BACKENDS.add(name, Backend(name, options, lower, load, summary, dynamic))
+        BACKENDS.add(name, Backend(name, options, lower, load, summary, dynamic, runs_code))
         return lower
 
     return deco

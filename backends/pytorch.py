@@ -24,6 +24,7 @@ from backends.semi_structured import MODES, convert
 from hardware.target import Target
 from optim.errors import BackendError, OptimError
 from optim.ir import op_histogram
+from optim.program_files import load_program, save_program
 from optim.shapes import export_program
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -94,9 +95,8 @@ class TorchArtifact(Artifact):
         ep = export_program(self.source, args, kwargs)  # with its dynamic axes
         if not self.options.cuda_graph:  # a CUDA graph is recorded on them
             ep.example_inputs = None
-        torch.export.save(ep, directory / "program.pt2")
         changed = self.options != TorchOptions()
-        return {"artifact": "program.pt2",
+        return {"artifact": "program.json", "program": save_program(ep, directory, "program"),
                 "backend_options": dataclasses.asdict(self.options) if changed else {}}
 
 
@@ -110,7 +110,11 @@ class TorchOptions:
 
 
 def load(directory: Path, manifest: dict, in_spec=None, out_spec=None) -> TorchArtifact:
-    ep = torch.export.load(directory / manifest["artifact"])
+    if not isinstance(manifest.get("program"), dict):
+        raise OptimError(f"{directory}: the manifest names no saved program; it was written by an "
+                         f"older optim (a pickled program.pt2, not loaded: it could run code). "
+                         f"Optimize the model again")
+    ep = load_program(directory, manifest["program"])
     gm = ep.module()
     options = TorchOptions(**(manifest.get("backend_options") or {}))
     args, kwargs = ep.example_inputs or ((), {})

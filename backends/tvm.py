@@ -122,7 +122,7 @@ def shape_buckets(gm: torch.fx.GraphModule, mod) -> list[dict]:
     return out
 
 
-@register_backend("tvm", options=TvmOptions, load=load, dynamic=True)
+@register_backend("tvm", options=TvmOptions, load=load, dynamic=True, runs_code=True)
 def lower(gm: torch.fx.GraphModule, example: Batch, target: Target | None,
           options: TvmOptions, progress: Progress | None = None) -> TvmCpuArtifact:
     """Relax compiled for this CPU (our schedules, tuned tiles); GPU targets also get CUDA code.

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from backends import tvm_schedules as ts
+from optim.files import locked, write_json
 
 SCHEMA = "optim.tvm-tuning/1"
 ROUNDS = 7  # timing rounds per candidate; the median is kept
@@ -50,14 +51,8 @@ class TuningDB:
             self._load()
 
     def _load(self) -> None:
-        try:
-            data = json.loads(self.path.read_text())
-            records = data["records"]
-            ok = (data.get("schema") == SCHEMA and data.get("header") == self.header
-                  and data.get("checksum") == _checksum(records))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            ok = False
-        if not ok:
+        records = self._read()
+        if records is None:
             bad = self.path.with_suffix(".corrupt")
             self.path.replace(bad)
             warnings.warn(f"tvm tuning database {self.path} failed its checks (unreadable, other "
@@ -67,18 +62,30 @@ class TuningDB:
             return
         self.records, self.state = records, "loaded"
 
+    def _read(self) -> dict | None:
+        """The file's records if it passes its checks, else None."""
+        try:
+            data = json.loads(self.path.read_text())
+            records = data["records"]
+            ok = (data.get("schema") == SCHEMA and data.get("header") == self.header
+                  and data.get("checksum") == _checksum(records) and isinstance(records, dict))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+        return records if ok else None
+
     def get(self, key: str) -> ts.MatmulConfig | None:
         rec = self.records.get(key)
         return ts.MatmulConfig(**rec["config"]) if rec else None
 
     def put(self, key: str, record: dict) -> None:
-        self.records[key] = record
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"schema": SCHEMA, "header": self.header,
+        """Add a record: under the file's lock, merged into what other processes wrote since
+        this one read it, written atomically (a killed run leaves the old file or the new)."""
+        with locked(self.path):
+            on_disk = self._read() if self.path.exists() else None
+            self.records = {**(on_disk or {}), **self.records, key: record}
+            write_json(self.path, {"schema": SCHEMA, "header": self.header,
                                    "checksum": _checksum(self.records),
-                                   "records": self.records}, indent=1, sort_keys=True))
-        tmp.replace(self.path)  # atomic: a killed run leaves the old file or the new one
+                                   "records": self.records}, indent=1)
 
 
 def _checksum(records: dict) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from optim.files import write_json
 from optim.kernels import binary_linear
 from optim.ops import _packed
 
@@ -116,18 +118,33 @@ def measure() -> dict:
 
 
 def probe(refresh: bool = False) -> dict:
-    """Detected facts plus measured rates for this machine, from the cache when present."""
+    """Detected facts plus measured rates for this machine, from the cache when it holds a
+    valid probe of this machine (anything else, e.g. a torn or edited file, is measured again
+    and replaced)."""
     facts = detect()
     key = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:12]
     path = cache_dir() / f"cpu-{key}.json"
     if path.exists() and not refresh:
         try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError:
-            pass  # a torn cache file is measured again
+            cached = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            cached = None
+        if _valid(cached, key):
+            return cached
     data = {**facts, "measured": measure(), "cache_key": key}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    write_json(path, data)
     return data
+
+
+RATES = ("fp32_flops", "int8_ops", "binary_ops", "copy_bytes_per_s", "read_bytes_per_s")
+
+
+def _valid(data, key: str) -> bool:
+    """A probe this code wrote for this machine: the key matches and every rate is a positive
+    finite number."""
+    if not isinstance(data, dict) or data.get("cache_key") != key:
+        return False
+    measured = data.get("measured")
+    return isinstance(measured, dict) and all(
+        isinstance(measured.get(r), (int, float)) and not isinstance(measured.get(r), bool)
+        and math.isfinite(measured[r]) and measured[r] > 0 for r in RATES)

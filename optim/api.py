@@ -30,6 +30,7 @@ from optim.ir import op_histogram
 from optim.lower import lower, resolve_backend
 from optim.model import OptimizedModel
 from optim.model import load as load_model
+from optim.model_state import leaves_model_untouched
 from optim.pipeline import Pipeline
 from optim.report import ModelFacts, Report, ReportData
 from optim.targets import Target, resolve_target
@@ -38,6 +39,7 @@ from optim.transform import capture_and_run
 __all__ = ["optimize", "OptimizedModel", "OptimizedDecoder", "load", "resolve_pipeline"]
 
 
+@leaves_model_untouched
 def optimize(model: torch.nn.Module, target: str | Target = "cpu", example_inputs: Any = None,
              pipeline: Any = None, *, example_kwargs: dict | None = None,
              backend: str | None = None, backend_options: dict | None = None,
@@ -127,13 +129,19 @@ def optimize(model: torch.nn.Module, target: str | Target = "cpu", example_input
                           original.shapes)
 
 
-def load(directory: str | Path) -> OptimizedModel | OptimizedDecoder:
+def load(directory: str | Path, trust_compiled_code: bool = False
+         ) -> OptimizedModel | OptimizedDecoder:
     """Load what `save` wrote (in this or a fresh process): an `OptimizedModel`, or an
-    `OptimizedDecoder` for a causal LM."""
+    `OptimizedDecoder` for a causal LM.
+
+    Loading reads data only (JSON, ONNX, safetensors; nothing is unpickled) and checks every
+    file against the checksum the save recorded, naming any file that changed. A TVM save holds
+    a compiled shared library, which loading would execute: it loads only with
+    `trust_compiled_code=True`, for saves whose origin you trust (your own)."""
     found = saving.manifest(Path(directory))
     if found.get("kind") == "decoder":
-        return OptimizedDecoder.load(Path(directory), found)
-    return load_model(directory)
+        return OptimizedDecoder.load(Path(directory), found, trust_compiled_code)
+    return load_model(directory, trust_compiled_code, found)
 
 
 def resolve_pipeline(pipeline: Any, target_default: str, overrides: dict) -> Pipeline:

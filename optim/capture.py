@@ -16,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from optim import shapes
 from optim.errors import CaptureError, ConfigError
 from optim.ir import Captured, capture
+from optim.model_state import modes_kept
 from optim.shapes import ShapeError, ShapeSpec
 
 Batch = tuple[tuple, dict]
@@ -76,9 +77,8 @@ def capture_model(model: torch.nn.Module, inputs: Inputs, say=lambda msg: None) 
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"optimize() takes a torch.nn.Module, got {type(model).__name__}")
     args, kwargs = inputs.example
-    was_training = model.training
-    model.eval()
-    try:
+    with modes_kept(model):
+        model.eval()
         with torch.no_grad():
             say("running the original model")
             refs = [model(*a, **k) for a, k in inputs.evals]
@@ -88,8 +88,6 @@ def capture_model(model: torch.nn.Module, inputs: Inputs, say=lambda msg: None) 
             spec = _positions_cap(model, spec, inputs, say)
             probes = [(label, batch, model(*batch[0], **batch[1]))
                       for label, batch in shapes.probes(spec, inputs.example)]
-    finally:
-        model.train(was_training)
     return Original(model, refs, flops, captured, weight_bytes(captured.gm), spec, probes)
 
 
@@ -98,7 +96,8 @@ def _capture(model: torch.nn.Module, inputs: Inputs, say) -> tuple[Captured, Sha
     spec = inputs.shapes
     if not spec.dynamic:
         say("capturing the graph with torch.export")
-        return capture(model, args, kwargs), spec
+        captured = capture(model, args, kwargs)
+        return captured, shapes.accepted(spec, captured.program)
     say(f"capturing the graph with torch.export (dynamic: {', '.join(spec.ranges)})")
     try:
         captured = capture(model, args, kwargs, shapes.export_shapes(spec, args, kwargs))
@@ -109,8 +108,9 @@ def _capture(model: torch.nn.Module, inputs: Inputs, say) -> tuple[Captured, Sha
                                f"shapes") from e
         say("dynamic shapes failed; capturing with static shapes")
         first = str(e).splitlines()[0][:200]
-        return capture(model, args, kwargs), spec.all_static(
-            f"torch.export could not trace it with dynamic shapes ({first})")
+        captured = capture(model, args, kwargs)
+        return captured, shapes.accepted(spec.all_static(
+            f"torch.export could not trace it with dynamic shapes ({first})"), captured.program)
     return captured, shapes.accepted(spec, captured.program)
 
 

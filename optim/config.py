@@ -35,6 +35,25 @@ def shipped_pipeline_passes(name: str) -> list | None:
     return None if path is None else load_pipeline_file(path)["passes"]
 
 
+def _refuse_duplicate_keys(path: Path, node) -> None:
+    """YAML lets a key repeat and keeps the last; in a pipeline file that silently drops a
+    setting (a second `target:`), so it is an error naming both lines."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, yaml.MappingNode):
+            seen: dict = {}
+            for key, value in n.value:
+                k = getattr(key, "value", None)
+                if isinstance(k, str) and k in seen:
+                    raise ConfigError(f"{path}:{key.start_mark.line + 1}: key {k!r} appears "
+                                      f"twice (first on line {seen[k]}); keep one")
+                seen[k] = key.start_mark.line + 1
+                stack += [key, value]
+        elif isinstance(n, yaml.SequenceNode):
+            stack += n.value
+
+
 def load_pipeline_file(path: Path) -> dict[str, Any]:
     """Parse and validate a pipeline file; every error names file, line and key."""
     path = Path(path)
@@ -45,11 +64,17 @@ def load_pipeline_file(path: Path) -> dict[str, Any]:
                           f"{', '.join(sorted(shipped_pipelines()))})") from None
     try:
         root = yaml.compose(text)
+        _refuse_duplicate_keys(path, root)
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}{line}: malformed YAML: {getattr(e, 'problem', e)}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a pipeline file") from None
+    if isinstance(data, dict) and "target" in data and "targets" in data:
+        raise ConfigError(f"{path}:{_line(root, ['targets'])}: give 'target' (one) or "
+                          f"'targets' (several), not both")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a pipeline file is a mapping with at least "
                           f"'version: 1' and 'passes: [...]'")

@@ -28,7 +28,7 @@ from hardware.estimate import DEFAULT_PRECISION, report_section
 from optim import generation, saving, shapes, timing, verify
 from optim.capture import Inputs, weight_bytes
 from optim.decoder_checks import greedy_agreement, measure_generation, perplexities
-from optim.decoder_steps import CacheLayout, DecoderStep, modes_kept, probe_layout
+from optim.decoder_steps import CacheLayout, DecoderStep, probe_layout
 from optim.errors import BackendError, ConfigError
 from optim.ir import op_histogram
 from optim.kv_cache import CachePolicy
@@ -63,20 +63,7 @@ def optimize_decoder(model: torch.nn.Module, tgt, pipe: Pipeline, example_inputs
                      measure_latency: bool | None = None, new_tokens: int = 16,
                      estimate_targets: list[str] | None = None, name: str | None = None,
                      say=lambda msg: None) -> OptimizedDecoder:
-    """See `optim.optimize`; called by it for causal LMs. The model's train/eval flags are
-    put back as they were, module by module."""
-    with modes_kept(model):
-        return _optimize_decoder(model, tgt, pipe, example_inputs, example_kwargs, backend,
-                                 backend_options, eval_data=eval_data,
-                                 calibration=calibration, max_length=max_length,
-                                 measure_latency=measure_latency, new_tokens=new_tokens,
-                                 estimate_targets=estimate_targets, name=name, say=say)
-
-
-def _optimize_decoder(model, tgt, pipe, example_inputs, example_kwargs, backend,
-                      backend_options, *, eval_data, calibration, max_length,
-                      measure_latency, new_tokens, estimate_targets, name,
-                      say) -> OptimizedDecoder:
+    """See `optim.optimize`; called by it for causal LMs (which leaves the model untouched)."""
     model.eval()
     chosen, options = resolve_backend(backend, tgt, _latency_options(chosen_name(backend, tgt),
                                                                      backend_options))
@@ -258,8 +245,9 @@ class OptimizedDecoder:
         return saving.save_parts({"step": self.step}, meta, self.report, Path(directory))
 
     @classmethod
-    def load(cls, directory: Path, manifest: dict) -> OptimizedDecoder:
-        parts, report = saving.load_parts(directory, manifest)
+    def load(cls, directory: Path, manifest: dict, trust_compiled_code: bool = False
+             ) -> OptimizedDecoder:
+        parts, report = saving.load_parts(directory, manifest, trust_compiled_code)
         if set(parts) != {"step"}:
             raise ConfigError(f"{directory}: a decoder save holds one part 'step', found "
                               f"{sorted(parts)}")

@@ -27,6 +27,7 @@ from transformers.modeling_utils import AttentionInterface
 
 import optim.ops  # noqa: F401  (torch.ops.optim.attention, attention_decode)
 from optim.errors import CaptureError
+from optim.model_state import modes_kept
 
 ATTENTION = "optim_kv"  # the name optim's attention function is registered under
 
@@ -101,17 +102,6 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
 
 
 AttentionInterface.register(ATTENTION, _attention)
-
-
-@contextlib.contextmanager
-def modes_kept(model: torch.nn.Module):
-    """Every submodule's train/eval flag as it was, whatever ran in between."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 @contextlib.contextmanager

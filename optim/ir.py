@@ -20,6 +20,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from optim.errors import BackendError, CaptureError
+from optim.model_state import modes_kept
 
 
 @dataclass
@@ -39,17 +40,14 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
         raise CaptureError(f"optimize() takes a torch.nn.Module, got {type(model).__name__}")
     kwargs = dict(kwargs or {})
     args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
-    was_training = model.training
-    model.eval()
     t0 = time.perf_counter()
     try:
-        with torch.no_grad():
+        with modes_kept(model), torch.no_grad():
+            model.eval()
             ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes,
                                      strict=False)
     except Exception as e:  # torch.export raises many types; all become one clear error
         raise CaptureError(_explain_capture_failure(model, e)) from e
-    finally:
-        model.train(was_training)
     gm = ep.module()
     _own_weights(gm)
     captured = Captured(gm, args, kwargs, time.perf_counter() - t0, ep)

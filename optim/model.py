@@ -151,9 +151,11 @@ class OptimizedModel:
                 f"passes={[p['name'] for p in self.report['passes']]})")
 
 
-def load(directory: str | Path) -> OptimizedModel:
-    """Load a model written by `OptimizedModel.save` (in this or a fresh process)."""
-    saved = saving.load(Path(directory))
+def load(directory: str | Path, trust_compiled_code: bool = False,
+         found: dict | None = None) -> OptimizedModel:
+    """Load a model written by `OptimizedModel.save` (in this or a fresh process); see
+    `optim.load`."""
+    saved = saving.load(Path(directory), trust_compiled_code, found)
     om = OptimizedModel(saved.artifact, saved.report, saved.graph, saved.example,
                         shapes=saved.shapes)
     om.width_plan = saved.width_plan

@@ -1,17 +1,26 @@
-"""Save and load optimized models without pickle.
+"""Save and load optimized models: data only, checked, replaced atomically.
 
-A saved directory holds `manifest.json` (format, backend, input/output pytree specs as JSON),
-`report.json`, and the files the backend's artifact writes (`Artifact.save`): `model.onnx`
-(onnxruntime), `program.pt2` (torch: torch's export archive, graph as JSON and weights as raw
-bytes) or `model.so` + `params.safetensors` (tvm). With nested widths, `graph.pt2` keeps the
-post-pass graph they are built from. Writing goes to a temporary sibling that is swapped in, so
-a failure leaves nothing half-written.
+A saved directory holds `manifest.json` (format, backend, input/output pytree specs as JSON,
+and the SHA-256 of every other file), `report.json`, and the files the backend's artifact
+writes (`Artifact.save`): `model.onnx` (onnxruntime), `program.json` + `program.safetensors`
+(torch: the exported graph as JSON, tensors in safetensors; `optim.program_files`) or
+`model.so` + `params.safetensors` (tvm). With nested widths, `graph.json` + `graph.safetensors`
+keep the post-pass graph they are built from.
+
+Loading never runs code from the directory unless asked: nothing is unpickled, every file the
+manifest names must lie inside the directory and match its checksum (the error names the file
+that changed), and a compiled library (tvm's `model.so`, which loading would dlopen) is loaded
+only with `trust_compiled_code=True`. Writing goes to a temporary sibling that is swapped in
+by renames, so a failure or a kill leaves the old save or the new one, never neither; a killed
+writer's leftovers are removed by the next save.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -24,6 +33,7 @@ from torch.utils._pytree import treespec_dumps, treespec_loads
 import backends  # noqa: F401  (registers every backend's loader)
 import optim.ops  # noqa: F401  (saved graphs refer to torch.ops.optim)
 from optim.errors import OptimError
+from optim.program_files import load_program, save_program
 from optim.registry import BACKENDS
 from optim.report import Report
 from optim.shapes import ShapeSpec, export_program
@@ -50,21 +60,119 @@ def save_parts(parts: dict, meta: dict, report: Report, directory: Path) -> Path
 
 
 def _write_atomically(directory: Path, fill) -> Path:
-    """`fill(tmp)` writes into a temporary sibling, which then replaces `directory`."""
+    """`fill(tmp)` writes into a temporary sibling; the files' checksums go into its manifest;
+    then it replaces `directory` by two renames (the old save is moved aside first and removed
+    last, so a kill between them leaves it recoverable under `.optim-old-*`)."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise OptimError(f"{directory} is a file; choose a directory to save into")
     if (directory.exists() and any(directory.iterdir())
             and not (directory / "manifest.json").exists()):
         raise OptimError(f"{directory} exists and is not an optim save; choose an empty directory")
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".optim-save-", dir=directory.parent))
+    _remove_leftovers(directory)
+    tag = f".optim-{{}}-{directory.name}-{os.getpid()}-"
+    tmp = Path(tempfile.mkdtemp(prefix=tag.format("save"), dir=directory.parent))
+    old = None
     try:
         fill(tmp)
+        found = json.loads((tmp / "manifest.json").read_text())
+        found["files"] = checksums(tmp)
+        (tmp / "manifest.json").write_text(json.dumps(found, indent=2))
         if directory.exists():
-            shutil.rmtree(directory)
+            old = Path(tempfile.mkdtemp(prefix=tag.format("old"), dir=directory.parent))
+            directory.rename(old / "save")
         tmp.rename(directory)
+    except BaseException:
+        if old is not None and not directory.exists():
+            (old / "save").rename(directory)  # put the old save back
+        raise
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in (tmp, old):
+            if leftover is not None and leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
     return directory
+
+
+def _remove_leftovers(directory: Path) -> None:
+    """Remove what killed writers of `directory` left behind (their process is gone); a save
+    moved aside by a writer killed mid-swap is put back if nothing replaced it."""
+    for path in directory.parent.glob(f".optim-*-{directory.name}-*"):
+        kind, _, rest = path.name[len(".optim-"):].partition("-")
+        if not rest.startswith(directory.name + "-"):
+            continue  # another save's (whose name ends like this one's)
+        pid = rest[len(directory.name) + 1:].partition("-")[0]
+        if kind not in ("save", "old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if kind == "old" and (path / "save").is_dir() and not directory.exists():
+            (path / "save").rename(directory)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def checksums(directory: Path) -> dict[str, str]:
+    """SHA-256 of every file under `directory` but the top manifest, by relative path."""
+    out = {}
+    for path in sorted(directory.rglob("*")):
+        rel = path.relative_to(directory).as_posix()
+        if path.is_file() and rel != "manifest.json":
+            out[rel] = _sha256(path)
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify(directory: Path, found: dict) -> None:
+    """Every file the manifest lists lies inside `directory` and has its recorded checksum."""
+    files = found.get("files")
+    if not isinstance(files, dict) or not files:
+        raise OptimError(f"{directory}: the manifest records no checksums (written by an older "
+                         f"optim, or edited); optimize the model again and save it")
+    root = directory.resolve()
+    for rel, digest in files.items():
+        path = inside(directory, rel)
+        if not path.is_file():
+            raise OptimError(f"{directory}: {rel} is missing; the save is incomplete, save the "
+                             f"model again")
+        if _sha256(path) != digest:
+            raise OptimError(f"{directory}: {rel} has changed since it was saved (checksum "
+                             f"mismatch): it is damaged or was replaced; save the model again")
+    for path in directory.rglob("*"):
+        rel = path.relative_to(directory).as_posix()
+        if path.is_file() and rel not in files and path.name != "manifest.json":
+            raise OptimError(f"{directory}: {rel} was not part of the save; remove it or save "
+                             f"the model again")
+        if path.is_symlink() and not path.resolve().is_relative_to(root):
+            raise OptimError(f"{directory}: {rel} links outside the save directory")
+
+
+def inside(directory: Path, name) -> Path:
+    """`directory / name`, refusing a name that leads outside `directory`."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute():
+        raise OptimError(f"{directory}: the manifest names the file {name!r}, which is not a "
+                         f"relative path inside the save; the save is damaged")
+    path = directory / name
+    if not path.resolve().is_relative_to(directory.resolve()):
+        raise OptimError(f"{directory}: the manifest names {name!r}, outside the save "
+                         f"directory; refusing to read it")
+    return path
 
 
 def _write_model(om, tmp: Path, report: Report | None) -> None:
@@ -76,9 +184,8 @@ def _write_model(om, tmp: Path, report: Report | None) -> None:
     manifest.update(om.artifact.save(tmp))
     if om.report.pass_details("dynamic_width").get("plan") and om.graph is not None:
         args, kwargs = om.example  # nested widths are built from the graph
-        torch.export.save(export_program(om.graph, args, kwargs),
-                          tmp / "graph.pt2")  # with its example inputs and dynamic axes
-        manifest["graph"] = "graph.pt2"
+        manifest["graph"] = save_program(export_program(om.graph, args, kwargs), tmp,
+                                         "graph")  # with its example inputs and dynamic axes
         # the width plan names FX nodes; export renames them, so keep the names in order
         manifest["graph_nodes"] = [[n.name, str(n.target)] for n in om.graph.graph.nodes
                                    if n.op == "call_function"]
@@ -97,27 +204,39 @@ class Saved:
     shapes: ShapeSpec | None = None
 
 
-def manifest(directory: Path) -> dict:
-    """The manifest of a save, checked for format."""
+def manifest(directory: Path, check: bool = True) -> dict:
+    """The manifest of a save, checked for format and (`check`) every file against its
+    checksum."""
     directory = Path(directory)
     try:
         found = json.loads((directory / "manifest.json").read_text())
     except FileNotFoundError:
         raise OptimError(f"{directory} has no manifest.json; it was not written by "
                          f"OptimizedModel.save") from None
-    if found.get("format") != FORMAT:
-        raise OptimError(f"{directory}: unknown save format {found.get('format')!r} "
-                         f"(this optim reads {FORMAT!r})")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise OptimError(f"{directory}/manifest.json cannot be read ({e}); the save is damaged, "
+                         f"save the model again") from e
+    if not isinstance(found, dict) or found.get("format") != FORMAT:
+        got = found.get("format") if isinstance(found, dict) else type(found).__name__
+        raise OptimError(f"{directory}: unknown save format {got!r} (this optim reads "
+                         f"{FORMAT!r})")
+    if check:
+        verify(directory, found)
     return found
 
 
-def load(directory: Path) -> Saved:
+def load(directory: Path, trust_compiled_code: bool = False, found: dict | None = None
+         ) -> Saved:
+    """A single model's save (`found`: its manifest, if already read by `manifest`)."""
     directory = Path(directory)
-    return _load_model(directory, manifest(directory), Report.load(directory / "report.json"))
+    found = manifest(directory) if found is None else found
+    return _load_model(directory, found, Report.load(directory / "report.json"),
+                       trust_compiled_code)
 
 
-def load_parts(directory: Path, found: dict) -> tuple[dict[str, Saved], Report]:
-    """The parts `save_parts` wrote, and their report."""
+def load_parts(directory: Path, found: dict, trust_compiled_code: bool = False
+               ) -> tuple[dict[str, Saved], Report]:
+    """The parts `save_parts` wrote, and their report (`found`: the checked top manifest)."""
     report = Report.load(Path(directory) / "report.json")
     parts = {}
     for name in found.get("parts", []):
@@ -125,24 +244,45 @@ def load_parts(directory: Path, found: dict) -> tuple[dict[str, Saved], Report]:
             raise OptimError(f"{directory}: the manifest names a part {name!r}; the save is "
                              f"damaged")
         sub = Path(directory) / name
-        parts[name] = _load_model(sub, manifest(sub), report)
+        parts[name] = _load_model(sub, manifest(sub, check=False), report, trust_compiled_code)
     return parts, report
 
 
-def _load_model(directory: Path, manifest: dict, report: Report) -> Saved:
+def _load_model(directory: Path, manifest: dict, report: Report,
+                trust_compiled_code: bool = False) -> Saved:
     if manifest.get("backend") not in BACKENDS:
         raise OptimError(f"{directory}: unknown backend {manifest.get('backend')!r}")
+    backend = BACKENDS.get(manifest["backend"])
+    if backend.runs_code and not trust_compiled_code:
+        raise OptimError(f"{directory} holds a compiled {backend.name} library, and loading it "
+                         f"runs its code. Load it only if you trust where it came from: "
+                         f"optim.load(path, trust_compiled_code=True)")
+    _check_names(directory, manifest)
     in_spec, out_spec = _treespec(manifest, "in_spec"), _treespec(manifest, "out_spec")
-    artifact = BACKENDS.get(manifest["backend"]).load(directory, manifest, in_spec, out_spec)
+    artifact = backend.load(directory, manifest, in_spec, out_spec)
     saved = Saved(artifact, report, getattr(artifact, "source", None))
     if manifest.get("shapes"):
         saved.shapes = ShapeSpec.from_dict(manifest["shapes"])
     if manifest.get("graph"):
-        ep = torch.export.load(directory / manifest["graph"])
+        ep = load_program(directory, manifest["graph"])
         saved.graph, saved.example = ep.module(), ep.example_inputs
         names = _name_map(saved.graph, manifest["graph_nodes"])
         saved.width_plan = _translated(report.pass_details("dynamic_width")["plan"], names)
     return saved
+
+
+def _check_names(directory: Path, manifest: dict) -> None:
+    """Every file a loader will open lies inside the save (and so was checksummed)."""
+    names = [manifest.get("artifact"), manifest.get("params")]
+    for key in ("graph", "program"):
+        entry = manifest.get(key)
+        if entry is not None:
+            if not isinstance(entry, dict):
+                raise OptimError(f"{directory}: the manifest's {key!r} entry is damaged")
+            names += [entry.get("graph"), entry.get("tensors")]
+    for name in names:
+        if name is not None and not inside(directory, name).is_file():
+            raise OptimError(f"{directory}: {name} is missing; the save is incomplete")
 
 
 # packages whose output classes (e.g. transformers' ModelOutput) register themselves with

@@ -42,6 +42,8 @@ class ShapeSpec:
     ranges: dict[str, tuple[int, int]]  # dynamic axis -> (min, max) accepted
     static: dict[str, str] = field(default_factory=dict)  # axis -> why it is static
     traced: dict[str, int] = field(default_factory=dict)  # axis -> its size in the example
+    # integer input -> rows of the embedding table it indexes (ids must lie in 0..rows - 1)
+    bounds: dict[str, int] = field(default_factory=dict)
 
     @property
     def dynamic(self) -> bool:
@@ -52,7 +54,7 @@ class ShapeSpec:
         inputs = [InputShape(i.name, i.dtype, tuple(self.traced[d] if d == axis else d
                                                      for d in i.dims)) for i in self.inputs]
         return ShapeSpec(inputs, {a: r for a, r in self.ranges.items() if a != axis},
-                         {**self.static, axis: reason}, dict(self.traced))
+                         {**self.static, axis: reason}, dict(self.traced), dict(self.bounds))
 
     def all_static(self, reason: str) -> ShapeSpec:
         out = self
@@ -87,6 +89,20 @@ class ShapeSpec:
                     raise ShapeError(f"input {want.name!r} has shape {tuple(value.shape)}; "
                                      f"the model accepts {self.describe(want)}"
                                      + self._why_static(dim))
+            self._check_bounds(want.name, value)
+
+    def _check_bounds(self, name: str, value: torch.Tensor) -> None:
+        """Ids outside the embedding table: a compiled backend would read out of bounds
+        (garbage or a crash) and ONNX Runtime wraps negative ids silently."""
+        rows = self.bounds.get(name)
+        if rows is None or not value.numel():
+            return
+        lo, hi = int(value.min()), int(value.max())
+        if lo < 0 or hi >= rows:
+            bad = lo if lo < 0 else hi
+            raise ShapeError(f"input {name!r} holds {bad}, outside 0..{rows - 1}: it indexes an "
+                             f"embedding table of {rows} rows (ids from another tokenizer or "
+                             f"vocabulary?)")
 
     def describe(self, item: InputShape) -> str:
         parts = []
@@ -108,13 +124,15 @@ class ShapeSpec:
         return {"inputs": [{"name": i.name, "dtype": i.dtype, "dims": list(i.dims)}
                            for i in self.inputs],
                 "ranges": {a: list(r) for a, r in self.ranges.items()},
-                "static": dict(self.static), "traced": dict(self.traced)}
+                "static": dict(self.static), "traced": dict(self.traced),
+                "bounds": dict(self.bounds)}
 
     @classmethod
     def from_dict(cls, d: dict) -> ShapeSpec:
         return cls([InputShape(i["name"], i["dtype"], tuple(i["dims"])) for i in d["inputs"]],
                    {a: (int(r[0]), int(r[1])) for a, r in d["ranges"].items()},
-                   dict(d.get("static", {})), {a: int(s) for a, s in d["traced"].items()})
+                   dict(d.get("static", {})), {a: int(s) for a, s in d["traced"].items()},
+                   {n: int(r) for n, r in d.get("bounds", {}).items()})
 
 
 def infer(args: tuple, kwargs: dict, dynamic: Any = None) -> ShapeSpec:
@@ -177,7 +195,8 @@ def accepted(spec: ShapeSpec, ep: torch.export.ExportedProgram) -> ShapeSpec:
         for d, size in zip(want.dims, val.shape):
             if isinstance(d, str):
                 symbols.setdefault(d, []).append(size)
-    out = ShapeSpec(spec.inputs, dict(spec.ranges), dict(spec.static), dict(spec.traced))
+    out = ShapeSpec(spec.inputs, dict(spec.ranges), dict(spec.static), dict(spec.traced),
+                    _index_bounds(tensors, placeholders, ep))
     for axis, sizes in symbols.items():
         if any(isinstance(s, int) for s in sizes):
             why = (f"traced at {axis} {spec.traced[axis]}, which torch.export always fixes: "
@@ -191,6 +210,34 @@ def accepted(spec: ShapeSpec, ep: torch.export.ExportedProgram) -> ShapeSpec:
             if vr is not None and vr.upper.is_finite:
                 hi = min(hi, int(vr.upper))
         out.ranges[axis] = (lo, hi)
+    return out
+
+
+_PASS_THROUGH = {torch.ops.aten.view.default, torch.ops.aten.reshape.default,
+                 torch.ops.aten._to_copy.default, torch.ops.aten.clone.default,
+                 torch.ops.aten.contiguous.default, torch.ops.aten.flatten.using_ints}
+
+
+def _index_bounds(tensors: list[InputShape], placeholders: list, ep) -> dict[str, int]:
+    """Integer inputs that index an embedding table (directly or through views and casts):
+    input name -> the table's rows."""
+    out: dict[str, int] = {}
+    for want, node in zip(tensors, [n for n in placeholders
+                                    if isinstance(n.meta.get("val"), torch.Tensor)]):
+        if want.dtype not in ("int64", "int32"):
+            continue
+        frontier, seen = [node], set()
+        while frontier:
+            n = frontier.pop()
+            for user in n.users:
+                if user in seen:
+                    continue
+                seen.add(user)
+                if user.target is torch.ops.aten.embedding.default and user.args[1] is n:
+                    rows = user.args[0].meta["val"].shape[0]
+                    out[want.name] = min(out.get(want.name, rows), int(rows))
+                elif user.target in _PASS_THROUGH:
+                    frontier.append(user)
     return out
 
 

@@ -125,3 +125,16 @@ def test_latency_is_measured_and_labelled(zoo_model):
                       "optimized @ cpu (roofline bound)": "bound"}
     ratio = rows[0]["median_ms"] / rows[1]["median_ms"]
     assert om.report["speedup"]["optimized_vs_original"] == pytest.approx(ratio)
+
+
+def test_an_exact_pass_after_a_lossy_one_is_judged_on_its_own_change(zoo_model):
+    """fuse_attention after quantize: the outputs already moved (quantize's error), and the
+    exact pass is held to its tolerance against the graph before it, not the original
+    (issue 23, item 7)."""
+    z = zoo_model("bert")
+    om = optim.optimize(z.model, "cpu", z.example_args, "cleanup,quantize,fuse_attention",
+                        example_kwargs=z.example_kwargs, backend="torch",
+                        measure_latency=False)
+    records = {p["name"]: p for p in om.report["passes"]}
+    assert records["fuse_attention"]["changed"]
+    assert records["quantize"]["fidelity"]["max_abs_error"] > 1e-3  # lossy before it

@@ -32,7 +32,7 @@ def report_path(tmp_path_factory):
     result = runner.invoke(app, ["run", str(d / "tiny.yaml"), "--out", str(d / "out"),
                                  "--save", str(d / "saved")])
     assert result.exit_code == 0, result.output
-    assert (d / "saved" / "program.pt2").exists()
+    assert (d / "saved" / "program.json").exists()
     return d / "out" / "tiny-cpu.json"
 
 

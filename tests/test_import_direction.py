@@ -16,7 +16,8 @@ PACKAGES = ("optim", "passes", "backends", "hardware")
 # module of optim is the driver, except the zoo, which sits beside the bottom layer
 CORE = {"optim", "optim.errors", "optim.ir", "optim.ops", "optim.kernels", "optim.bits",
         "optim.pass_base", "optim.registry", "optim.pipeline", "optim.numerics", "optim.measure",
-        "optim.host_memory", "optim.shapes"}
+        "optim.host_memory", "optim.shapes", "optim.model_state", "optim.program_files",
+        "optim.files"}
 RANK = {"core": 0, "zoo": 1, "hardware": 1, "passes": 2, "backends": 3, "driver": 4}
 
 # imports of heavy optional dependencies stay inside functions; they point at no layer of ours

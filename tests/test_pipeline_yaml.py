@@ -69,3 +69,25 @@ def test_malformed_yaml(tmp_path):
         load_pipeline_file(p)
     with pytest.raises(ConfigError, match="no such pipeline file"):
         load_pipeline_file(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("text,message", [
+    ("version: 1\ntarget: cpu\npasses: [cleanup]\ntarget: a100\n",
+     r":4: key 'target' appears twice \(first on line 2\)"),
+    ("version: 1\npasses:\n  - quantize: {granularity: per_channel, granularity: per_tensor}\n",
+     r":3: key 'granularity' appears twice"),
+    ("version: 1\ntarget: cpu\ntargets: [a100]\npasses: [cleanup]\n", "not both"),
+    ("version: 1\npasses: " + "[" * 2000 + "]" * 2000 + "\n", "nested too deeply"),
+])
+def test_silent_yaml_surprises_are_errors(tmp_path, text, message):
+    """Duplicate keys (YAML keeps the last silently), target with targets, and nesting that
+    would blow the stack are errors naming the line, not surprises (issue 23, item 10)."""
+    with pytest.raises(ConfigError, match=message):
+        load_pipeline_file(_write(tmp_path, text))
+
+
+@pytest.mark.parametrize("name", ["../../x", "/tmp/x", "a/b", ".hidden", ""])
+def test_a_pipeline_name_cannot_write_outside_the_output_folder(tmp_path, name):
+    text = f"version: 1\nname: {name!r}\npasses: [cleanup]\n"
+    with pytest.raises(ConfigError, match="name"):
+        load_pipeline_file(_write(tmp_path, text))

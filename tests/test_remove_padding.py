@@ -82,7 +82,7 @@ def test_packed_model_runs_through_a_backend_and_reloads(minilm, tmp_path, backe
                         backend=backend, measure_latency=False)
     assert om.report["model"]["shapes"]["ranges"] == {"batch": [1, 1024], "seq": [1, 512]}
     om.save(tmp_path / "m")
-    loaded = optim.load(tmp_path / "m")
+    loaded = optim.load(tmp_path / "m", trust_compiled_code=True)  # our own save
     for label, (lengths, seq) in BATCHES.items():
         kwargs = _batch(minilm, lengths, seq)
         with torch.no_grad():
@@ -96,7 +96,7 @@ def test_packed_model_runs_through_a_backend_and_reloads(minilm, tmp_path, backe
         np.save(tmp_path / f"{name}.npy", t.numpy())
     script = textwrap.dedent(f"""
         import numpy as np, torch, optim
-        om = optim.load({str(tmp_path / "m")!r})
+        om = optim.load({str(tmp_path / "m")!r}, trust_compiled_code=True)
         kw = {{n: torch.from_numpy(np.load({str(tmp_path)!r} + f"/{{n}}.npy"))
               for n in ("input_ids", "attention_mask")}}
         np.save({str(tmp_path / "out.npy")!r}, om(**kw).last_hidden_state.numpy())

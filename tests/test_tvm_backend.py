@@ -15,7 +15,7 @@ from conftest import SMALL
 import optim
 from backends import tvm_cuda
 from optim import numerics
-from optim.errors import BackendError
+from optim.errors import BackendError, OptimError
 
 
 @pytest.mark.parametrize("name", SMALL)
@@ -49,7 +49,9 @@ def test_tvm_artifact_save_load_round_trip(zoo_model, tmp_path):
                         backend="tvm", measure_latency=False)
     om.save(tmp_path / "saved")
     assert (tmp_path / "saved" / "model.so").exists()
-    again = optim.load(tmp_path / "saved")
+    with pytest.raises(OptimError, match="compiled tvm library.*trust_compiled_code=True"):
+        optim.load(tmp_path / "saved")  # loading would dlopen model.so: asked for, not assumed
+    again = optim.load(tmp_path / "saved", trust_compiled_code=True)
     torch.testing.assert_close(again(*z.example_args), om(*z.example_args))
     assert again.report["backend"]["name"] == "tvm"
 
