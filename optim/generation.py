@@ -106,12 +106,13 @@ PREFILL_CHUNK = 256  # prompt tokens per step when a prompt is prefilled in chun
 def prefill(step: Step, layout: CacheLayout, cache: KVCache, ids: Tensor, mask: Tensor,
             pos: Tensor) -> Tensor:
     """Run the prompt into `cache`; returns the last token's logits [B, V]. With the full
-    cache, a prompt longer than `PREFILL_CHUNK` goes in chunks, each a step over the cache the
-    chunks before it filled (chunked prefill): a step's attention scores are then [chunk,
-    cache] instead of [prompt, prompt], which bounds memory (batch 8 x 1,024 tokens on ONNX
-    Runtime: 11.6 GB resident after one-shot prefills, see benchmarks/RESULTS.md section 24)
-    and lets attention skip the slots no chunk has reached. A bounded cache (window, Keyformer)
-    scores the whole prompt's attention first, so it takes the prompt in one step."""
+    cache, a prompt longer than `PREFILL_CHUNK` goes in chunks, each a step over the slots the
+    chunks before it filled (chunked prefill): a step's attention scores are [chunk, filled]
+    instead of [prompt, prompt], which bounds memory (batch 8 x 1,024 tokens on ONNX Runtime
+    held 11.6 GB after one-shot prefills, 4.9 GB chunked) and skips the keys a chunk cannot
+    see (causal: about half the one-shot attention work). A bounded cache (window,
+    Keyformer) scores the whole prompt's attention first, so it takes the prompt in one
+    step."""
     b, t = ids.shape
     if cache.policy.method != "full" or t <= PREFILL_CHUNK:
         logits, new_k, new_v, mass = step(ids, mask, pos, *empty_cache(layout, b))
@@ -119,7 +120,9 @@ def prefill(step: Step, layout: CacheLayout, cache: KVCache, ids: Tensor, mask: 
         return logits
     for start in range(0, t, PREFILL_CHUNK):
         end = min(t, start + PREFILL_CHUNK)
-        past = empty_cache(layout, b) if start == 0 else (cache.mask, cache.keys, cache.values)
+        past = empty_cache(layout, b) if start == 0 else (  # the slots filled so far
+            cache.mask[:, :start], [k[:, :, :start] for k in cache.keys],
+            [v[:, :, :start] for v in cache.values])
         logits, new_k, new_v, _ = step(ids[:, start:end], mask[:, start:end],
                                        pos[:, start:end], *past)
         cache.write(new_k, new_v, pos[:, start:end], mask[:, start:end], start)
