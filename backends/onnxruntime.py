@@ -77,7 +77,8 @@ class OrtArtifact(Artifact):
     backend = "onnxruntime"
 
     def __init__(self, model: onnx.ModelProto, out_spec=None, in_spec=None,
-                 threads: int | None = None, spin_wait: bool = False):
+                 threads: int | None = None, spin_wait: bool = False,
+                 memory_arena: bool = True):
         self.model = model
         self.out_spec, self.in_spec = out_spec, in_spec
         self.threads = threads or os.cpu_count() or 1
@@ -89,6 +90,8 @@ class OrtArtifact(Artifact):
         # measurements); decode steps spin (`OrtOptions.spin_wait`)
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
         self.spin_wait = spin_wait
+        so.enable_cpu_mem_arena = memory_arena
+        self.memory_arena = memory_arena
         with tempfile.TemporaryDirectory() as tmp:
             so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
             so.log_severity_level = 3
@@ -145,8 +148,10 @@ class OrtArtifact(Artifact):
 
     def save(self, directory: Path) -> dict:
         onnx.save_model(self.model, directory / "model.onnx")
-        return {"artifact": "model.onnx",
-                "backend_options": {"spin_wait": True} if self.spin_wait else {}}
+        changed = {k: v for k, v in (("spin_wait", self.spin_wait),
+                                     ("memory_arena", self.memory_arena))
+                   if v != getattr(OrtOptions, k)}
+        return {"artifact": "model.onnx", "backend_options": changed}
 
 
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64,
@@ -167,12 +172,16 @@ class OrtOptions:
     # but the threads hold the cores briefly after each run (off for one-shot models, which
     # interleaved measurements run next to other work; decoders turn it on)
     spin_wait: bool = False
+    # ORT's CPU arena keeps the largest run's buffers for the session's life; off, each run's
+    # buffers are freed (decoders turn it off: a long prompt's prefill would pin gigabytes)
+    memory_arena: bool = True
 
 
 def load(directory: Path, manifest: dict, in_spec=None, out_spec=None) -> OrtArtifact:
-    spin = bool((manifest.get("backend_options") or {}).get("spin_wait", False))
+    options = manifest.get("backend_options") or {}
     return OrtArtifact(onnx.load(directory / manifest["artifact"]), out_spec=out_spec,
-                       in_spec=in_spec, spin_wait=spin)
+                       in_spec=in_spec, spin_wait=bool(options.get("spin_wait", False)),
+                       memory_arena=bool(options.get("memory_arena", True)))
 
 
 @register_backend("onnxruntime", options=OrtOptions, load=load, dynamic=True)
@@ -184,4 +193,5 @@ def lower(gm: torch.fx.GraphModule, example: Batch, target: Target, options: Ort
                            f"{options.int4_accuracy_level!r}")
     in_spec, out_spec = pytree_specs(gm)
     return OrtArtifact(export_onnx(gm, *example, options.int4_accuracy_level),
-                       out_spec=out_spec, in_spec=in_spec, spin_wait=options.spin_wait)
+                       out_spec=out_spec, in_spec=in_spec, spin_wait=options.spin_wait,
+                       memory_arena=options.memory_arena)

@@ -81,11 +81,13 @@ def ours_runner(fast, ids, n, **kw):
     return lambda: fast.generate(ids, n, stop_tokens=[], **kw)
 
 
-def speed(quick: bool, save, shapes: list[str]) -> list[dict]:
+def speed(quick: bool, save, shapes: list[str], earlier: list[dict]) -> list[dict]:
     """Every shape in its own process (a shape's runners hold gigabytes: compiled graphs, ORT
-    arenas sized by its prefill), its rows kept as soon as it finishes."""
+    arenas sized by its prefill), its rows kept as soon as it finishes. Rows of shapes not
+    run this time are kept from `earlier` (each row says when it was measured)."""
     shapes = shapes[:1] if quick else shapes
-    rows: list[dict] = []
+    rows = [r for r in earlier if f"{r.get('batch')}x{r.get('prompt')}" not in shapes
+            and r.get("shape") not in shapes]
     for shape in shapes:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "rows.json"
@@ -126,6 +128,7 @@ def speed_shape(shape: str, workdir: Path) -> list[dict]:
         total = m[f"{name}|{NEW}"]["median_ms"]
         per = (total - first) / (NEW - 1)
         rows.append({"row": name, "batch": batch, "prompt": length, "new_tokens": NEW,
+                     "measured": time.strftime("%Y-%m-%d %H:%M"),
                      "ttft_ms": first, "per_token_ms": per,
                      "tokens_per_s": batch * 1e3 / per, "generate_ms": total})
     _cost_model(ours, rows, batch, length)
@@ -254,7 +257,8 @@ def main() -> None:
             result["speed"] = rows
         args.out.write_text(json.dumps(result, indent=2))
 
-    sections = {"speed": (lambda: speed(args.quick, save, args.shapes.split(",")),
+    earlier = result.get("speed", [])
+    sections = {"speed": (lambda: speed(args.quick, save, args.shapes.split(","), earlier),
                           "speed (measured here)",
                           ["row", "batch", "prompt", "ttft_ms", "per_token_ms", "tokens_per_s"]),
                 "fidelity": (lambda: fidelity(args.quick), "fidelity, char_lm (real weights)",

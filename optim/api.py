@@ -83,6 +83,7 @@ def optimize(model: torch.nn.Module, target: str | Target = "cpu", example_input
         **pass_options: per-pass option overrides, e.g. `quantize={"skip": ["classifier"]}`.
     """
     say = progress or (lambda msg: None)
+    verify.check_budget_form(fidelity_budget)  # before hours of work, not after
     tgt = resolve_target(target)
     if generation or generation is None and is_causal_lm(model, example_kwargs):
         if task_fidelity or fidelity_budget or dynamic is not None:

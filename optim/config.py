@@ -18,6 +18,7 @@ from hardware.spec import target_names
 from optim.errors import ConfigError, UnknownNameError
 from optim.pass_base import config_from_dict
 from optim.registry import PASSES
+from optim.verify import check_budget_form
 
 
 def _schema() -> dict:
@@ -93,6 +94,11 @@ def load_pipeline_file(path: Path) -> dict[str, Any]:
         except UnknownNameError as err:
             raise ConfigError(f"{where}: {err}") from None
         config_from_dict(spec.config, options, f"{where} ({name})")
+    if "fidelity_budget" in data:
+        try:
+            check_budget_form(data["fidelity_budget"])
+        except ConfigError as err:
+            raise ConfigError(f"{path}:{_line(root, ['fidelity_budget'])}: {err}") from None
     for key in ("target", "targets"):
         names = data.get(key) if isinstance(data.get(key), list) else [data.get(key)]
         for i, name in enumerate(n for n in names if n is not None):

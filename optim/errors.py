@@ -19,7 +19,9 @@ class UnknownNameError(OptimError, KeyError):
         close = [lowered[c] for c in difflib.get_close_matches(str(name).lower(), lowered, n=1,
                                                                 cutoff=0.5)]
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        super().__init__(f"unknown {kind} {name!r}.{hint} Valid {kind}s: {', '.join(self.valid)}")
+        kinds = kind + ("es" if kind.endswith("s") else "s")  # passes, targets
+        super().__init__(f"unknown {kind} {name!r}.{hint} Valid {kinds}: "
+                         f"{', '.join(self.valid) or '(none registered)'}")
 
     def __str__(self) -> str:  # KeyError would quote the message
         return self.args[0]

@@ -105,27 +105,38 @@ PREFILL_CHUNK = 256  # prompt tokens per step when a prompt is prefilled in chun
 
 def prefill(step: Step, layout: CacheLayout, cache: KVCache, ids: Tensor, mask: Tensor,
             pos: Tensor) -> Tensor:
-    """Run the prompt into `cache`; returns the last token's logits [B, V]. With the full
-    cache, a prompt longer than `PREFILL_CHUNK` goes in chunks, each a step over the slots the
-    chunks before it filled (chunked prefill): a step's attention scores are [chunk, filled]
-    instead of [prompt, prompt], which bounds memory (batch 8 x 1,024 tokens on ONNX Runtime
-    held 11.6 GB after one-shot prefills, 4.9 GB chunked) and skips the keys a chunk cannot
-    see (causal: about half the one-shot attention work). A bounded cache (window,
-    Keyformer) scores the whole prompt's attention first, so it takes the prompt in one
-    step."""
+    """Run the prompt into `cache`; returns the last token's logits [B, V]. A prompt longer
+    than `PREFILL_CHUNK` goes in chunks, each a step over the slots the chunks before it
+    filled (chunked prefill): a step's attention scores are [chunk, filled] instead of
+    [prompt, prompt], which bounds memory (batch 8 x 1,024 tokens on ONNX Runtime held 11.6 GB
+    after one-shot prefills, 4.9 GB chunked) and skips the keys a chunk cannot see (causal:
+    about half the one-shot attention work). Window and Keyformer caches get the same chunks
+    through a staging cache of the whole prompt, then keep their share of it."""
     b, t = ids.shape
-    if cache.policy.method != "full" or t <= PREFILL_CHUNK:
+    if t <= PREFILL_CHUNK:
         logits, new_k, new_v, mass = step(ids, mask, pos, *empty_cache(layout, b))
         cache.fill(new_k, new_v, mass[:, -t:], pos, mask)
         return logits
+    full = cache.policy.method == "full"
+    # a bounded cache keeps a share of the prompt, chosen on the whole prompt's attention:
+    # the chunks go into a staging cache of every prompt token, their attention mass summed
+    # per key (the same column sums as one step over the prompt), then the policy chooses
+    staging = cache if full else KVCache(layout, b, t, CachePolicy())
+    total = None if full else torch.zeros(b, t)
     for start in range(0, t, PREFILL_CHUNK):
         end = min(t, start + PREFILL_CHUNK)
         past = empty_cache(layout, b) if start == 0 else (  # the slots filled so far
-            cache.mask[:, :start], [k[:, :, :start] for k in cache.keys],
-            [v[:, :, :start] for v in cache.values])
-        logits, new_k, new_v, _ = step(ids[:, start:end], mask[:, start:end],
-                                       pos[:, start:end], *past)
-        cache.write(new_k, new_v, pos[:, start:end], mask[:, start:end], start)
+            staging.mask[:, :start], [k[:, :, :start] for k in staging.keys],
+            [v[:, :, :start] for v in staging.values])
+        logits, new_k, new_v, mass = step(ids[:, start:end], mask[:, start:end],
+                                          pos[:, start:end], *past)
+        staging.write(new_k, new_v, pos[:, start:end], mask[:, start:end], start)
+        if total is not None:
+            if start:
+                total[:, :start] += mass[:, :start]
+            total[:, start:end] += mass[:, -(end - start):]
+    if not full:
+        cache.fill(staging.keys, staging.values, total, pos, mask)
     return logits
 
 

@@ -159,6 +159,9 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return out
 
 
+MAX_STEPS = 100_000  # any option named *steps (Adam steps of distillation, fitting, QAT)
+
+
 def config_from_dict(cls: type, options: Any, where: str) -> Any:
     """Build config `cls` from a dict (or an instance), validating names and types."""
     if options is None:
@@ -179,6 +182,10 @@ def config_from_dict(cls: type, options: Any, where: str) -> Any:
             raise ConfigError(f"{where}: unknown option {key!r}.{hint} "
                               f"Valid options: {', '.join(fields) or '(none)'}")
         kwargs[key] = _coerce(value, hints[key], f"{where}: option {key!r}")
+        if key.endswith("steps") and isinstance(kwargs[key], int) \
+                and not 0 <= kwargs[key] <= MAX_STEPS:
+            raise ConfigError(f"{where}: option {key!r} must be in 0..{MAX_STEPS:,} (training "
+                              f"steps), got {kwargs[key]}")
     try:
         cfg = cls(**kwargs)
     except (TypeError, ValueError) as e:

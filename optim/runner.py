@@ -71,6 +71,11 @@ def run_pipeline_file(path: Path, out: Path | None = None, save: Path | None = N
         batches = sentence_batches(z.tokenizer, sentences(inputs.get("count", 64)), *batch)
         eval_data, task = batches[:4], sentence_embedding_fidelity(batches)
     targets = spec.get("targets") or [spec.get("target", "cpu")]
+    for target in targets:  # before the work, not after it
+        for dest in _output_paths(spec, path, out, target).values():
+            _check_writable(dest)
+    if save is not None:
+        _check_writable(Path(save), directory=True)
     if spec.get("generate"):
         return _run_generation(spec, z, targets, path, out, save, console)
     reports = []
@@ -92,15 +97,32 @@ def run_pipeline_file(path: Path, out: Path | None = None, save: Path | None = N
     return reports
 
 
-def _write_outputs(spec: dict, path: Path, out: Path | None, target: str, om,
-                   console: Console) -> None:
+def _output_paths(spec: dict, path: Path, out: Path | None, target: str) -> dict[str, Path]:
+    """Report kind -> file: under `out` (named after the pipeline) or the file's `report:`."""
     outputs = dict(spec.get("report") or {})
     if out is not None:
         stem = f"{spec.get('name', Path(path).stem)}-{target}"
         outputs = {"json": str(out / f"{stem}.json"), "html": str(out / f"{stem}.html"),
                    "markdown": str(out / f"{stem}.md")}
-    for kind, dest in outputs.items():
-        dest = Path(dest.replace("{target}", target))
+    return {kind: Path(dest.replace("{target}", target)) for kind, dest in outputs.items()}
+
+
+def _check_writable(dest: Path, directory: bool = False) -> None:
+    """A report file that is a directory, or a path below a file, fails now with its name."""
+    if not directory and dest.is_dir():
+        raise ConfigError(f"report path {dest} is a directory; name a file")
+    if directory and dest.exists() and not dest.is_dir():
+        raise ConfigError(f"save path {dest} is a file; name a directory")
+    for parent in dest.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"cannot write {dest}: {parent} is a file")
+            break
+
+
+def _write_outputs(spec: dict, path: Path, out: Path | None, target: str, om,
+                   console: Console) -> None:
+    for kind, dest in _output_paths(spec, path, out, target).items():
         if kind == "json":
             om.report.save(dest)
         else:

@@ -4,6 +4,7 @@ each dynamic axis; an optional task metric; the user's fidelity budget."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -32,6 +33,32 @@ def fidelity(original: Original, artifact: Callable, inputs: Inputs,
         with torch.inference_mode():
             result["task"] = task(lambda *a, **k: model(*a, **k), artifact)
     return result
+
+
+OUTPUT_METRICS = ("max_abs_error", "cosine_mean", "cosine_min", "sqnr_db")
+
+
+def check_budget_form(budget: dict | None) -> None:
+    """Before anything runs: a budget is a mapping of metric -> finite number (a NaN limit
+    would pass every comparison silently), plus `enforce: bool`; metrics are the output
+    comparisons or `task.<name>`."""
+    if budget is None:
+        return
+    if not isinstance(budget, dict):
+        raise ConfigError(f"fidelity budget must be a mapping such as {{'cosine_min': 0.99}}, "
+                          f"got {type(budget).__name__}")
+    for key, limit in budget.items():
+        if key == "enforce":
+            if not isinstance(limit, bool):
+                raise ConfigError(f"fidelity budget 'enforce' must be true or false, got "
+                                  f"{limit!r}")
+            continue
+        if key not in OUTPUT_METRICS and not str(key).startswith("task."):
+            raise ConfigError(f"fidelity budget key {key!r} names no metric; valid: "
+                              f"{', '.join(OUTPUT_METRICS)} or task.<metric>")
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)) \
+                or not math.isfinite(limit):
+            raise ConfigError(f"fidelity budget {key} must be a finite number, got {limit!r}")
 
 
 def check_budget(fid: dict, budget: dict | None) -> list[str]:

@@ -66,7 +66,12 @@ class QuantizeConfig:
         if self.min_features < 1:
             raise ValueError("min_features must be >= 1")
         for pattern in self.skip:
-            re.compile(pattern)
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"skip pattern {pattern!r} is not a regular expression ({e}); "
+                                 f"escape special characters, e.g. 'classifier\\.dense'"
+                                 ) from None
 
 
 def _linear_parts(gm, n: torch.fx.Node):

@@ -131,3 +131,20 @@ def test_run_with_keep_freed_memory_sets_it_in_its_own_process(tmp_path):
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "freed memory is kept in the process" in run.stdout
     assert (tmp_path / "out" / "tiny-cpu.json").exists()
+
+
+def test_an_output_path_that_cannot_be_written_fails_before_the_work(tmp_path, monkeypatch):
+    """A report path that is a directory, or a save path that is a file, is an error naming it
+    before anything is optimized (not after the whole run)."""
+    import optim.runner
+
+    monkeypatch.setattr(optim.runner, "optimize", lambda *a, **k: pytest.fail("it ran"))
+    (tmp_path / "tiny.yaml").write_text(PIPELINE)
+    (tmp_path / "out" / "tiny-cpu.html").mkdir(parents=True)
+    result = runner.invoke(app, ["run", str(tmp_path / "tiny.yaml"), "--out",
+                                 str(tmp_path / "out")], env={"COLUMNS": "300"})
+    assert result.exit_code == 2 and "tiny-cpu.html is a directory" in result.output
+    (tmp_path / "afile").write_text("x")
+    result = runner.invoke(app, ["run", str(tmp_path / "tiny.yaml"), "--save",
+                                 str(tmp_path / "afile")], env={"COLUMNS": "300"})
+    assert result.exit_code == 2 and "afile is a file" in result.output

@@ -128,3 +128,27 @@ def test_onnxruntime_steps_return_the_attention_mass_torch_does():
         assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4)
     assert masses["torch"][1][1, :7].abs().max() == 0  # padding slots receive nothing
 
+
+
+@pytest.mark.parametrize("method", ["window", "keyformer"])
+def test_a_bounded_cache_keeps_the_same_tokens_when_the_prompt_goes_in_chunks(method,
+                                                                              monkeypatch):
+    """Chunked prefill into a staging cache, the attention mass summed per key over the
+    chunks: the policy sees the same scores as from one step over the prompt."""
+    import optim
+    from optim import generation
+    from optim.zoo import char_lm
+
+    model = char_lm.load()
+    text = char_lm.batches("test", 2, 1, seed=4)[0]
+    fast = optim.optimize(model, "cpu", text[:, :24], pipeline="cleanup",
+                          measure_latency=False)
+    policy = {"method": method, "budget": 0.25, "seed": 2}
+    one_step = fast.generate(text[:, :48], 16, stop_tokens=[], cache=policy)
+    monkeypatch.setattr(generation, "PREFILL_CHUNK", 10)
+    blocks = []
+    run = fast._run
+    monkeypatch.setattr(fast, "_run", lambda ids, *a: blocks.append(ids.shape[1]) or run(ids, *a))
+    chunked = fast.generate(text[:, :48], 16, stop_tokens=[], cache=policy)
+    assert blocks[:5] == [10, 10, 10, 10, 8]
+    assert torch.equal(one_step, chunked)

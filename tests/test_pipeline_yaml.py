@@ -91,3 +91,25 @@ def test_a_pipeline_name_cannot_write_outside_the_output_folder(tmp_path, name):
     text = f"version: 1\nname: {name!r}\npasses: [cleanup]\n"
     with pytest.raises(ConfigError, match="name"):
         load_pipeline_file(_write(tmp_path, text))
+
+
+@pytest.mark.parametrize("budget,message", [
+    ("{cosine_min: .nan}", "must be a finite number, got nan"),
+    ("{cosine: 0.9}", "names no metric"),
+    ("{cosine_min: 0.9, enforce: 2}", "'enforce' must be true or false"),
+])
+def test_a_fidelity_budget_that_would_pass_silently_is_an_error(tmp_path, budget, message):
+    text = f"version: 1\npasses: [cleanup]\nfidelity_budget: {budget}\n"
+    with pytest.raises(ConfigError, match=f":3: .*{message}"):
+        load_pipeline_file(_write(tmp_path, text))
+
+
+def test_a_bad_skip_pattern_is_a_config_error_naming_it():
+    with pytest.raises(ConfigError, match=r"skip pattern '\(' is not a regular expression"):
+        Pipeline.build(["cleanup", {"quantize": {"skip": ["("]}}])
+
+
+@pytest.mark.parametrize("steps", [-1, 10 ** 9])
+def test_step_counts_are_bounded(steps):
+    with pytest.raises(ConfigError, match=r"'distill_steps' must be in 0\.\.100,000"):
+        Pipeline.build(["cleanup", {"binarize": {"distill_steps": steps}}])

@@ -36,3 +36,12 @@ def test_digits_split():
     xt, yt = data.digits("test")
     assert x.shape[1:] == (1, 8, 8) and 0 <= x.min() and x.max() <= 1
     assert len(y) + len(yt) == 1797 and set(yt.tolist()) == set(range(10))
+
+
+@pytest.mark.parametrize("name,options", [("bert", {"hiden_size": 32}),
+                                          ("dit", {"num_layer": 1})])
+def test_a_misspelled_zoo_option_is_an_error_not_ignored(name, options):
+    from optim.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"zoo model '{name}'.*{next(iter(options))}"):
+        zoo.load(name, **options)

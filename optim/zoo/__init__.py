@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from optim.errors import UnknownNameError
+from optim.errors import ConfigError, UnknownNameError
 from optim.zoo import char_lm, digits_vit
 from optim.zoo.data import digits, sentences
 
@@ -190,4 +190,25 @@ def load(
     if name not in _ENTRIES:
         raise UnknownNameError("zoo model", name, _ENTRIES)
     torch.manual_seed(seed)
-    return _ENTRIES[name](batch, seq, seed, **config_overrides)
+    try:
+        z = _ENTRIES[name](batch, seq, seed, **config_overrides)
+    except TypeError as e:  # a constructor that names the unexpected keyword itself
+        raise ConfigError(f"zoo model {name!r}: {e}") from None
+    unknown = [k for k in config_overrides if not _config_takes(z.model, k)]
+    if unknown:  # a config stores any keyword silently: a typo would change nothing
+        raise ConfigError(f"zoo model {name!r}: its config has no option(s) {unknown}; check "
+                          f"the spelling against the model's config class")
+    return z
+
+
+# keywords a transformers config takes at construction without keeping them as attributes
+_CONSTRUCTION_KEYWORDS = {"attn_implementation", "dtype", "torch_dtype"}
+
+
+def _config_takes(model: torch.nn.Module, key: str) -> bool:
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return True  # nothing to check against (optim's own zoo models)
+    if isinstance(cfg, dict):  # diffusers: the registered constructor arguments
+        return key in cfg
+    return key in _CONSTRUCTION_KEYWORDS or hasattr(type(cfg)(), key)
