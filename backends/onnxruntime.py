@@ -78,7 +78,7 @@ class OrtArtifact(Artifact):
 
     def __init__(self, model: onnx.ModelProto, out_spec=None, in_spec=None,
                  threads: int | None = None, spin_wait: bool = False,
-                 memory_arena: bool = True):
+                 memory_arena: str = "keep"):
         self.model = model
         self.out_spec, self.in_spec = out_spec, in_spec
         self.threads = threads or os.cpu_count() or 1
@@ -90,8 +90,17 @@ class OrtArtifact(Artifact):
         # measurements); decode steps spin (`OrtOptions.spin_wait`)
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
         self.spin_wait = spin_wait
-        so.enable_cpu_mem_arena = memory_arena
+        if memory_arena not in ARENA_MODES:
+            raise BackendError(f"onnxruntime backend: memory_arena must be one of "
+                               f"{', '.join(ARENA_MODES)}, got {memory_arena!r}")
+        so.enable_cpu_mem_arena = memory_arena != "off"
         self.memory_arena = memory_arena
+        # "shrink": after each unbound run (a decoder's prefill) the arena returns what that
+        # run grew it by; bound runs (decode steps) keep reusing it
+        self.run_options = ort.RunOptions()
+        if memory_arena == "shrink":
+            self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage",
+                                                  "cpu:0")
         with tempfile.TemporaryDirectory() as tmp:
             so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
             so.log_severity_level = 3
@@ -137,7 +146,8 @@ class OrtArtifact(Artifact):
             raise BackendError(f"the ONNX model takes {len(self.input_names)} tensor inputs "
                                f"({', '.join(self.input_names)}), got {len(tensors)}")
         feeds = {n: t.detach().cpu().numpy() for n, t in zip(self.input_names, tensors)}
-        outs = [torch.from_numpy(np.asarray(o)) for o in self.session.run(None, feeds)]
+        outs = [torch.from_numpy(np.asarray(o))
+                for o in self.session.run(None, feeds, self.run_options)]
         return (pytree.tree_unflatten(outs, self.out_spec) if self.out_spec is not None
                 else tuple(outs))
 
@@ -153,6 +163,8 @@ class OrtArtifact(Artifact):
                    if v != getattr(OrtOptions, k)}
         return {"artifact": "model.onnx", "backend_options": changed}
 
+
+ARENA_MODES = ("keep", "shrink", "off")
 
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64,
           torch.int32: np.int32, torch.bool: np.bool_, torch.uint8: np.uint8,
@@ -172,16 +184,17 @@ class OrtOptions:
     # but the threads hold the cores briefly after each run (off for one-shot models, which
     # interleaved measurements run next to other work; decoders turn it on)
     spin_wait: bool = False
-    # ORT's CPU arena keeps the largest run's buffers for the session's life; off, each run's
-    # buffers are freed (decoders turn it off: a long prompt's prefill would pin gigabytes)
-    memory_arena: bool = True
+    # ORT's CPU arena keeps the largest run's buffers for the session's life ("keep"); "shrink"
+    # hands back after each unbound run what it grew by (decoders: a long prompt's prefill
+    # would otherwise pin gigabytes, while decode steps keep their arena); "off": no arena
+    memory_arena: str = "keep"
 
 
 def load(directory: Path, manifest: dict, in_spec=None, out_spec=None) -> OrtArtifact:
     options = manifest.get("backend_options") or {}
     return OrtArtifact(onnx.load(directory / manifest["artifact"]), out_spec=out_spec,
                        in_spec=in_spec, spin_wait=bool(options.get("spin_wait", False)),
-                       memory_arena=bool(options.get("memory_arena", True)))
+                       memory_arena=str(options.get("memory_arena", "keep")))
 
 
 @register_backend("onnxruntime", options=OrtOptions, load=load, dynamic=True)

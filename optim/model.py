@@ -53,6 +53,7 @@ class OptimizedModel:
     def __call__(self, *args, **kwargs):
         if self.shapes is not None:  # a clear error instead of a backend's guard failure
             self.shapes.check(args, kwargs)
+            kwargs = self.shapes.with_defaults(kwargs)
         with torch.inference_mode():
             return self.artifact(*args, **kwargs)
 

@@ -34,6 +34,7 @@ class InputShape:
     name: str  # "input_ids", "arg0"
     dtype: str
     dims: tuple  # per dimension: its traced size (int), or an axis name ("batch", "seq")
+    value: Any = None  # a non-tensor input (dtype "-"): the value it was traced with
 
 
 @dataclass
@@ -52,7 +53,8 @@ class ShapeSpec:
     def without(self, axis: str, reason: str) -> ShapeSpec:
         """This spec with `axis` static (at its traced size)."""
         inputs = [InputShape(i.name, i.dtype, tuple(self.traced[d] if d == axis else d
-                                                     for d in i.dims)) for i in self.inputs]
+                                                     for d in i.dims), i.value)
+                  for i in self.inputs]
         return ShapeSpec(inputs, {a: r for a, r in self.ranges.items() if a != axis},
                          {**self.static, axis: reason}, dict(self.traced), dict(self.bounds))
 
@@ -66,12 +68,20 @@ class ShapeSpec:
         """Raise `ShapeError` naming the input, what it got and what it accepts."""
         got = dict(_named_leaves(args, kwargs))
         names = [i.name for i in self.inputs]
-        if set(got) != set(names):
+        fixed = {i.name for i in self.inputs if i.dtype == "-"}
+        if set(got) - set(names) or set(names) - set(got) - fixed:
             raise ShapeError(f"the model takes the inputs {names} it was traced with, got "
                              f"{list(got)}")
         for want in self.inputs:
+            if want.name not in got:  # a non-tensor keyword left out: its traced value
+                continue
             value = got[want.name]
             if want.dtype == "-":  # a non-tensor input, fixed at trace time
+                if isinstance(value, (bool, int, float, str, type(None))) \
+                        and value != want.value:
+                    raise ShapeError(f"input {want.name!r} was traced as {want.value!r} and is "
+                                     f"fixed in the optimized model, got {value!r}; optimize "
+                                     f"again with {want.name}={value!r}")
                 continue
             if not isinstance(value, torch.Tensor):
                 raise ShapeError(f"input {want.name!r} must be a {want.dtype} tensor of shape "
@@ -120,8 +130,17 @@ class ShapeSpec:
                 return f" ({axis} is static: {self.static[axis]})"
         return ""
 
+    def with_defaults(self, kwargs: dict) -> dict:
+        """`kwargs` with every traced non-tensor keyword the call left out set to its traced
+        value (the compiled artifacts take the call's structure as traced)."""
+        missing = {i.name: i.value for i in self.inputs
+                   if i.dtype == "-" and "[" not in i.name and not i.name.startswith("arg")
+                   and i.name not in kwargs}
+        return {**kwargs, **missing} if missing else kwargs
+
     def to_dict(self) -> dict:
-        return {"inputs": [{"name": i.name, "dtype": i.dtype, "dims": list(i.dims)}
+        return {"inputs": [{"name": i.name, "dtype": i.dtype, "dims": list(i.dims),
+                            **({"value": i.value} if i.dtype == "-" else {})}
                            for i in self.inputs],
                 "ranges": {a: list(r) for a, r in self.ranges.items()},
                 "static": dict(self.static), "traced": dict(self.traced),
@@ -129,7 +148,8 @@ class ShapeSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> ShapeSpec:
-        return cls([InputShape(i["name"], i["dtype"], tuple(i["dims"])) for i in d["inputs"]],
+        return cls([InputShape(i["name"], i["dtype"], tuple(i["dims"]), i.get("value"))
+                    for i in d["inputs"]],
                    {a: (int(r[0]), int(r[1])) for a, r in d["ranges"].items()},
                    dict(d.get("static", {})), {a: int(s) for a, s in d["traced"].items()},
                    {n: int(r) for n, r in d.get("bounds", {}).items()})
@@ -142,7 +162,8 @@ def infer(args: tuple, kwargs: dict, dynamic: Any = None) -> ShapeSpec:
     inputs, traced = [], {}
     for name, value in _named_leaves(args, kwargs):
         if not isinstance(value, torch.Tensor):
-            inputs.append(InputShape(name, "-", ()))
+            kept = value if isinstance(value, (bool, int, float, str, type(None))) else None
+            inputs.append(InputShape(name, "-", (), kept))
             continue
         axes = _default_axes(value)
         dims = []

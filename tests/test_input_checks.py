@@ -62,3 +62,19 @@ def test_the_bounds_survive_save_and_load(tmp_path):
     again = optim.load(tmp_path / "m")
     with pytest.raises(ShapeError, match="outside 0..99"):
         again(input_ids=IDS.clone().fill_(100), attention_mask=MASK)
+
+
+def test_a_traced_keyword_left_out_takes_its_traced_value_and_another_is_refused():
+    """GPT-2 traced with use_cache=False: a call without it runs as traced (what the
+    original's default would do is not ours to guess, the traced value is what the graph
+    holds); use_cache=True is an error saying to optimize again (issue 23, item 4)."""
+    from optim import zoo
+
+    z = zoo.load("gpt2")
+    om = optim.optimize(z.model, "cpu", z.example_args, example_kwargs=z.example_kwargs,
+                        pipeline="cleanup", backend="onnxruntime", measure_latency=False)
+    with_it = om(*z.example_args, use_cache=False)
+    without = om(*z.example_args)
+    torch.testing.assert_close(with_it.logits, without.logits)
+    with pytest.raises(ShapeError, match="'use_cache' was traced as False"):
+        om(*z.example_args, use_cache=True)
