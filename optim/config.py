@@ -49,7 +49,8 @@ def _refuse_duplicate_keys(path: Path, node) -> None:
                 if isinstance(k, str) and k in seen:
                     raise ConfigError(f"{path}:{key.start_mark.line + 1}: key {k!r} appears "
                                       f"twice (first on line {seen[k]}); keep one")
-                seen[k] = key.start_mark.line + 1
+                if isinstance(k, str):
+                    seen[k] = key.start_mark.line + 1
                 stack += [key, value]
         elif isinstance(n, yaml.SequenceNode):
             stack += n.value

@@ -40,6 +40,7 @@ from optim.report import ModelFacts, Report, ReportData
 from optim.shapes import InputShape, ShapeSpec
 from optim.targets import resolve_target
 from optim.timing import kernels_at
+from optim.tokenizers import load_tokenizer
 from optim.transform import capture_and_run
 
 PREFUSED = ("fuse_attention",)  # attention is captured fused; these passes have nothing to do
@@ -240,9 +241,18 @@ class OptimizedDecoder:
 
     def save(self, directory: str | Path) -> Path:
         """The step graph (as its backend saves it), the cache layout and the report."""
+        tokenizer = self.tokenizer
+        copy = tokenizer is not None and tokenizer != "bytes"
         meta = {"kind": "decoder", "cache": self.layout.to_dict(), "max_length": self.max_length,
-                "special_tokens": self.special_tokens, "tokenizer": self.tokenizer}
-        return saving.save_parts({"step": self.step}, meta, self.report, Path(directory))
+                "special_tokens": self.special_tokens,
+                "tokenizer": {"dir": TOKENIZER_DIR} if copy else tokenizer}
+
+        def save_tokenizer(tmp: Path) -> None:  # a copy inside the save, checksummed with it
+            if copy:
+                load_tokenizer(tokenizer).save(tmp / TOKENIZER_DIR)
+
+        return saving.save_parts({"step": self.step}, meta, self.report, Path(directory),
+                                 extra=save_tokenizer)
 
     @classmethod
     def load(cls, directory: Path, manifest: dict, trust_compiled_code: bool = False
@@ -252,11 +262,13 @@ class OptimizedDecoder:
             raise ConfigError(f"{directory}: a decoder save holds one part 'step', found "
                               f"{sorted(parts)}")
         s = parts["step"]
+        with saving.damaged(directory):
+            layout = CacheLayout(**manifest["cache"])
+            special = dict(manifest["special_tokens"])
+            _check_layout(layout, s.shapes)
         fast = cls(OptimizedModel(s.artifact, report, s.graph, s.example, shapes=s.shapes),
-                   CacheLayout(**manifest["cache"]), manifest["max_length"],
-                   manifest["special_tokens"], report)
-        tokenizer = manifest.get("tokenizer")
-        fast.tokenizer = tokenizer if isinstance(tokenizer, str) else None
+                   layout, manifest["max_length"], special, report)
+        fast.tokenizer = _saved_tokenizer(directory, manifest.get("tokenizer"))
         return fast
 
     def estimate_generation(self, target: str = "cpu", batch: int = 1, prompt: int = 128,
@@ -347,14 +359,19 @@ def _prompt(example_inputs: Any, example_kwargs: dict | None) -> tuple[Tensor, T
                           "(example_inputs=input_ids, a [batch, tokens] integer tensor)")
     ids, mask = generation.left_pad(ids, kwargs.get("attention_mask"), 0)
     ids, mask = ids.clone(), mask.clone()  # not views: export would guard on their base
-    if ids.shape[1] < 2:
-        raise ConfigError("the example prompt needs at least 2 tokens (torch.export fixes a "
-                          "length of 1)")
+    if ids.shape[1] < 1:
+        raise ConfigError("the example prompt has no tokens")
     return ids, mask
 
 
 def _traceable(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """The prompts to trace with: a batch of 1 would be fixed at 1, so two copies of it."""
+    """The prompts to trace with: a batch of 1 would be fixed at 1, so two copies of it; a
+    prompt under 4 tokens leaves a cache or a step of 1 slot, fixed too, so its first token is
+    repeated in front (as more of its left padding where it is padding)."""
+    if ids.shape[1] < 4:
+        more = 4 - ids.shape[1]
+        ids = torch.cat([ids[:, :1].expand(-1, more), ids], 1)
+        mask = torch.cat([mask[:, :1].expand(-1, more), mask], 1)
     return (ids.repeat(2, 1), mask.repeat(2, 1)) if ids.shape[0] < 2 else (ids, mask)
 
 
@@ -439,3 +456,29 @@ def _token_batches(eval_data: list) -> list[Tensor]:
                               f"{type(b).__name__}")
         out.append(ids)
     return out
+
+
+TOKENIZER_DIR = "tokenizer"  # a saved decoder's copy of its Hugging Face tokenizer
+
+
+def _saved_tokenizer(directory: Path, entry) -> str | None:
+    """The tokenizer a decoder save names: `bytes`, or its own checksummed copy (a path outside
+    the save, as older saves recorded, is not used: it was never checked)."""
+    if entry == "bytes":
+        return entry
+    if isinstance(entry, dict) and "dir" in entry:
+        return str(saving.inside(Path(directory), entry["dir"]))
+    return None
+
+
+def _check_layout(layout: CacheLayout, spec: ShapeSpec | None) -> None:
+    """The cache layout a save records is the one its step graph reads."""
+    if spec is None:
+        raise ValueError("the step records no input shapes")
+    want = {f"{g}[{i}]": (layout.dtype, layout.kv_heads, dim)
+            for g, dim in (("past_keys", layout.head_dim), ("past_values", layout.value_dim))
+            for i in range(layout.layers)}
+    got = {i.name: (i.dtype, i.dims[1], i.dims[3]) for i in spec.inputs
+           if i.name.startswith(("past_keys", "past_values")) and len(i.dims) == 4}
+    if want != got:
+        raise ValueError(f"the cache layout {layout.to_dict()} is not the one the step reads")

@@ -150,7 +150,12 @@ def parse_text(text: str) -> list:
                 if "=" not in item:
                     raise ConfigError(f"pass {name!r}: option {item!r} must be key=value")
                 k, v = item.split("=", 1)
-                options[k.strip()] = yaml.safe_load(v.strip())
+                try:
+                    options[k.strip()] = yaml.safe_load(v.strip())
+                except yaml.YAMLError as e:
+                    raise ConfigError(f"pass {name!r}: option {k.strip()!r}: cannot read the "
+                                      f"value {v.strip()!r} ({getattr(e, 'problem', e)}); "
+                                      f"quote it or write it as YAML") from None
             out.append({name: options})
         else:
             out.append(name)

@@ -32,8 +32,13 @@ def build_model(spec: dict, inputs: dict) -> zoo.ZooModel:
         if not Path(path, "config.json").is_file():
             raise ConfigError(f"model.hf_dir {path!r} has no config.json (a Hugging Face model "
                               f"directory is needed)")
-        model = AutoModel.from_pretrained(path, local_files_only=True, **options).eval()
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        try:
+            model = AutoModel.from_pretrained(path, local_files_only=True, **options).eval()
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
+            raise ConfigError(f"model.hf_dir {path!r}: transformers cannot load it: "
+                              f"{_first_line(e)} (needs a config.json transformers knows, its "
+                              f"weights and a tokenizer)") from e
         enc = tok(sentences(batch), padding="max_length", truncation=True, max_length=seq,
                   return_tensors="pt")
         kwargs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
@@ -51,6 +56,11 @@ def build_model(spec: dict, inputs: dict) -> zoo.ZooModel:
         return zoo.ZooModel(attr, "custom", model, tuple(args), dict(kwargs), 0, spec["python"])
     raise ConfigError(f"model.python {spec['python']!r} must return a ZooModel or "
                       f"(model, example_args, example_kwargs)")
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
 def run_pipeline_file(path: Path, out: Path | None = None, save: Path | None = None,

@@ -23,10 +23,13 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import torch
 from torch.utils._pytree import treespec_dumps, treespec_loads
 
@@ -45,13 +48,16 @@ def save(om, directory: Path) -> Path:
     return _write_atomically(Path(directory), lambda tmp: _write_model(om, tmp, om.report))
 
 
-def save_parts(parts: dict, meta: dict, report: Report, directory: Path) -> Path:
+def save_parts(parts: dict, meta: dict, report: Report, directory: Path, extra=None) -> Path:
     """Several models that work together (a decoder's prefill and decode step), each in its own
-    subdirectory, under one manifest (`meta` plus the part names) and one report."""
+    subdirectory, under one manifest (`meta` plus the part names) and one report; `extra(tmp)`
+    may write more data files (checksummed with the rest)."""
     def fill(tmp: Path) -> None:
         for name, om in parts.items():
             (tmp / name).mkdir()
             _write_model(om, tmp / name, None)
+        if extra is not None:
+            extra(tmp)
         report.save(tmp / "report.json")
         (tmp / "manifest.json").write_text(json.dumps(
             {"format": FORMAT, **meta, "parts": list(parts)}, indent=2))
@@ -220,9 +226,34 @@ def manifest(directory: Path, check: bool = True) -> dict:
         got = found.get("format") if isinstance(found, dict) else type(found).__name__
         raise OptimError(f"{directory}: unknown save format {got!r} (this optim reads "
                          f"{FORMAT!r})")
+    _check_schema(directory, found)
     if check:
         verify(directory, found)
     return found
+
+
+def _check_schema(directory: Path, found: dict) -> None:
+    schema = json.loads(resources.files("optim").joinpath("schemas/saved.schema.json")
+                        .read_text())
+    error = jsonschema.exceptions.best_match(
+        jsonschema.Draft202012Validator(schema).iter_errors(found))
+    if error is not None:
+        where = ".".join(str(k) for k in error.absolute_path) or "(top level)"
+        raise OptimError(f"{directory}/manifest.json: {where}: {error.message}; the save is "
+                         f"damaged, save the model again")
+
+
+@contextmanager
+def damaged(directory: Path, what: str = "manifest"):
+    """Errors from reading what a save's `what` describes (a value of the right type that
+    makes no sense, such as an edited input structure) become an error naming the save."""
+    try:
+        yield
+    except OptimError:
+        raise
+    except Exception as e:
+        raise OptimError(f"{directory}: the {what} is damaged ({type(e).__name__}: "
+                         f"{str(e).strip()[:200]}); save the model again") from e
 
 
 def load(directory: Path, trust_compiled_code: bool = False, found: dict | None = None
@@ -258,16 +289,18 @@ def _load_model(directory: Path, manifest: dict, report: Report,
                          f"runs its code. Load it only if you trust where it came from: "
                          f"optim.load(path, trust_compiled_code=True)")
     _check_names(directory, manifest)
-    in_spec, out_spec = _treespec(manifest, "in_spec"), _treespec(manifest, "out_spec")
-    artifact = backend.load(directory, manifest, in_spec, out_spec)
-    saved = Saved(artifact, report, getattr(artifact, "source", None))
-    if manifest.get("shapes"):
-        saved.shapes = ShapeSpec.from_dict(manifest["shapes"])
+    with damaged(directory):
+        in_spec, out_spec = _treespec(manifest, "in_spec"), _treespec(manifest, "out_spec")
+        shapes = ShapeSpec.from_dict(manifest["shapes"]) if manifest.get("shapes") else None
+    with damaged(directory, f"{backend.name} artifact"):
+        artifact = backend.load(directory, manifest, in_spec, out_spec)
+    saved = Saved(artifact, report, getattr(artifact, "source", None), shapes=shapes)
     if manifest.get("graph"):
-        ep = load_program(directory, manifest["graph"])
-        saved.graph, saved.example = ep.module(), ep.example_inputs
-        names = _name_map(saved.graph, manifest["graph_nodes"])
-        saved.width_plan = _translated(report.pass_details("dynamic_width")["plan"], names)
+        with damaged(directory, "saved graph"):
+            ep = load_program(directory, manifest["graph"])
+            saved.graph, saved.example = ep.module(), ep.example_inputs
+            names = _name_map(saved.graph, manifest["graph_nodes"])
+            saved.width_plan = _translated(report.pass_details("dynamic_width")["plan"], names)
     return saved
 
 

@@ -72,6 +72,7 @@ class ShapeSpec:
         if set(got) - set(names) or set(names) - set(got) - fixed:
             raise ShapeError(f"the model takes the inputs {names} it was traced with, got "
                              f"{list(got)}")
+        sizes: dict[str, tuple[str, int]] = {}  # axis -> (first input with it, its size)
         for want in self.inputs:
             if want.name not in got:  # a non-tensor keyword left out: its traced value
                 continue
@@ -99,6 +100,12 @@ class ShapeSpec:
                     raise ShapeError(f"input {want.name!r} has shape {tuple(value.shape)}; "
                                      f"the model accepts {self.describe(want)}"
                                      + self._why_static(dim))
+                if isinstance(dim, str):
+                    first, seen = sizes.setdefault(dim, (want.name, size))
+                    if seen != size:
+                        raise ShapeError(f"input {want.name!r} has {dim} {size}, but "
+                                         f"{first!r} has {seen}: inputs must agree "
+                                         f"(shape {tuple(value.shape)})")
             self._check_bounds(want.name, value)
 
     def _check_bounds(self, name: str, value: torch.Tensor) -> None:
@@ -148,6 +155,9 @@ class ShapeSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> ShapeSpec:
+        axes = {dim for i in d["inputs"] for dim in i["dims"] if isinstance(dim, str)}
+        if axes - set(d["ranges"]):
+            raise ValueError(f"axes {sorted(axes - set(d['ranges']))} have no range")
         return cls([InputShape(i["name"], i["dtype"], tuple(i["dims"]), i.get("value"))
                     for i in d["inputs"]],
                    {a: (int(r[0]), int(r[1])) for a, r in d["ranges"].items()},

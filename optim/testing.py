@@ -81,19 +81,21 @@ class PassRun:
 def run_pass(name: str, graph: torch.fx.GraphModule, args: tuple = (), kwargs: dict | None = None,
              *, options: dict | None = None, target: str | Target = "xeon-spr",
              calibration: list | None = None, prerequisites: bool = True,
-             teacher: torch.fx.GraphModule | None = None, seed: int = 0) -> PassRun:
+             teacher: torch.fx.GraphModule | None = None, seed: int = 0,
+             before: list | None = None) -> PassRun:
     """Run pass `name` with `options` on a copy of `graph` at the example `(args, kwargs)`.
 
     `calibration`: (args, kwargs) batches for passes that calibrate (default: the example).
     `target`: what the pass's cost-model gates read (default: a sourced spec, so no probe runs).
     `teacher`: the graph whose outputs a training pass matches (default: `graph` itself; give
     the original model's graph when `graph` already went through a lossy pass).
+    `before`: pipeline entries to run first (a lossy prerequisite, which is never inserted).
     """
     kwargs = dict(kwargs or {})
     gm = copy.deepcopy(graph)
     example = (tuple(args), kwargs)
     batches = list(calibration) if calibration else [example]
-    entries: list[Any] = [{name: options or {}}]
+    entries: list[Any] = [*(before or []), {name: options or {}}]
     pipe = Pipeline.build(entries, insert_prerequisites=prerequisites)
     ctx = PassContext(target=resolve_target(target), example_inputs=example,
                       calibration=batches, seed=seed)

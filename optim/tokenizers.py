@@ -26,13 +26,21 @@ class HFTokenizer:
         if not Path(path).is_dir():
             raise ConfigError(f"tokenizer {path!r} is neither 'bytes' nor a local directory")
         self.name = str(path)
-        self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        try:
+            self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"tokenizer {path!r}: transformers cannot load it: "
+                              f"{type(e).__name__}: {str(e).strip()[:200]}") from e
 
     def encode(self, text: str) -> list[int]:
         return list(self.tok(text)["input_ids"])
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
+
+    def save(self, directory: Path) -> None:
+        """The tokenizer's data files (vocabulary, merges, configuration) into `directory`."""
+        self.tok.save_pretrained(str(directory))
 
 
 def load_tokenizer(spec: str | None):

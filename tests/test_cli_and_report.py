@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 from typer.testing import CliRunner
@@ -109,6 +110,33 @@ def test_model_sources_python_and_hf_dir(tmp_path):
     p.write_text(f"version: 1\nmodel: {{hf_dir: '{tmp_path}'}}\npasses: [cleanup]\n")
     with pytest.raises(OptimError, match="no config.json"):
         run_pipeline_file(p)
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"model_type": "nosuch"}, "does not recognize this architecture"),
+    ("{not json", "not a valid JSON"),
+    ([], "model_type"),
+    ({"num_attention_heads": 5}, "not a multiple"),
+    ({"intermediate_size": 100}, "ignore_mismatched_sizes"),
+])
+def test_an_hf_dir_transformers_cannot_load_is_a_config_error(tmp_path, config, message):
+    """A model directory transformers refuses (unknown family, broken JSON, shapes that do not
+    fit its weights) fails with the key, the directory and transformers' reason, no traceback
+    from inside transformers (issue 23, item 10)."""
+    from optim.runner import run_pipeline_file
+    from optim.zoo import minilm_path
+
+    model = tmp_path / "model"
+    shutil.copytree(minilm_path(), model)
+    if isinstance(config, dict):
+        config = json.dumps({**json.loads((model / "config.json").read_text()), **config})
+    (model / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    p = tmp_path / "p.yaml"
+    p.write_text(f"version: 1\nmodel: {{hf_dir: '{model}'}}\nmeasure_latency: false\n"
+                 "passes: [cleanup]\n")
+    with pytest.raises(OptimError, match="model.hf_dir") as err:
+        run_pipeline_file(p)
+    assert message in str(err.value) and str(model) in str(err.value)
 
 
 def test_run_with_keep_freed_memory_sets_it_in_its_own_process(tmp_path):

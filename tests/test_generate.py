@@ -81,6 +81,18 @@ def test_greedy_tokens_equal_transformers_generate(family, backend):
     assert torch.equal(fast.generate(ids, 24), ref)
 
 
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_a_short_example_prompt_still_gives_a_step_of_any_length(tokens):
+    """An example prompt under 4 tokens traced a one-slot cache that export fixed at 1 (found
+    by fuzzing saved decoders): every later step failed a guard."""
+    model = _model("gpt2")
+    fast = optim.optimize(model, "cpu", _prompt(1, tokens), pipeline="cleanup",
+                          backend="torch", measure_latency=False)
+    ids = _prompt(2, 9, seed=3)
+    ref = hf_generate(model, ids, torch.ones_like(ids), 6, fast.special_tokens)
+    assert torch.equal(fast.generate(ids, 6), ref)
+
+
 def test_batched_prompts_of_unequal_length_match_one_by_one_and_transformers():
     model, fast = _optimized("llama")
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [40]]
@@ -235,6 +247,37 @@ def test_cli_generates_from_a_save_and_a_pipeline_file_generates(tmp_path):
     again = CliRunner().invoke(app, ["generate", str(tmp_path / "clm"), "--prompt", "The while",
                                      "-n", "8"])  # the byte tokenizer was saved with it
     assert again.exit_code == 0 and again.output.startswith("The while"), again.output
+
+
+def test_a_saved_decoder_carries_its_tokenizer_inside_the_save(tmp_path):
+    """A Hugging Face tokenizer is copied into the save and checksummed with it; loading uses
+    the copy, never a path outside the save (an older save's path is ignored)."""
+    import json
+
+    from optim.tokenizers import load_tokenizer
+    from optim.zoo import minilm_path
+
+    _, fast = _optimized("gpt2")
+    fast.tokenizer = str(minilm_path())
+    try:
+        fast.save(tmp_path / "d")
+    finally:
+        fast.tokenizer = None
+    manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    assert manifest["tokenizer"] == {"dir": "tokenizer"}
+    assert "tokenizer/tokenizer.json" in manifest["files"]
+    again = optim.load(tmp_path / "d")
+    assert again.tokenizer == str(tmp_path / "d" / "tokenizer")
+    text = "The quick brown fox jumps over the lazy dog."
+    assert (load_tokenizer(again.tokenizer).encode(text)
+            == load_tokenizer(str(minilm_path())).encode(text))
+    manifest["tokenizer"] = str(minilm_path())  # as an older optim wrote it
+    (tmp_path / "d" / "manifest.json").write_text(json.dumps(manifest))
+    assert optim.load(tmp_path / "d").tokenizer is None
+    with open(tmp_path / "d" / "tokenizer" / "tokenizer.json", "a") as f:
+        f.write("injected\n")
+    with pytest.raises(optim.errors.OptimError, match="tokenizer/tokenizer.json has changed"):
+        optim.load(tmp_path / "d")
 
 
 def test_tvm_says_plainly_that_it_does_not_generate_yet():

@@ -39,6 +39,7 @@ BACKENDS = ["torch", "onnxruntime", pytest.param("tvm", marks=pytest.mark.slow)]
     (torch.full((2, 8), -1), "'input_ids' holds -1, outside 0..99"),
     (IDS.float(), "'input_ids' must be int64, got float32"),
     (IDS[0], "'input_ids' must have 2 dimensions"),
+    (IDS[:1], "'attention_mask' has batch 2, but 'input_ids' has 1: inputs must agree"),
 ])
 def test_bad_ids_are_refused_before_the_backend_runs(backend, bad, message):
     om = _optimized(backend)

@@ -78,12 +78,20 @@ def test_malformed_yaml(tmp_path):
      r":3: key 'granularity' appears twice"),
     ("version: 1\ntarget: cpu\ntargets: [a100]\npasses: [cleanup]\n", "not both"),
     ("version: 1\npasses: " + "[" * 2000 + "]" * 2000 + "\n", "nested too deeply"),
+    ("? [a]\n: 1\nversion: 1\npasses: []\n", "unhashable key"),  # a list as a key (fuzzing)
 ])
 def test_silent_yaml_surprises_are_errors(tmp_path, text, message):
     """Duplicate keys (YAML keeps the last silently), target with targets, and nesting that
     would blow the stack are errors naming the line, not surprises (issue 23, item 10)."""
     with pytest.raises(ConfigError, match=message):
         load_pipeline_file(_write(tmp_path, text))
+
+
+def test_a_one_line_option_yaml_cannot_read_is_a_config_error():
+    """Found by fuzzing: a value YAML refuses (a control character, an open bracket)."""
+    for text in ("quantize{skip=\x1b}", "quantize{skip=[}"):
+        with pytest.raises(ConfigError, match="option 'skip': cannot read the value"):
+            Pipeline.build(text)
 
 
 @pytest.mark.parametrize("name", ["../../x", "/tmp/x", "a/b", ".hidden", ""])

@@ -124,6 +124,12 @@ def _flip(path):
     path.write_bytes(bytes(data))
 
 
+def _edit_manifest(directory, edit):
+    found = json.loads((directory / "manifest.json").read_text())
+    edit(found)
+    (directory / "manifest.json").write_text(json.dumps(found))
+
+
 @pytest.mark.parametrize("damage,message", [
     (lambda d: _flip(d / "model.onnx"), "model.onnx has changed"),
     (lambda d: (d / "model.onnx").write_bytes((d / "model.onnx").read_bytes()[:100]),
@@ -135,6 +141,10 @@ def _flip(path):
     (lambda d: (d / "manifest.json").write_text("[]"), "unknown save format"),
     (lambda d: (d / "manifest.json").write_text('{"format": "optim.saved/1"}'),
      "records no checksums"),
+    (lambda d: _edit_manifest(d, lambda m: m["shapes"]["ranges"].update(batch=[1])),
+     "manifest.json: shapes.ranges.batch: .* is too short"),
+    (lambda d: _edit_manifest(d, lambda m: m.update(in_spec='[1, {"type": null}]')),
+     "the manifest is damaged"),  # both found by fuzzing (tests/fuzz)
 ])
 def test_damaged_saves_are_refused_naming_the_file(tmp_path, damage, message):
     d = _saved(tmp_path)
