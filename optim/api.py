@@ -105,7 +105,7 @@ def optimize(model: torch.nn.Module, target: str | Target = "cpu", example_input
     artifact, lower_s = lower(passes.gm, inputs.example, tgt, chosen, options,
                               original.shapes, say)  # ③
     fidelity = verify.fidelity(original, artifact, inputs, task_fidelity, say)  # ④
-    warnings = verify.check_budget(fidelity, fidelity_budget)
+    budget_missed = verify.check_budget(fidelity, fidelity_budget)
     latency, speedup = [], {}
     if tgt.runs_here if measure_latency is None else measure_latency:  # ⑤
         latency, speedup = timing.measure_here(model, artifact, inputs.example, chosen.name, say)
@@ -123,9 +123,9 @@ def optimize(model: torch.nn.Module, target: str | Target = "cpu", example_input
         fidelity=fidelity, latency=latency, speedup=speedup, estimates=estimates,
         advice=pass_advice(tgt.spec, pipe.names, DEFAULT_PRECISION[tgt.kind])
         + [a for e in estimates for a in estimate_advice(e)],
-        warnings=warnings)).validate()
-    if warnings and fidelity_budget and fidelity_budget.get("enforce", True):
-        raise NumericsError("fidelity budget not met: " + "; ".join(warnings))
+        warnings=budget_missed + passes.notes())).validate()
+    if budget_missed and fidelity_budget and fidelity_budget.get("enforce", True):
+        raise NumericsError("fidelity budget not met: " + "; ".join(budget_missed))
     return OptimizedModel(artifact, report, passes.gm, inputs.example, passes.stages, options,
                           original.shapes)
 

@@ -17,6 +17,7 @@ import passes  # noqa: F401  (registers every pass, so names are checked)
 from hardware.spec import target_names
 from optim.errors import ConfigError, UnknownNameError
 from optim.pass_base import config_from_dict
+from optim.pipeline import split_expect
 from optim.registry import PASSES
 from optim.verify import check_budget_form
 
@@ -94,6 +95,7 @@ def load_pipeline_file(path: Path) -> dict[str, Any]:
             spec = PASSES.get(name)
         except UnknownNameError as err:
             raise ConfigError(f"{where}: {err}") from None
+        options, _ = split_expect(options, f"{where} ({name})")
         config_from_dict(spec.config, options, f"{where} ({name})")
     if "fidelity_budget" in data:
         try:

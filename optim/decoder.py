@@ -125,7 +125,7 @@ def optimize_decoder(model: torch.nn.Module, tgt, pipe: Pipeline, example_inputs
         graph={"before": passes.histogram_before, "after": op_histogram(passes.gm)},
         fidelity=fidelity, latency=latency, speedup=speedup, estimates=estimates,
         advice=pass_advice(tgt.spec, pipe.names, DEFAULT_PRECISION[tgt.kind]),
-        warnings=[], generation=gen)).validate()
+        warnings=passes.notes(), generation=gen)).validate()
     fast.report = fast.step.report = report
     return fast
 

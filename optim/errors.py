@@ -35,14 +35,20 @@ class CaptureError(OptimError):
     """The model could not be traced to a graph."""
 
 
+MAX_CAUSE = 600  # characters of a failed pass's own error kept in the message
+
+
 class PassError(OptimError):
     """A pass failed mid-pipeline. Names the pass and the passes that ran before it."""
 
     def __init__(self, name: str, before: list[str], cause: BaseException):
         self.pass_name, self.before, self.cause = name, before, cause
         ran = ", ".join(before) if before else "none"
+        said = str(cause)
+        if len(said) > MAX_CAUSE:  # torch.fx appends the whole graph to some errors
+            said = f"{said[:MAX_CAUSE]}... ({len(said) - MAX_CAUSE:,} more characters)"
         super().__init__(
-            f"pass {name!r} failed: {type(cause).__name__}: {cause}\n"
+            f"pass {name!r} failed: {type(cause).__name__}: {said}\n"
             f"  passes that ran before it: {ran}\n"
             f"  the original model is untouched; drop or reconfigure {name!r} to continue"
         )

@@ -22,13 +22,15 @@ class Step:
     spec: PassSpec
     config: Any
     inserted_for: str | None = None  # set when the pipeline added this step as a prerequisite
+    expect: bool = False  # a pass that matches nothing is an error (else recorded, and skipped)
 
     @property
     def name(self) -> str:
         return self.spec.name
 
     def to_dict(self) -> dict[str, Any]:
-        return {self.name: config_to_dict(self.config)}
+        return {self.name: {**config_to_dict(self.config),
+                            **({"expect": True} if self.expect else {})}}
 
 
 class Pipeline:
@@ -62,7 +64,9 @@ class Pipeline:
             spec = PASSES.get(name)
             if name in overrides:
                 options = {**(options or {}), **overrides.pop(name)}
-            steps.append(Step(spec, spec.make_config(options, f"{where}[{i}] pass {name!r}")))
+            options, expect = split_expect(options, f"{where}[{i}] pass {name!r}")
+            steps.append(Step(spec, spec.make_config(options, f"{where}[{i}] pass {name!r}"),
+                              expect=expect))
         for name in overrides:
             PASSES.get(name)  # unknown name -> did-you-mean
             raise ConfigError(f"options were given for pass {name!r}, which is not in the "
@@ -90,8 +94,11 @@ class Pipeline:
                 missing = [k for k in step.spec.expects if result.counts.get(k, 0) == 0]
                 if missing:
                     why = "; ".join(f"{s.where}: {s.reason}" for s in result.skipped[:5])
-                    raise ConfigError(f"expected {missing} > 0 but the pass matched nothing"
-                                      + (f" (skipped: {why})" if why else ""))
+                    if step.expect:
+                        raise ConfigError(f"expected {missing} > 0 but the pass matched "
+                                          f"nothing" + (f" (skipped: {why})" if why else ""))
+                    result.details["matched_nothing"] = {
+                        "expected": missing, "reasons": why or "no candidate in the graph"}
                 if after_each is not None:
                     after_each(step, result)
             except PassError:
@@ -116,6 +123,18 @@ def _with_prerequisites(steps: list[Step], out: list[Step] | None = None) -> lis
                 _with_prerequisites([Step(spec, spec.make_config(None), step.name)], out)
         out.append(step)
     return out
+
+
+def split_expect(options: Any, where: str) -> tuple[Any, bool]:
+    """(options without `expect`, expect): `expect: true` next to a pass's options makes its
+    matching nothing an error instead of a note in the report."""
+    if not isinstance(options, dict) or "expect" not in options:
+        return options, False
+    options = dict(options)
+    expect = options.pop("expect")
+    if not isinstance(expect, bool):
+        raise ConfigError(f"{where}: option 'expect' must be true or false, got {expect!r}")
+    return options, expect
 
 
 def _split_entry(entry: Any, where: str) -> tuple[str, dict | None]:

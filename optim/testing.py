@@ -82,7 +82,7 @@ def run_pass(name: str, graph: torch.fx.GraphModule, args: tuple = (), kwargs: d
              *, options: dict | None = None, target: str | Target = "xeon-spr",
              calibration: list | None = None, prerequisites: bool = True,
              teacher: torch.fx.GraphModule | None = None, seed: int = 0,
-             before: list | None = None) -> PassRun:
+             before: list | None = None, expect: bool = True) -> PassRun:
     """Run pass `name` with `options` on a copy of `graph` at the example `(args, kwargs)`.
 
     `calibration`: (args, kwargs) batches for passes that calibrate (default: the example).
@@ -90,12 +90,13 @@ def run_pass(name: str, graph: torch.fx.GraphModule, args: tuple = (), kwargs: d
     `teacher`: the graph whose outputs a training pass matches (default: `graph` itself; give
     the original model's graph when `graph` already went through a lossy pass).
     `before`: pipeline entries to run first (a lossy prerequisite, which is never inserted).
+    `expect`: the pass matching nothing is an error (a pipeline's default is to record it).
     """
     kwargs = dict(kwargs or {})
     gm = copy.deepcopy(graph)
     example = (tuple(args), kwargs)
     batches = list(calibration) if calibration else [example]
-    entries: list[Any] = [*(before or []), {name: options or {}}]
+    entries: list[Any] = [*(before or []), {name: {"expect": expect, **(options or {})}}]
     pipe = Pipeline.build(entries, insert_prerequisites=prerequisites)
     ctx = PassContext(target=resolve_target(target), example_inputs=example,
                       calibration=batches, seed=seed)

@@ -28,6 +28,12 @@ class Transformed:
     stages: dict[str, list[Kernel]]  # "captured", then one entry per pass
     histogram_before: dict[str, int]
 
+    def notes(self) -> list[str]:
+        """A line for every pass that matched nothing (it ran, and changed nothing)."""
+        return [f"{r.name} matched nothing ({r.details['matched_nothing']['reasons']}); "
+                f"the model went on without it" for r in self.records
+                if r.details.get("matched_nothing")]
+
 
 def capture_and_run(model: torch.nn.Module, inputs: Inputs, pipe: Pipeline, target: Target,
                     say=lambda msg: None) -> tuple[Original, Transformed]:

@@ -1,9 +1,10 @@
-"""cleanup: inference no-ops ⇒ nothing.
+"""cleanup: inference no-ops ⇒ nothing; linears written out by hand ⇒ `aten.linear`.
 
 Removes what export leaves for training or checking only: `dropout(x, p, train=False)`,
 `_assert_tensor_metadata`, `to(x, dtype)` when x already has that dtype, `alias`, `clone`, and
-`contiguous`-style copies of values nothing mutates. Numerics: exact (nothing is computed
-differently).
+`contiguous`-style copies of values nothing mutates. A linear written as `x @ W.T (+ b)` (a
+matmul with a transposed constant weight, as Falcon writes them) becomes `linear(x, W, b)`,
+so every weight-bearing pass sees it. Numerics: exact (float reordering at most).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
+from optim.ir import get_constant
 from optim.pass_base import Exact, PassContext, register_pass
 
 aten = torch.ops.aten
@@ -59,6 +61,9 @@ def _is_noop_cast(n: torch.fx.Node) -> bool:
 def cleanup(gm: torch.fx.GraphModule, cfg: CleanupConfig, ctx: PassContext) -> None:
     """Drop inference no-ops (eval dropout, metadata asserts, same-dtype casts, copies)."""
     for n in list(gm.graph.nodes):
+        if n.op == "call_function" and n.target in _MATMULS:
+            _as_linear(gm, n, ctx)
+    for n in list(gm.graph.nodes):
         if n.op != "call_function":
             continue
         if n.target in _ASSERTS and not n.users:
@@ -78,3 +83,51 @@ def cleanup(gm: torch.fx.GraphModule, cfg: CleanupConfig, ctx: PassContext) -> N
             n.replace_all_uses_with(n.args[0])
             gm.graph.erase_node(n)
             ctx.record("cast_removed")
+
+
+_MATMULS = {aten.matmul.default, aten.mm.default}
+
+
+def _transposed_weight(gm, t) -> torch.fx.Node | None:
+    """W when `t` is W.T for a 2-D constant W (`numpy_T`, `t`, `transpose(0, 1)`,
+    `permute([1, 0])`)."""
+    if not isinstance(t, torch.fx.Node) or t.op != "call_function":
+        return None
+    w = t.args[0]
+    c = get_constant(gm, w)
+    if c is None or c.dim() != 2:
+        return None
+    if t.target in (aten.numpy_T.default, aten.t.default):
+        return w
+    if t.target is aten.transpose.int and sorted(d % 2 for d in t.args[1:3]) == [0, 1]:
+        return w
+    if t.target is aten.permute.default and [d % 2 for d in t.args[1]] == [1, 0]:
+        return w
+    return None
+
+
+def _as_linear(gm, n: torch.fx.Node, ctx: PassContext) -> None:
+    """`matmul(x, W.T)` ⇒ `linear(x, W)`, taking in the `+ b` that follows when b is a constant
+    vector of the output width and the product has no other reader."""
+    x, t = n.args[0], n.args[1]
+    w = _transposed_weight(gm, t)
+    xv = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+    if w is None or xv is None or xv.dim() < 1 or (n.target is aten.mm.default
+                                                   and xv.dim() != 2):
+        return
+    out = get_constant(gm, w).shape[0]
+    bias, tail = None, n
+    add = next(iter(n.users)) if len(n.users) == 1 else None
+    if add is not None and add.target is aten.add.Tensor and len(add.args) == 2 \
+            and not add.kwargs:
+        other = add.args[1] if add.args[0] is n else add.args[0]
+        b = get_constant(gm, other)
+        if b is not None and b.dim() == 1 and b.shape[0] == out and b.dtype == xv.dtype:
+            bias, tail = other, add
+    with gm.graph.inserting_before(tail):
+        lin = gm.graph.call_function(aten.linear.default, (x, w, bias))
+    lin.meta = {**tail.meta}
+    tail.replace_all_uses_with(lin)
+    for dead in (tail, n) if tail is not n else (n,):
+        gm.graph.erase_node(dead)
+    ctx.record("linear_canonicalized")

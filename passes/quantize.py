@@ -128,15 +128,17 @@ def quantize(gm: torch.fx.GraphModule, cfg: QuantizeConfig, ctx: PassContext) ->
         readers.setdefault(c[2], set()).add(c[0])
     smoothed_inputs: dict = {}
     layers = []
-    for n, where, x, weight, bias in candidates:
+    replaced: dict = {}  # linear -> its int8 node: a linear may read another's output directly
+    for n, where, x_key, weight, bias in candidates:
+        x = replaced.get(x_key, x_key)
         w_ref = w = weight.detach().float()
         calib = inputs.get(n)
         in_scale = None
-        if x in smooth:
-            s_j = smooth[x]
-            if x not in smoothed_inputs:  # one x / s per input tensor, shared by its readers
-                smoothed_inputs[x] = _migrate(gm, x, s_j, where, n, readers[x], ctx)
-            x, in_scale = smoothed_inputs[x]
+        if x_key in smooth:
+            s_j = smooth[x_key]
+            if x_key not in smoothed_inputs:  # one x / s per input tensor, shared by readers
+                smoothed_inputs[x_key] = _migrate(gm, x, s_j, where, n, readers[x_key], ctx)
+            x, in_scale = smoothed_inputs[x_key]
             w = w * s_j[None, :]
             calib = None if calib is None else calib / s_j
         qmax = 2 ** (cfg.weight_bits - 1) - 1
@@ -168,6 +170,7 @@ def quantize(gm: torch.fx.GraphModule, cfg: QuantizeConfig, ctx: PassContext) ->
         q.meta = {**n.meta}
         n.replace_all_uses_with(q)
         gm.graph.erase_node(n)
+        replaced[n] = q
         ctx.record("linear_quantized")
         layers.append(layer)
     ctx.details["layers"] = layers

@@ -1,7 +1,8 @@
 """quantize_int4: linear(x, W) ⇒ optim::linear_int4(x, packed 4-bit W, block scales) (weight-only).
 
-Every linear / addmm with a constant weight whose input size is a multiple of `group_size`
-gets 4-bit weights with one scale per `group_size` inputs of each output (symmetric, codes −8…7
+Every linear / addmm with a constant weight whose input size is a multiple of 16 gets 4-bit
+weights with one scale per `group_size` inputs of each output (or the largest power of 2 that
+divides a layer's input size, reported per layer; symmetric, codes −8…7
 stored with zero point 8: ONNX Runtime's MatMulNBits layout), by round-to-nearest or by GPTQ:
 columns are quantized one at a time and each one's rounding error is spread over the columns
 not yet quantized, weighted by the inverse Hessian 2·XᵀX of the layer's calibration inputs
@@ -62,22 +63,26 @@ def quantize_int4(gm: torch.fx.GraphModule, cfg: QuantizeInt4Config, ctx: PassCo
         k = w.shape[weight_axis(n, "in")]
         if any(s in where for s in cfg.skip):
             ctx.skip(where, "in the skip list (output heads stay float)")
-        elif k % cfg.group_size:
-            ctx.skip(where, f"{k} inputs are not a multiple of group_size {cfg.group_size}")
+        elif k % MIN_GROUP:
+            ctx.skip(where, f"{k} inputs are not a multiple of {MIN_GROUP} (the smallest group "
+                            f"of 4-bit weights sharing a scale)")
         else:
             chosen.append(n)
     inputs = input_rows(gm, chosen, ctx.calibration or [ctx.example_inputs], limit=4096)
     layers = []
     for n in chosen:
         w_node, b_node = weight_and_bias(n)
+        group = _group_for(get_constant(gm, w_node).shape[weight_axis(n, "in")], cfg.group_size)
+        if group != cfg.group_size:
+            ctx.record("group_reduced")
         w = get_constant(gm, w_node)
         w_oi = (w if weight_axis(n, "in") == 1 else w.T).float()  # [out, in]
         x = inputs[n]
         if cfg.method == "gptq":
-            codes, scales = gptq(w_oi, x, cfg.group_size, cfg.damp)
+            codes, scales = gptq(w_oi, x, group, cfg.damp)
         else:
-            codes, scales = rtn(w_oi, cfg.group_size)
-        packed = pack_int4(codes, cfg.group_size)
+            codes, scales = rtn(w_oi, group)
+        packed = pack_int4(codes, group)
         w_hat = unpack_int4(packed, scales)
         ref, got = x @ w_oi.T, x @ w_hat.T
         sqnr = 10 * math.log10(float(ref.pow(2).sum() / (ref - got).pow(2).sum().clamp_min(1e-30)))
@@ -86,14 +91,26 @@ def quantize_int4(gm: torch.fx.GraphModule, cfg: QuantizeInt4Config, ctx: PassCo
         s_node = add_constant(gm, f"{w_node.target}_int4_scales", scales, n)
         with gm.graph.inserting_before(n):
             q = gm.graph.call_function(torch.ops.optim.linear_int4.default,
-                                       (xin, p_node, s_node, b_node, cfg.group_size))
+                                       (xin, p_node, s_node, b_node, group))
         q.meta = dict(n.meta)
         n.replace_all_uses_with(q)
         gm.graph.erase_node(n)
         ctx.record("linear_int4")
         layers.append({"where": module_path(q), "shape": f"{w_oi.shape[0]}x{w_oi.shape[1]}",
-                       "output_sqnr_db": round(sqnr, 2)})
+                       "group_size": group, "output_sqnr_db": round(sqnr, 2)})
     ctx.details.update(method=cfg.method, group_size=cfg.group_size, layers=layers)
+
+
+MIN_GROUP = 16  # MatMulNBits' smallest block
+
+
+def _group_for(k: int, asked: int) -> int:
+    """`asked` when it divides the `k` inputs, else the largest power of 2 that does (at least
+    `MIN_GROUP`): a smaller group costs a few more scales, not the layer."""
+    group = asked
+    while k % group:
+        group //= 2
+    return group
 
 
 def rtn(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:

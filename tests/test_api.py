@@ -138,3 +138,19 @@ def test_an_exact_pass_after_a_lossy_one_is_judged_on_its_own_change(zoo_model):
     records = {p["name"]: p for p in om.report["passes"]}
     assert records["fuse_attention"]["changed"]
     assert records["quantize"]["fidelity"]["max_abs_error"] > 1e-3  # lossy before it
+
+
+def test_a_pass_that_matches_nothing_is_a_warning_unless_expected():
+    """Issue 24: a pass with nothing to rewrite no longer fails optimize(); it is recorded with
+    its reason, and `expect: true` asks for the old error."""
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()).eval()
+    x = torch.randn(2, 8)
+    fast = optim.optimize(mlp, "cpu", (x,), pipeline="cleanup,fuse_attention", backend="torch",
+                          measure_latency=False)
+    (line,) = fast.report["warnings"]
+    assert line.startswith("fuse_attention matched nothing")
+    assert fast.report["passes"][1]["details"]["matched_nothing"]["expected"] == [
+        "attention_fused"]
+    with pytest.raises(optim.errors.PassError, match="matched nothing"):
+        optim.optimize(mlp, "cpu", (x,), pipeline="cleanup,fuse_attention{expect=true}",
+                       backend="torch", measure_latency=False)

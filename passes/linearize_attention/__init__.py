@@ -46,6 +46,9 @@ from passes.common.linears import constant_linears
 ATTENTION = torch.ops.optim.attention.default
 
 
+MAX_FEATURES = 4096  # far above any published feature map (Performer: 256) or rank
+
+
 @dataclass(frozen=True)
 class LinearizeAttentionConfig:
     """Options for linearize_attention."""
@@ -70,6 +73,9 @@ class LinearizeAttentionConfig:
         if self.features < 0 or self.fit_steps < 0 or self.fit_batches < 1 or self.chunk < 0:
             raise ValueError("features, fit_steps and chunk must be >= 0 (chunk 0: the default, "
                              "64 positions); fit_batches >= 1")
+        if self.features > MAX_FEATURES or self.finetune_rank > MAX_FEATURES:
+            raise ValueError(f"features and finetune_rank must be <= {MAX_FEATURES:,} (sizes of "
+                             f"the feature map and of the low-rank correction)")
         if self.finetune_steps < 0 or self.finetune_rank < 1 or not 0 < self.finetune_lr < 1:
             raise ValueError("finetune_steps must be >= 0, finetune_rank >= 1, "
                              "finetune_lr in (0, 1)")

@@ -125,3 +125,32 @@ def test_second_run_finds_nothing(bert):
     twice = run_pass("cleanup", once.gm, z.example_args, z.example_kwargs)
     assert not twice.result.changed and twice.result.counts == {}
     assert twice.histogram_after == once.histogram_after
+
+
+class _HandLinears(torch.nn.Module):
+    """Linears written out (`x @ W.T + b`, as Falcon does), next to matmuls that are not."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.w1, self.b1 = torch.nn.Parameter(torch.randn(16, 8)), torch.nn.Parameter(
+            torch.randn(16))
+        self.w2 = torch.nn.Parameter(torch.randn(4, 16))
+        self.w3 = torch.nn.Parameter(torch.randn(4, 16))  # x @ W, not transposed: kept
+
+    def forward(self, x):
+        h = x @ self.w1.T + self.b1  # matmul + bias: one linear
+        y = torch.matmul(h, self.w2.transpose(0, 1))  # no bias
+        scores = h @ h.transpose(-1, -2)  # two activations: kept
+        return y @ self.w3, scores
+
+
+def test_hand_written_linears_become_linears():
+    x = torch.randn(2, 5, 8)
+    gm = capture_example(_HandLinears(), (x,))
+    run = run_pass("cleanup", gm, (x,))
+    assert run.result.counts["linear_canonicalized"] == 2
+    assert run.histogram_after.get("aten.linear") == 2 and "aten.numpy_T" not in run.histogram_after
+    assert run.max_abs_error() < 1e-5
+    quantized = run_pass("quantize", gm, (x,), options={"min_features": 1})
+    assert quantized.result.counts["linear_quantized"] == 2

@@ -127,11 +127,18 @@ def test_one_near_miss_next_to_a_match_is_skipped_with_reason():
 ])
 def test_near_misses_raise_with_the_reason(mode, reason):
     gm, args = _hand(mode)
-    with pytest.raises(PassError) as err:  # expects=("attention_fused",): zero is an error
+    with pytest.raises(PassError) as err:  # run_pass expects a match (expect=True)
         run_pass("fuse_attention", gm, args)
     assert err.value.pass_name == "fuse_attention" and err.value.before == ["cleanup"]
     assert isinstance(err.value.cause, ConfigError)
     assert "expected ['attention_fused'] > 0" in str(err.value) and reason in str(err.value)
+
+
+def test_matching_nothing_is_recorded_with_the_reason_unless_expected():
+    gm, args = _hand("wrong_axis")
+    run = run_pass("fuse_attention", gm, args, expect=False)  # as a pipeline runs it
+    assert run.result.counts == {} and run.max_abs_error() == 0
+    assert "not the key axis" in run.result.details["matched_nothing"]["reasons"]
 
 
 def test_min_seq_len_is_a_strict_lower_bound():
