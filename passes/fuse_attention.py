@@ -22,6 +22,7 @@ from torch.utils import _pytree as pytree
 import optim.ops  # noqa: F401  (registers torch.ops.optim)
 from optim.ir import depends_on_inputs, evaluate_nodes, get_constant, module_path, shape
 from optim.pass_base import Exact, PassContext, register_pass
+from passes.common.bmm_attention import lift_bmm_attention
 
 aten = torch.ops.aten
 _SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
@@ -40,6 +41,7 @@ class FuseAttentionConfig:
                requires=("cleanup",), expects=("attention_fused",))
 def fuse_attention(gm: torch.fx.GraphModule, cfg: FuseAttentionConfig, ctx: PassContext) -> None:
     """Fuse every attention (explicit matmul/softmax chains and SDPA) into optim::attention."""
+    ctx.record("bmm_attention_lifted", lift_bmm_attention(gm))
     found = []
     for n in list(gm.graph.nodes):
         if n.op != "call_function":
@@ -122,12 +124,13 @@ def _match_explicit(gm: torch.fx.GraphModule, sm: torch.fx.Node):
     # downstream: softmax -> matmul(probs, v), probs used nowhere else
     users = list(sm.users)
     if len(users) != 1 or users[0].target not in _MATMUL or users[0].args[0] is not sm:
-        return "softmax output is not consumed only by matmul(probs, v) (output_attentions?)"
+        seen = ", ".join(_seen(u) for u in users[:3]) or "nothing"
+        return f"softmax output is not consumed only by matmul(probs, v): read by {seen}"
     out = users[0]
     v = out.args[1]
-    # upstream: [add mask] <- [mul/div scale] <- matmul(q, kT), in either order
-    x, mask, scale = s_in, None, 1.0
-    for _ in range(4):
+    # upstream: [add masks and biases | masked fill] <- [mul/div scale] <- matmul(q, kT)
+    x, masks, scale = s_in, [], 1.0
+    for _ in range(8):
         if not isinstance(x, torch.fx.Node) or x.op != "call_function":
             break
         if x.target in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar):
@@ -141,21 +144,37 @@ def _match_explicit(gm: torch.fx.GraphModule, sm: torch.fx.Node):
                 return "scores are scaled by a non-constant"
             scale *= c if x.target in (aten.mul.Tensor, aten.mul.Scalar) else 1.0 / c
             x = other
-        elif x.target in (aten.add.Tensor,) and mask is None and len(x.args) == 2 \
+        elif x.target in (aten.add.Tensor,) and len(x.args) == 2 \
                 and x.kwargs.get("alpha", 1) == 1:
             if scale != 1.0:  # (scores + mask)·c would scale the mask too
                 return "mask is added before the scale"
             a, b = x.args
             if _leads_to_matmul(a):
-                x, mask = a, b
+                x, term = a, b
             elif _leads_to_matmul(b):
-                x, mask = b, a
+                x, term = b, a
             else:
-                return "softmax input is an add of two non-attention tensors"
+                return (f"softmax input adds {_seen(a)} and {_seen(b)}; neither leads to a "
+                        f"q·kᵀ matmul")
+            if not isinstance(term, torch.fx.Node):
+                return "mask is a constant scalar"
+            masks.append(term)
+        elif x.target in _MASKED_FILL:
+            if scale != 1.0:
+                return "mask is filled in before the scale"
+            fill = _scalar(gm, x.args[2])
+            if fill is None or fill > -1e4:  # only a fill that zeroes the softmax weight
+                return f"scores are filled with {x.args[2]} where masked, not a large negative"
+            with gm.graph.inserting_before(out):
+                term = gm.graph.call_function(aten.where.Scalar, (x.args[1], fill, 0.0))
+            term.meta["val"] = torch.where(x.args[1].meta["val"], fill, 0.0)
+            masks.append(term)
+            x = x.args[0]
         else:
             break
     if not isinstance(x, torch.fx.Node) or x.target not in _MATMUL:
-        return "softmax input is not a q·kᵀ matmul"
+        return f"softmax input is {_seen(x)}, not a q·kᵀ matmul"
+    mask = _summed(gm, masks, out)
     q, kt = x.args
     qs, kts, vs = shape(q), shape(kt), shape(v)
     if qs is None or len(qs) != 4 or kts is None or len(kts) != 4 or vs is None or len(vs) != 4:
@@ -166,22 +185,46 @@ def _match_explicit(gm: torch.fx.GraphModule, sm: torch.fx.Node):
             torch.broadcast_shapes(ms, (qs[0], qs[1], qs[2], kts[-1]))
         except RuntimeError:
             return f"mask shape {ms} does not broadcast to the scores"
-    elif mask is not None:
-        return "mask is a constant scalar"
     k = _untranspose(gm, kt, out)
     return q, k, v, mask, scale, False, out
 
 
-def _leads_to_matmul(x) -> bool:
-    for _ in range(3):
-        if not isinstance(x, torch.fx.Node) or x.op != "call_function":
-            return False
-        if x.target in _MATMUL:
-            return True
-        if x.target not in (aten.mul.Tensor, aten.div.Tensor, aten.mul.Scalar, aten.div.Scalar):
-            return False
-        x = x.args[0]
+def _leads_to_matmul(x, depth: int = 6) -> bool:
+    """Whether `x` is a matmul, through scalings, added terms and masked fills."""
+    if depth == 0 or not isinstance(x, torch.fx.Node) or x.op != "call_function":
+        return False
+    if x.target in _MATMUL:
+        return True
+    if x.target in (aten.mul.Tensor, aten.div.Tensor, aten.mul.Scalar, aten.div.Scalar) \
+            or x.target in _MASKED_FILL:
+        return _leads_to_matmul(x.args[0], depth - 1)
+    if x.target is aten.add.Tensor:
+        return any(_leads_to_matmul(a, depth - 1) for a in x.args[:2])
     return False
+
+
+_MASKED_FILL = {aten.masked_fill.Scalar, aten.masked_fill.Tensor}
+
+
+def _seen(x) -> str:
+    """What a matcher found where it wanted something else, for a skip reason."""
+    if not isinstance(x, torch.fx.Node):
+        return f"the constant {x!r}"
+    what = x.target if x.op == "call_function" else x.op
+    return f"{str(what).replace('aten.', '')} (node {x.name}, shape {list(shape(x) or [])})"
+
+
+def _summed(gm, masks: list, before: torch.fx.Node):
+    """One additive mask from several terms (padding mask, position bias, ...), or None."""
+    if not masks:
+        return None
+    total = masks[0]
+    for term in masks[1:]:
+        with gm.graph.inserting_before(before):
+            nxt = gm.graph.call_function(aten.add.Tensor, (total, term))
+        nxt.meta["val"] = total.meta["val"] + term.meta["val"]
+        total = nxt
+    return total
 
 
 def _untranspose(gm: torch.fx.GraphModule, kt: torch.fx.Node, before: torch.fx.Node):

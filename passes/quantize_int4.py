@@ -48,8 +48,8 @@ class QuantizeInt4Config:
     def validate(self) -> None:
         if self.group_size < 16 or self.group_size & (self.group_size - 1):
             raise ValueError("group_size must be a power of 2, at least 16")
-        if not 0 <= self.damp < 1:
-            raise ValueError("damp must be in [0, 1)")
+        if not 0 < self.damp < 1:
+            raise ValueError("damp must be in (0, 1): GPTQ inverts the dampened Hessian")
 
 
 @register_pass("quantize_int4", config=QuantizeInt4Config, numerics=Lossy("cosine_min", 0.9),
@@ -78,9 +78,16 @@ def quantize_int4(gm: torch.fx.GraphModule, cfg: QuantizeInt4Config, ctx: PassCo
         w = get_constant(gm, w_node)
         w_oi = (w if weight_axis(n, "in") == 1 else w.T).float()  # [out, in]
         x = inputs[n]
-        if cfg.method == "gptq":
-            codes, scales = gptq(w_oi, x, group, cfg.damp)
-        else:
+        method, codes = cfg.method, None
+        damp = cfg.damp
+        while method == "gptq" and codes is None:
+            try:
+                codes, scales = gptq(w_oi, x, group, damp)
+            except torch.linalg.LinAlgError:  # a Hessian too singular for this dampening
+                damp *= 10
+                if damp >= 1:
+                    method = "rtn"
+        if codes is None:
             codes, scales = rtn(w_oi, group)
         packed = pack_int4(codes, group)
         w_hat = unpack_int4(packed, scales)
@@ -97,7 +104,9 @@ def quantize_int4(gm: torch.fx.GraphModule, cfg: QuantizeInt4Config, ctx: PassCo
         gm.graph.erase_node(n)
         ctx.record("linear_int4")
         layers.append({"where": module_path(q), "shape": f"{w_oi.shape[0]}x{w_oi.shape[1]}",
-                       "group_size": group, "output_sqnr_db": round(sqnr, 2)})
+                       "group_size": group, "output_sqnr_db": round(sqnr, 2),
+                       **({"method": method, "damp": damp} if (method, damp) != (cfg.method,
+                                                                               cfg.damp) else {})})
     ctx.details.update(method=cfg.method, group_size=cfg.group_size, layers=layers)
 
 

@@ -145,3 +145,25 @@ def test_bad_options_are_named(stack):
     gm, args = stack
     with pytest.raises(ConfigError, match="group_size must be a power of 2"):
         run_pass("quantize_int4", gm, args, options={"group_size": 48})
+
+
+def test_a_hessian_gptq_cannot_invert_gets_more_dampening_then_rounding(stack, monkeypatch):
+    """Found by fuzzing: damp 0 failed a Cholesky factorization inside the pass. Zero is now
+    refused; a Hessian still too singular is retried with 10x the dampening, and a layer that
+    never factorizes is rounded to nearest (the report says so)."""
+    import passes.quantize_int4 as q4
+
+    gm, args = stack
+    with pytest.raises(ConfigError, match=r"damp must be in \(0, 1\)"):
+        run_pass("quantize_int4", gm, args, options={"damp": 0.0})
+    calls = []
+
+    def singular(w, x, group, damp):
+        calls.append(damp)
+        raise torch.linalg.LinAlgError("not positive-definite")
+
+    monkeypatch.setattr(q4, "gptq", singular)
+    run = run_pass("quantize_int4", gm, args, options={"group_size": 32})
+    assert calls == pytest.approx([0.01, 0.1] * 4)  # 4 layers, each tried at 0.01 and 0.1
+    layer = run.result.details["layers"][0]
+    assert layer["method"] == "rtn" and run.result.counts["linear_int4"] == 4
