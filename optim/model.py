@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 from backends.base import Artifact
 from hardware.estimate import estimate, report_section
@@ -115,7 +116,9 @@ class OptimizedModel:
                         timestep: str = "timestep") -> Callable:
         """A callable that runs each call at the width the diffusion timestep asks for (DyDiT's
         timestep-wise width): `schedule` is [(t_min, width), ...]; a call whose keyword
-        `timestep` is >= t_min (largest t_min first) runs at that width."""
+        `timestep` is >= t_min (largest t_min first) runs at that width. A batch whose
+        elements ask for different widths is split by width, each part run at its own, and the
+        outputs put back in the batch's order."""
         steps = sorted(schedule, key=lambda s: -s[0])
         if not steps:
             raise ConfigError("timestep_widths needs at least one (t_min, width) pair")
@@ -125,9 +128,12 @@ class OptimizedModel:
         def run(*args, **kwargs):
             if timestep not in kwargs:
                 raise ConfigError(f"timestep_widths: the call has no {timestep!r} keyword")
-            t = float(torch.as_tensor(kwargs[timestep]).flatten()[0])
-            width = next((w for t_min, w in steps if t >= t_min), steps[-1][1])
-            return self.at_width(width)(*args, **kwargs)
+            ts = torch.as_tensor(kwargs[timestep]).flatten().tolist()
+            widths = [next((w for t_min, w in steps if t >= t_min), steps[-1][1]) for t in ts]
+            if len(set(widths)) == 1:
+                return self.at_width(widths[0])(*args, **kwargs)
+            static = self.shapes is not None and "batch" not in self.shapes.ranges
+            return _split_by_width(self.at_width, widths, args, kwargs, static)
 
         return run
 
@@ -161,3 +167,32 @@ def load(directory: str | Path, trust_compiled_code: bool = False,
                         shapes=saved.shapes)
     om.width_plan = saved.width_plan
     return om
+
+
+def _split_by_width(at_width, widths: list[float], args: tuple, kwargs: dict,
+                    static_batch: bool = False):
+    """Run each group of batch elements that asks for one width at that width; the outputs
+    are concatenated back in the batch's order (every tensor with the batch as its first axis
+    is split; other inputs go to every part). A model with a static batch runs each group
+    filled up to the batch with copies of its first element, whose outputs are dropped."""
+    batch = len(widths)
+    parts, order = [], []
+    for width in sorted(set(widths), reverse=True):
+        rows = [i for i, w in enumerate(widths) if w == width]
+        index = torch.tensor(rows + rows[:1] * (batch - len(rows)) if static_batch else rows)
+
+        def take(x, index=index):
+            return x.index_select(0, index) if isinstance(x, torch.Tensor) and x.dim() \
+                and x.shape[0] == batch else x
+
+        out = at_width(width)(*pytree.tree_map(take, args), **pytree.tree_map(take, kwargs))
+        parts.append(pytree.tree_map(lambda t, n=len(rows): t[:n] if isinstance(
+            t, torch.Tensor) and t.dim() and t.shape[0] == batch else t, out))
+        order.append(index[:len(rows)])
+    leaves = [pytree.tree_flatten(p) for p in parts]
+    spec = leaves[0][1]
+    restore = torch.argsort(torch.cat(order))
+    merged = [torch.cat(group, 0).index_select(0, restore)
+              if isinstance(group[0], torch.Tensor) and group[0].dim() else group[0]
+              for group in zip(*[flat for flat, _ in leaves])]
+    return pytree.tree_unflatten(merged, spec)

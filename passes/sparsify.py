@@ -60,10 +60,15 @@ def sparsify(gm: torch.fx.GraphModule, cfg: SparsifyConfig, ctx: PassContext) ->
     sparsity = cfg.sparsity if not cfg.flops else _sparsity_for_flops(gm, plan, cfg.flops, ctx)
     counts = counts_at(plan, 1.0 - sparsity)
     layers = []
-    for layer, row in zip(plan["layers"], counts):
+    for i, (layer, row) in enumerate(zip(plan["layers"], counts)):
         rec = {"heads": f"{row['heads']}/{layer['heads']['heads']}" if "heads" in row else "-",
                "neurons": f"{row['neurons']}/{layer['mlp']['neurons']}" if "neurons" in row
                else "-"}
+        h = layer.get("heads")
+        if h and sparsity > 0 and row["heads"] == h["heads"]:
+            ctx.skip(f"layer {i} heads", f"{h['heads']} heads in {h['kv_heads']} key/value "
+                     f"groups are removed a whole group at a time ({1 / h['kv_heads']:.0%} of "
+                     f"the heads); removing {sparsity:.0%} keeps every group")
         if cfg.reconstruct:
             rec.update(_reconstruct(gm, layer, row, batches))
         layers.append(rec)

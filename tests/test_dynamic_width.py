@@ -117,6 +117,21 @@ def test_timestep_schedule_picks_the_width(zoo_model):
                            _first(om.at_width(1.0)(*z.example_args, **kwargs)))
 
 
+def test_a_batch_of_mixed_timesteps_runs_each_element_at_its_own_width(zoo_model):
+    """Issue 24: [500, 20] used to run the whole batch at the first element's width."""
+    z = zoo_model("dit")
+    om = _nest(z)
+    sched = om.timestep_widths([(500, 1.0), (0, 0.5)])
+    kwargs = dict(z.example_kwargs)
+    kwargs["timestep"] = torch.tensor([20, 900][:len(kwargs["timestep"])]).to(
+        z.example_kwargs["timestep"].dtype)
+    got = _first(sched(*z.example_args, **kwargs))
+    for i, w in enumerate((0.5, 1.0)):  # row i of the whole batch run at row i's width
+        want = _first(om.at_width(w)(*z.example_args, **kwargs))[i]
+        torch.testing.assert_close(got[i], want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got[0], _first(om.at_width(1.0)(*z.example_args, **kwargs))[0])
+
+
 def test_widths_lower_to_onnxruntime(zoo_model):
     z = zoo_model("bert")
     ref = _nest(z)

@@ -75,3 +75,17 @@ def test_the_default_pipeline_runs_and_reports_fidelity(family):
     assert counts["fuse_attention"]["attention_fused"] == 2
     assert counts["quantize"]["linear_quantized"] >= 8  # every layer's linears, at least
     assert fast.report["fidelity"]["outputs"]["cosine_min"] > 0.98
+
+
+def test_grouped_query_heads_go_a_key_value_group_at_a_time_or_say_why():
+    """Mistral (4 query heads on 2 key/value heads): 30% rounds to no whole group, and the
+    report says so; 50% removes one group, its two query heads with it."""
+    model = _family("mistral")
+    for sparsity, heads, said in ((0.3, "4/4", True), (0.5, "2/4", False)):
+        fast = optim.optimize(model, "cpu", (), example_kwargs=_inputs("mistral"),
+                              pipeline=f"cleanup,fuse_attention,sparsify{{sparsity={sparsity}}}",
+                              backend="torch", measure_latency=False)
+        step = fast.report["passes"][-1]
+        assert [la["heads"] for la in step["details"]["layers"]] == [heads] * 2
+        reasons = [s["reason"] for s in step["skipped"]]
+        assert any("2 key/value groups" in r for r in reasons) == said
