@@ -13,6 +13,7 @@ Each stage is a function in the module that owns it: `optim.capture`, `optim.tra
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from optim import saving, timing, verify
 from optim.capture import Batch, Inputs, describe_inputs, weight_bytes
 from optim.config import load_pipeline_file, shipped_pipeline_passes
 from optim.decoder import OptimizedDecoder, is_causal_lm, optimize_decoder
-from optim.errors import ConfigError, NumericsError
+from optim.errors import ConfigError, NumericsError, SlowerWarning
 from optim.ir import op_histogram
 from optim.lower import lower, resolve_backend
 from optim.model import OptimizedModel
@@ -109,6 +110,9 @@ def optimize(model: torch.nn.Module, target: str | Target = "cpu", example_input
     latency, speedup = [], {}
     if tgt.runs_here if measure_latency is None else measure_latency:  # ⑤
         latency, speedup = timing.measure_here(model, artifact, inputs.example, chosen.name, say)
+        for line in timing.slower_warning(speedup, passes.records):
+            say(f"WARNING: {line}")
+            warnings.warn(line, SlowerWarning, stacklevel=3)
     others = [resolve_target(t) for t in estimate_targets or []]
     estimates = timing.estimate_on(passes.stages, [tgt, *others], weight_bytes(passes.gm), say)
     latency += timing.estimate_rows(estimates[0]) + artifact.measured_latency()
@@ -123,7 +127,8 @@ def optimize(model: torch.nn.Module, target: str | Target = "cpu", example_input
         fidelity=fidelity, latency=latency, speedup=speedup, estimates=estimates,
         advice=pass_advice(tgt.spec, pipe.names, DEFAULT_PRECISION[tgt.kind])
         + [a for e in estimates for a in estimate_advice(e)],
-        warnings=budget_missed + passes.notes())).validate()
+        warnings=budget_missed + passes.notes() + timing.slower_warning(speedup, passes.records)
+    )).validate()
     if budget_missed and fidelity_budget and fidelity_budget.get("enforce", True):
         raise NumericsError("fidelity budget not met: " + "; ".join(budget_missed))
     return OptimizedModel(artifact, report, passes.gm, inputs.example, passes.stages, options,

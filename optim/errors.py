@@ -72,3 +72,7 @@ class NumericsError(OptimError):
 
 class BackendError(OptimError):
     """Lowering to or running on a backend failed."""
+
+
+class SlowerWarning(UserWarning):
+    """The optimized model measured slower than the original on this machine."""

@@ -30,6 +30,22 @@ def measure_here(model: torch.nn.Module, artifact: Callable, example: Batch, bac
     return rows, speedup
 
 
+SLOWER = 0.97  # a measured ratio below this is slower than the original, beyond noise
+
+
+def slower_warning(speedup: dict, records: list) -> list[str]:
+    """A line when the optimized model measured slower than the original here (never left
+    for the user to find in a table)."""
+    ratio = speedup.get("optimized_vs_original") if speedup else None
+    if ratio is None or ratio >= SLOWER:
+        return []
+    changed = [r.name for r in records if r.changed]
+    return [f"the optimized model measured {1 / ratio:.2f}x SLOWER than the original here "
+            f"(same interleaved run); passes that changed it: {', '.join(changed) or 'none'}. "
+            f"At these shapes the original may be the better choice: try fewer passes, or "
+            f"larger inputs"]
+
+
 def kernels_at(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list[Kernel]:
     """The kernels `gm` launches at these inputs (one real run on a copy of its graph: shapes,
     packed token counts and trimmed attention lengths as they are for these inputs)."""

@@ -154,3 +154,28 @@ def test_a_pass_that_matches_nothing_is_a_warning_unless_expected():
     with pytest.raises(optim.errors.PassError, match="matched nothing"):
         optim.optimize(mlp, "cpu", (x,), pipeline="cleanup,fuse_attention{expect=true}",
                        backend="torch", measure_latency=False)
+
+
+def test_a_model_measured_slower_than_the_original_is_said_first():
+    """Issue 24: a slower result is a warning in the report and a Python warning, with the
+    passes that changed it, never only a ratio in a table."""
+    from optim import timing
+    from optim.report import PassRecord
+
+    records = [PassRecord("fuse_attention", True, {}, [], 0.0, {}, "exact"),
+               PassRecord("cleanup", False, {}, [], 0.0, {}, "exact")]
+    (line,) = timing.slower_warning({"optimized_vs_original": 0.5}, records)
+    assert "2.00x SLOWER" in line and "fuse_attention" in line and "cleanup" not in line
+    assert timing.slower_warning({"optimized_vs_original": 0.99}, records) == []
+    assert timing.slower_warning({}, records) == []
+    tiny = torch.nn.Sequential(torch.nn.Linear(4, 4)).eval()
+    x = torch.randn(1, 4)
+    import warnings as w
+    with w.catch_warnings(record=True) as caught:
+        w.simplefilter("always")
+        fast = optim.optimize(tiny, "cpu", (x,), pipeline="cleanup", backend="onnxruntime",
+                              measure_latency=True)
+    ratio = fast.report["speedup"]["optimized_vs_original"]
+    said = [c for c in caught if issubclass(c.category, optim.errors.SlowerWarning)]
+    assert bool(said) == (ratio < timing.SLOWER)
+    assert any("SLOWER" in line for line in fast.report["warnings"]) == (ratio < timing.SLOWER)
