@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench venv clean
+.PHONY: demo test lint bench fuzz venv clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "need $(PY) on PATH"; exit 1; }
@@ -30,6 +30,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/minilm_cpu.py
 	$(BIN)/python -m pytest -q benchmarks/test_int8_kernels.py --benchmark-group-by=param:shape
+
+fuzz: $(STAMP)
+	mkdir -p reports
+	OPTIM_FUZZ_PROFILE=fuzz OPTIM_FUZZ_COUNTS=reports/fuzz-counts.json $(BIN)/python -m pytest -q -p no:cacheprovider tests/fuzz
 
 clean:
 	rm -rf $(VENV) reports .pytest_cache

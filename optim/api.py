@@ -102,13 +102,15 @@ def optimize(model: torch.nn.Module, target: str | Target = "cpu", example_input
     pipe = resolve_pipeline(pipeline, tgt.default_pipeline, pass_options)
     inputs = Inputs.from_user(example_inputs, example_kwargs, eval_data, calibration,
                               dynamic).for_backend(chosen.name, chosen.dynamic)
-    original, passes = capture_and_run(model, inputs, pipe, tgt, say)  # ① ②
+    measure_here = tgt.runs_here if measure_latency is None else measure_latency
+    original, passes = capture_and_run(model, inputs, pipe, tgt, say,  # ① ②
+                                       gate=measure_here and chosen.name == "torch")
     artifact, lower_s = lower(passes.gm, inputs.example, tgt, chosen, options,
                               original.shapes, say)  # ③
     fidelity = verify.fidelity(original, artifact, inputs, task_fidelity, say)  # ④
     budget_missed = verify.check_budget(fidelity, fidelity_budget)
     latency, speedup = [], {}
-    if tgt.runs_here if measure_latency is None else measure_latency:  # ⑤
+    if measure_here:  # ⑤
         latency, speedup = timing.measure_here(model, artifact, inputs.example, chosen.name, say)
         for line in timing.slower_warning(speedup, passes.records):
             say(f"WARNING: {line}")

@@ -85,11 +85,15 @@ class Pipeline:
                                   f"{why}; add them earlier in the pipeline")
             seen.add(s.name)
 
-    def run(self, gm, ctx: PassContext, after_each=None) -> list[PassResult]:
-        """Run every step in order. `after_each(step, result)` may check numerics."""
+    def run(self, gm, ctx: PassContext, after_each=None, before_each=None
+            ) -> list[PassResult]:
+        """Run every step in order. `after_each(step, result)` may check numerics;
+        `before_each(step)` runs first."""
         results: list[PassResult] = []
         for step in self.steps:
             try:
+                if before_each is not None:
+                    before_each(step)
                 result = step.spec.run(gm, step.config, ctx)
                 missing = [k for k in step.spec.expects if result.counts.get(k, 0) == 0]
                 if missing:

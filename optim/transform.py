@@ -17,6 +17,7 @@ from optim.ir import op_histogram
 from optim.pass_base import Exact, PassContext
 from optim.pipeline import Pipeline
 from optim.report import PassRecord
+from optim.speed_gate import SpeedGate, required_later
 from optim.targets import Target
 from passes.common.graph_runner import run as run_graph
 
@@ -36,14 +37,15 @@ class Transformed:
 
 
 def capture_and_run(model: torch.nn.Module, inputs: Inputs, pipe: Pipeline, target: Target,
-                    say=lambda msg: None) -> tuple[Original, Transformed]:
+                    say=lambda msg: None, gate: bool = False) -> tuple[Original, Transformed]:
     """① capture and ② passes. A pass that bakes the traced size of a dynamic axis into the
     graph is found by the probe check; unless the user asked for that axis to be dynamic, the
-    model is captured again with it static (the report's shapes say which pass needed it)."""
+    model is captured again with it static (the report's shapes say which pass needed it).
+    `gate`: undo a pass that made the graph measurably slower here (`optim.speed_gate`)."""
     while True:
         original = capture_model(model, inputs, say)
         try:
-            return original, run_passes(original, pipe, target, inputs, say)
+            return original, run_passes(original, pipe, target, inputs, say, gate)
         except StaticShapeError as e:
             if inputs.dynamic_asked or e.axis not in original.shapes.ranges:
                 raise
@@ -52,7 +54,7 @@ def capture_and_run(model: torch.nn.Module, inputs: Inputs, pipe: Pipeline, targ
 
 
 def run_passes(original: Original, pipe: Pipeline, target: Target, inputs: Inputs,
-               say=lambda msg: None) -> Transformed:
+               say=lambda msg: None, gate: bool = False) -> Transformed:
     gm = original.captured.gm
     histogram_before = op_histogram(gm)
     stages = {"captured": graph_kernels(gm)}
@@ -76,13 +78,30 @@ def run_passes(original: Original, pipe: Pipeline, target: Target, inputs: Input
         stages[step.name] = graph_kernels(gm)
         _check_other_shapes(gm, step, original.probes, last, [r.name for r in done])
 
+    speed = SpeedGate(gm, inputs.example, required_later(pipe.steps)) if gate else None
+    kept: dict = {}
+
+    def before(step):
+        if speed is not None:
+            speed.before(step)
+            kept.update(last=dict(last), stages=stages[list(stages)[-1]])
+
+    def after(step, result):
+        check(step, result)
+        if speed is not None and speed.after(step, result):  # undone: as before the pass
+            say(f"  {step.name} made the graph slower here; undone")
+            last.update(kept["last"])
+            stages[step.name] = kept["stages"]
+            fidelity[step.name] = fidelity.get(done[-1].name) if done else None
+        done.append(result)
+
     say(f"running passes: {', '.join(pipe.names) or '(none)'}")
     for step in pipe.inserted:
         say(f"  added {step.name}: {step.inserted_for} requires it")
     with torch.no_grad():
         if any(step.spec.teacher for step in pipe.steps):  # outputs before any pass ran
             ctx.teacher = {id(b): run_graph(gm, b) for b in ctx.calibration}
-        results = pipe.run(gm, ctx, after_each=lambda s, r: (check(s, r), done.append(r)))
+        results = pipe.run(gm, ctx, after_each=after, before_each=before)
     records = [PassRecord(r.name, r.changed, r.counts, [vars(s) for s in r.skipped], r.seconds,
                           r.details, s.spec.numerics.describe(), fidelity.get(s.name),
                           s.inserted_for)

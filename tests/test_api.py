@@ -179,3 +179,51 @@ def test_a_model_measured_slower_than_the_original_is_said_first():
     said = [c for c in caught if issubclass(c.category, optim.errors.SlowerWarning)]
     assert bool(said) == (ratio < timing.SLOWER)
     assert any("SLOWER" in line for line in fast.report["warnings"]) == (ratio < timing.SLOWER)
+
+
+def _add_slow_ops(gm, cfg, ctx):
+    """Multiplies the output by 1.0 four hundred times: exact, and much slower."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    (x,) = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
+    y = x
+    with gm.graph.inserting_before(out):
+        for _ in range(400):
+            y = gm.graph.call_function(torch.ops.aten.mul.Tensor, (y, 1.0))
+            y.meta["val"] = x.meta["val"]
+    out.args = ((y,),) if isinstance(out.args[0], (tuple, list)) else (y,)
+    ctx.record("slowed")
+
+
+def test_a_pass_that_makes_the_graph_slower_here_is_undone_unless_a_later_one_needs_it():
+    """Issue 24, never slower: on a target that runs here, a pass whose graph measured slower
+    is reverted with both times in its record; a pass a later one requires stays, saying so."""
+    register_pass("_slow_for_test", config=_NoOptions, numerics=Exact())(_add_slow_ops)
+
+    def _needs(gm, cfg, ctx):
+        """Requires _slow_for_test; changes nothing."""
+
+    register_pass("_needs_slow_for_test", config=_NoOptions, numerics=Exact(),
+                  requires=("_slow_for_test",))(_needs)
+    try:
+        mlp = torch.nn.Sequential(torch.nn.Linear(8, 8)).eval()
+        x = torch.randn(2, 8)
+        fast = optim.optimize(mlp, "cpu", (x,), pipeline=["cleanup", "_slow_for_test"],
+                              backend="torch", measure_latency=True)
+        step = fast.report["passes"][1]
+        seen = step["details"]["measured_here"]
+        assert seen["reverted"] and seen["after_ms"] > seen["before_ms"] and not step["changed"]
+        assert step["counts"] == {"slowed": 1}  # what it did before it was undone
+        assert any("undone" in s["reason"] for s in step["skipped"])
+        mul = sum(n.target is torch.ops.aten.mul.Tensor for n in fast.graph.graph.nodes)
+        assert mul == 0  # the graph is the one before the pass
+        kept = optim.optimize(mlp, "cpu", (x,), pipeline=["cleanup", "_slow_for_test",
+                                                          "_needs_slow_for_test"],
+                              backend="torch", measure_latency=True)
+        seen = kept.report["passes"][1]["details"]["measured_here"]
+        assert seen["kept"] == "_needs_slow_for_test requires it"
+        off = optim.optimize(mlp, "cpu", (x,), pipeline=["cleanup", "_slow_for_test"],
+                             backend="torch", measure_latency=False)
+        assert "measured_here" not in off.report["passes"][1]["details"]  # not measured: no gate
+    finally:
+        PASSES._items.pop("_slow_for_test", None)
+        PASSES._items.pop("_needs_slow_for_test", None)

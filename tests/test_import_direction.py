@@ -17,6 +17,7 @@ PACKAGES = ("optim", "passes", "backends", "hardware")
 CORE = {"optim", "optim.errors", "optim.ir", "optim.ops", "optim.kernels", "optim.bits",
         "optim.pass_base", "optim.registry", "optim.pipeline", "optim.numerics", "optim.measure",
         "optim.host_memory", "optim.shapes", "optim.model_state", "optim.program_files",
+        "optim.speed_gate",
         "optim.files"}
 RANK = {"core": 0, "zoo": 1, "hardware": 1, "passes": 2, "backends": 3, "driver": 4}
 
