@@ -13,6 +13,7 @@ Each stage is a function in the module that owns it: `optim.capture`, `optim.tra
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -50,7 +51,7 @@ def optimize(model: torch.nn.Module, target: str | Target = "cpu", example_input
              estimate_targets: list[str] | None = None, name: str | None = None,
              dynamic: Any = None, progress: Callable[[str], None] | None = None,
              generation: bool | None = None, max_length: int | None = None,
-             **pass_options: dict) -> OptimizedModel | OptimizedDecoder:
+             speed_gate: bool | None = None, **pass_options: dict) -> OptimizedModel | OptimizedDecoder:
     """Optimize `model` for `target` and return a callable `OptimizedModel` with a report.
 
     Args:
@@ -81,6 +82,9 @@ def optimize(model: torch.nn.Module, target: str | Target = "cpu", example_input
             instead (as does `use_cache=False` in `example_kwargs`).
         max_length: generation: the longest prompt + new tokens (default: the model's
             position table).
+        speed_gate: undo a pass that made the graph measurably slower here (when latency is
+            measured here, on the torch backend; `optim.speed_gate`). Default: on, unless the
+            environment sets OPTIM_SPEED_GATE=0.
         **pass_options: per-pass option overrides, e.g. `quantize={"skip": ["classifier"]}`.
     """
     say = progress or (lambda msg: None)
@@ -103,8 +107,9 @@ def optimize(model: torch.nn.Module, target: str | Target = "cpu", example_input
     inputs = Inputs.from_user(example_inputs, example_kwargs, eval_data, calibration,
                               dynamic).for_backend(chosen.name, chosen.dynamic)
     measure_here = tgt.runs_here if measure_latency is None else measure_latency
+    gate = speed_gate if speed_gate is not None else os.environ.get("OPTIM_SPEED_GATE") != "0"
     original, passes = capture_and_run(model, inputs, pipe, tgt, say,  # ① ②
-                                       gate=measure_here and chosen.name == "torch")
+                                       gate=gate and measure_here and chosen.name == "torch")
     artifact, lower_s = lower(passes.gm, inputs.example, tgt, chosen, options,
                               original.shapes, say)  # ③
     fidelity = verify.fidelity(original, artifact, inputs, task_fidelity, say)  # ④

@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 import torch
@@ -8,6 +9,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["OPTIM_CACHE_DIR"] = os.path.join(
     os.environ.get("PYTEST_OPTIM_CACHE", "/tmp"), f"optim-test-cache-{os.getuid()}")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# the speed gate times every pass (seconds each, and noisy at test sizes); the tests that are
+# about it turn it on (tests/test_api.py)
+os.environ.setdefault("OPTIM_SPEED_GATE", "0")
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "fuzz"))
+import fuzzing  # noqa: E402  (tests/fuzz: loads the hypothesis profile, OPTIM_FUZZ_PROFILE)
 
 import backends  # noqa: E402,F401  (registers every backend)
 import passes  # noqa: E402,F401  (registers every pass)
@@ -54,3 +61,14 @@ def shipped_pipeline(tmp_path):
         return str(path)
 
     return shrink
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fuzz tests' outcomes per target, after a run that had any (tests/fuzz/README.md)."""
+    counts = fuzzing.write_tally()
+    if not counts:
+        return
+    terminalreporter.section(f"fuzz outcomes (profile {fuzzing.PROFILE})")
+    for target, c in counts.items():
+        terminalreporter.write_line(f"{target:<28} {sum(c.values()):>7,} cases  "
+                                    + ", ".join(f"{k} {v:,}" for k, v in c.items()))

@@ -208,7 +208,7 @@ def test_a_pass_that_makes_the_graph_slower_here_is_undone_unless_a_later_one_ne
         mlp = torch.nn.Sequential(torch.nn.Linear(8, 8)).eval()
         x = torch.randn(2, 8)
         fast = optim.optimize(mlp, "cpu", (x,), pipeline=["cleanup", "_slow_for_test"],
-                              backend="torch", measure_latency=True)
+                              backend="torch", measure_latency=True, speed_gate=True)
         step = fast.report["passes"][1]
         seen = step["details"]["measured_here"]
         assert seen["reverted"] and seen["after_ms"] > seen["before_ms"] and not step["changed"]
@@ -218,12 +218,15 @@ def test_a_pass_that_makes_the_graph_slower_here_is_undone_unless_a_later_one_ne
         assert mul == 0  # the graph is the one before the pass
         kept = optim.optimize(mlp, "cpu", (x,), pipeline=["cleanup", "_slow_for_test",
                                                           "_needs_slow_for_test"],
-                              backend="torch", measure_latency=True)
+                              backend="torch", measure_latency=True, speed_gate=True)
         seen = kept.report["passes"][1]["details"]["measured_here"]
         assert seen["kept"] == "_needs_slow_for_test requires it"
         off = optim.optimize(mlp, "cpu", (x,), pipeline=["cleanup", "_slow_for_test"],
-                             backend="torch", measure_latency=False)
+                             backend="torch", measure_latency=False, speed_gate=True)
         assert "measured_here" not in off.report["passes"][1]["details"]  # not measured: no gate
+        asked_off = optim.optimize(mlp, "cpu", (x,), pipeline=["cleanup", "_slow_for_test"],
+                                   backend="torch", measure_latency=True, speed_gate=False)
+        assert asked_off.report["passes"][1]["changed"]
     finally:
         PASSES._items.pop("_slow_for_test", None)
         PASSES._items.pop("_needs_slow_for_test", None)

@@ -291,7 +291,7 @@ def test_learned_maps_beat_the_training_free_swap_on_real_weights():
 def test_gate_skips_short_sequences_with_both_estimates(zoo_model):
     z = zoo_model("bert")  # 16 tokens
     with pytest.raises(PassError, match="below break-even on cpu"):
-        _linearize(z, {"method": "elu"})
+        _linearize(z, {"method": "elu", "expect": True})  # else recorded, and skipped
 
 
 def test_gate_rewrites_long_sequences():
@@ -314,7 +314,8 @@ def test_refuses_masks_it_cannot_express(mask, reason):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(PassError, match=reason):
         optim.optimize(model, "cpu", (x,), ["cleanup", "fuse_attention",
-                                            {"linearize_attention": {"gate": False}}],
+                                            {"linearize_attention": {"gate": False,
+                                                                    "expect": True}}],
                        backend="torch", measure_latency=False)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 

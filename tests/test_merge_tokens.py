@@ -92,7 +92,7 @@ def test_dit_falls_back_to_merge_then_unmerge(zoo_model):
     assert len(unmerges) == 2
     assert om.report["fidelity"]["outputs"]["cosine_min"] > 0.99
     with pytest.raises(PassError, match="splits the token axis"):
-        _tome(z, {"r": 4, "mode": "merge"})
+        _tome(z, {"r": 4, "mode": "merge", "expect": True})
 
 
 @pytest.mark.parametrize("name,reason", [("gpt2", "causal mask"), ("llama", "causal mask"),
@@ -101,7 +101,7 @@ def test_refuses_masked_and_causal_attention(name, reason, zoo_model):
     z = zoo_model(name)
     before = {k: v.clone() for k, v in z.model.state_dict().items()}
     with pytest.raises(PassError, match=reason):
-        _tome(z, {"r": 2})
+        _tome(z, {"r": 2, "expect": True})  # without expect: recorded, and skipped
     assert all(torch.equal(v, z.model.state_dict()[k]) for k, v in before.items())
 
 
@@ -149,7 +149,7 @@ def test_gate_skips_merging_that_the_cost_model_says_is_slower(zoo_model):
 
     z = zoo_model("vit")  # 17 tokens, 64 wide: matching costs more than it saves
     with pytest.raises(optim.PassError, match="not worth it on cpu: merged estimated"):
-        _tome(z, {"r": 4, "gate": True})
+        _tome(z, {"r": 4, "gate": True, "expect": True})
     big = zoo.load("digits_vit", batch=64)  # 65 tokens, batch 64: r=8 pays (measured 1.14x)
     res = _tome(big, {"r": 8, "gate": True}).report.pass_result("merge_tokens")
     est = res["details"]["estimated_ms"]

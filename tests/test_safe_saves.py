@@ -14,21 +14,11 @@ import sys
 
 import pytest
 import torch
+from factories import TinyMLP
 
 import optim
 from optim import saving
 from optim.errors import OptimError
-
-
-class _Tiny(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
-
-    def forward(self, x):
-        return self.b(torch.relu(self.a(x)))
-
 
 X = torch.randn(2, 8)
 _SAVED = {}
@@ -37,7 +27,7 @@ _SAVED = {}
 def _saved(tmp_path, backend="onnxruntime", name="m"):
     """A fresh copy of one save per backend (built once per test session)."""
     if backend not in _SAVED:
-        om = optim.optimize(_Tiny(), "cpu", (X,), pipeline="cleanup", backend=backend,
+        om = optim.optimize(TinyMLP(), "cpu", (X,), pipeline="cleanup", backend=backend,
                             measure_latency=False)
         root = tmp_path.parent / f"saved-{backend}"
         om.save(root)
@@ -70,7 +60,7 @@ def test_round_trip_is_data_only(backend, tmp_path):
     assert not [n for n in names if n.endswith((".pt2", ".pt", ".pkl", ".bin", ".so"))], names
     for path in d.iterdir():  # no pickle stream anywhere (protocol 2+ starts with 0x80)
         assert not path.read_bytes().startswith(b"\x80"), path.name
-    torch.testing.assert_close(optim.load(d)(X), _Tiny()(X), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(optim.load(d)(X), TinyMLP()(X), atol=1e-5, rtol=1e-5)
 
 
 def test_a_pickled_program_from_an_older_save_is_refused_unexecuted(tmp_path):

@@ -38,6 +38,7 @@ settings.register_profile("suite", max_examples=SUITE_EXAMPLES["suite"], derando
                           **_common)
 settings.register_profile("fuzz", max_examples=int(os.environ.get("OPTIM_FUZZ_EXAMPLES", 2000)),
                           **_common)
+settings.load_profile(PROFILE)
 
 
 def examples(scale: float = 1.0) -> settings:

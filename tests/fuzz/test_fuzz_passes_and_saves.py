@@ -10,6 +10,7 @@ import json
 import shutil
 
 import torch
+from factories import TinyMLP
 from fuzzing import examples, outcome, wild
 from hypothesis import given
 from hypothesis import strategies as st
@@ -56,16 +57,6 @@ def test_passes_run_with_generated_options(entry):
                    for t, b in zip(run.after, run.before)), f"{name} {options}: non-finite"
 
 
-class _Tiny(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
-
-    def forward(self, x):
-        return self.b(torch.relu(self.a(x)))
-
-
 _SAVES: dict = {}
 X = torch.randn(2, 8)
 PROMPT = [[5, 6, 7]]
@@ -83,7 +74,7 @@ def _save(kind: str, root) -> tuple:
             om = optim.optimize(model, "cpu", torch.tensor(PROMPT), pipeline="cleanup",
                                 backend="torch", measure_latency=False)
         else:
-            om = optim.optimize(_Tiny(), "cpu", (X,), pipeline="cleanup", backend=kind,
+            om = optim.optimize(TinyMLP(), "cpu", (X,), pipeline="cleanup", backend=kind,
                                 measure_latency=False)
         om.save(root / kind)
         _SAVES[kind] = root / kind, json.loads((root / kind / "manifest.json").read_text())
