@@ -51,7 +51,8 @@ def optimize(model: torch.nn.Module, target: str | Target = "cpu", example_input
              estimate_targets: list[str] | None = None, name: str | None = None,
              dynamic: Any = None, progress: Callable[[str], None] | None = None,
              generation: bool | None = None, max_length: int | None = None,
-             speed_gate: bool | None = None, **pass_options: dict) -> OptimizedModel | OptimizedDecoder:
+             speed_gate: bool | None = None,
+             **pass_options: dict) -> OptimizedModel | OptimizedDecoder:
     """Optimize `model` for `target` and return a callable `OptimizedModel` with a report.
 
     Args:
