@@ -49,8 +49,13 @@ def _inputs(name, batch=2, seq=16, seed=0):
     return {**kwargs, "use_cache": False} if name in DECODERS else kwargs
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+# ONNX Runtime for the families whose attention is rewritten before it fuses (3-D forms, hand
+# linears); the rest fuse as the zoo's models do, which tests/test_dynamic_shapes.py lowers
+CASES = [(f, "torch") for f in sorted(FAMILIES)] + [
+    (f, "onnxruntime") for f in ("bloom", "deberta_v2", "falcon")]
+
+
+@pytest.mark.parametrize("family, backend", CASES)
 def test_every_attention_fuses_exactly_and_shapes_stay_dynamic(family, backend):
     model = _family(family)
     fast = optim.optimize(model, "cpu", (), example_kwargs=_inputs(family),

@@ -47,6 +47,8 @@ def from_schema(schema: dict) -> st.SearchStrategy:
         return st.floats(allow_nan=True) | st.floats(-1 if low is None else low - 1, 10)
     if kind == "boolean":
         return st.booleans()
+    if kind == "string" and "pattern" in schema:
+        return sometimes_wild(st.from_regex(schema["pattern"], fullmatch=True), 6)
     if kind == "string":
         return names | st.sampled_from(["x", "../x", "/tmp/x", "a b"])
     if kind == "array":
@@ -91,8 +93,8 @@ pass_entry = st.sampled_from(PASS_NAMES).flatmap(
 pipeline_file = from_schema(SCHEMA).flatmap(lambda d: st.fixed_dictionaries({
     "version": sometimes_wild(st.just(1), 10),
     "passes": sometimes_wild(st.lists(pass_entry, max_size=5), 10),
-    "target": st.sampled_from(sorted(target_names())) | names,
-}).map(lambda core, d=d: {**d, **core}))
+    "target": sometimes_wild(st.sampled_from(sorted(target_names())), 6),
+}).map(lambda core, d=d: {**{k: v for k, v in d.items() if k != "targets"}, **core}))
 
 
 def _load_text(tmp_path_factory, text: str):
