@@ -94,3 +94,25 @@ def test_grouped_query_heads_go_a_key_value_group_at_a_time_or_say_why():
         assert [la["heads"] for la in step["details"]["layers"]] == [heads] * 2
         reasons = [s["reason"] for s in step["skipped"]]
         assert any("2 key/value groups" in r for r in reasons) == said
+
+
+def test_pixart_cross_attention_projections_are_not_called_mlps():
+    """dynamic_width on PixArt labelled cross-attention's `to_k` (it reads the caption
+    projection through views only) an MLP outside a block; a projection read by a projection
+    is not an MLP. Self- and cross-attention heads and the block MLPs nest."""
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    model = PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+        num_layers=2, cross_attention_dim=32, caption_channels=24, sample_size=8, patch_size=2,
+        norm_type="ada_norm_single", use_additional_conditions=False).eval()
+    kwargs = {"hidden_states": torch.randn(2, 4, 8, 8), "timestep": torch.tensor([10, 500]),
+              "encoder_hidden_states": torch.randn(2, 5, 24), "return_dict": False}
+    fast = optim.optimize(model, "cpu", (), example_kwargs=kwargs,
+                          pipeline="cleanup,fuse_attention,dynamic_width", backend="torch",
+                          measure_latency=False)
+    step = fast.report["passes"][-1]
+    assert step["counts"]["layers_nested"] == 4
+    assert not [s for s in step["skipped"] if "attn2" in s["where"]]
+    assert {s["where"] for s in step["skipped"]} >= {"caption_projection.linear_2"}

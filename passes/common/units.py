@@ -36,6 +36,10 @@ _ELEMENTWISE = {aten.gelu.default, aten.relu.default, aten.silu.default, aten.ta
                 aten.clone.default, aten.contiguous.default}
 
 
+_SHAPE_ONLY = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+               aten.clone.default, aten.contiguous.default}
+
+
 def leaves(out) -> list[torch.Tensor]:
     from torch.utils import _pytree as pytree
 
@@ -119,6 +123,9 @@ def mlp_unit(gm, down: torch.fx.Node) -> dict | None:
                  (shape(a) or (1,))[-1] != 1]
     if not ups or any(u.target is ATTENTION for u in seen):
         return None
+    if all(n.target in _SHAPE_ONLY for n in seen - set(ups)):
+        return None  # linears with only views between: a projection read by a projection
+        #              (PixArt's caption embedding by cross-attention's to_k), not an MLP
     return {"up": sorted(ups, key=lambda u: u.name), "down": down, "hidden": hidden,
             "neurons": size}
 
