@@ -6,7 +6,9 @@ shapes. A pass whose graph is slower by more than `SLOWER_BY` is reverted (its r
 counts it would have had, and says why it was undone, with both times), unless a later pass
 in the pipeline requires it (then it stays, and its record says that too). Estimates for other
 targets do not gate: the cost model is not calibrated well enough on small models to veto a
-pass (benchmarks/RESULTS.md).
+pass (benchmarks/RESULTS.md). While a pass runs, a copy of the graph before it is kept, weights
+included (twice the model's memory for a moment); `optimize(..., speed_gate=False)` skips all
+of this.
 """
 
 from __future__ import annotations

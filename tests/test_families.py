@@ -116,3 +116,27 @@ def test_pixart_cross_attention_projections_are_not_called_mlps():
     assert step["counts"]["layers_nested"] == 4
     assert not [s for s in step["skipped"] if "attn2" in s["where"]]
     assert {s["where"] for s in step["skipped"]} >= {"caption_projection.linear_2"}
+
+
+def test_geglu_feed_forwards_nest_and_prune_their_halves_together():
+    """diffusers' GEGLU (`a, g = proj(x).chunk(2); a * gelu(g)`, the UNet's and SD's
+    feed-forward) was left whole with no reason: its projection is split into two linears,
+    a gated MLP whose neuron i is row i of each half."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    torch.manual_seed(0)
+    block = BasicTransformerBlock(dim=32, num_attention_heads=2, attention_head_dim=16,
+                                  activation_fn="geglu").eval()
+    x = torch.randn(2, 6, 32)
+    nested = optim.optimize(block, "cpu", (x,), pipeline="cleanup,fuse_attention,dynamic_width",
+                            backend="torch", measure_latency=False)
+    assert nested.report["passes"][-1]["counts"]["mlp_neurons_ordered"] == 1
+    with torch.no_grad():
+        torch.testing.assert_close(nested.at_width(1.0)(x), block(x), atol=1e-5, rtol=1e-5)
+    pruned = optim.optimize(block, "cpu", (x,),
+                            pipeline="cleanup,fuse_attention,sparsify{sparsity=0.5}",
+                            backend="torch", measure_latency=False)
+    (layer,) = pruned.report["passes"][-1]["details"]["layers"]
+    assert layer["neurons"] == "64/128"
+    proj = [n for n in pruned.graph.graph.nodes if n.target is torch.ops.aten.linear.default]
+    assert sorted(tuple(n.meta["val"].shape)[-1] for n in proj).count(64) == 2  # both halves

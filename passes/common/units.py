@@ -12,11 +12,14 @@ columns by a permutation leaves the function unchanged.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx
 
 import optim.ops  # noqa: F401  (registers torch.ops.optim)
 from optim.ir import (
+    add_constant,
     downstream,
     evaluate_nodes,
     get_constant,
@@ -163,6 +166,8 @@ def order_units(gm, heads: bool, mlp: bool, batches: list, skip) -> dict | None:
     `batches` and permute them most important first (the function is unchanged). Returns the
     plan `{"layers": [...]}` that `passes.common.nested_width` slices, or None if nothing was
     found."""
+    if mlp:
+        split_chunked_linears(gm)
     attns = [n for n in gm.graph.nodes if n.target is ATTENTION] if heads else []
     found = [h for h in (attention_heads(gm, n, skip) for n in attns) if h]
     pairs = blocks(gm, [m for m in (mlp_unit(gm, n) for n in gm.graph.nodes) if m], skip)
@@ -177,6 +182,46 @@ def order_units(gm, heads: bool, mlp: bool, batches: list, skip) -> dict | None:
             permute_neurons(gm, m, neuron_scores(gm, m, batches))
     gm.recompile()
     return {"layers": plan_layers(pairs, found)}
+
+
+def split_chunked_linears(gm) -> int:
+    """`chunk(linear(x, W, b), n, -1)` ⇒ n linears on W's row blocks (exact). A GEGLU
+    feed-forward (`a, g = proj(x).chunk(2); a * gelu(g)`, diffusers' UNets and SD) becomes a
+    gated MLP with two up projections, whose neurons are ordered and nested in pairs like
+    SwiGLU's."""
+    done = 0
+    for chunk in [n for n in gm.graph.nodes if n.target is aten.chunk.default]:
+        lin, parts = chunk.args[0], chunk.args[1]
+        dim = chunk.args[2] if len(chunk.args) > 2 else chunk.kwargs.get("dim", 0)
+        if not (isinstance(lin, torch.fx.Node) and is_constant_linear(lin)
+                and lin.target is aten.linear.default and len(lin.users) == 1
+                and dim in (-1, len(shape(lin) or ()) - 1)):
+            continue
+        w_node, b_node = weight_and_bias(lin)
+        w, b = get_constant(gm, w_node), get_constant(gm, b_node) if b_node is not None else None
+        if w.shape[0] % parts or not all(u.target is operator.getitem for u in chunk.users):
+            continue
+        size = w.shape[0] // parts
+        pieces = []
+        for i in range(parts):
+            wi = add_constant(gm, f"{w_node.target}_part{i}", w[i * size:(i + 1) * size].clone(),
+                              lin)
+            bi = None if b is None else add_constant(
+                gm, f"{b_node.target}_part{i}", b[i * size:(i + 1) * size].clone(), lin)
+            with gm.graph.inserting_before(chunk):
+                piece = gm.graph.call_function(aten.linear.default, (lin.args[0], wi, bi))
+            piece.meta = {**lin.meta, "val": chunk.meta["val"][i]}
+            pieces.append(piece)
+        for user in list(chunk.users):
+            user.replace_all_uses_with(pieces[user.args[1]])
+            gm.graph.erase_node(user)
+        gm.graph.erase_node(chunk)
+        gm.graph.erase_node(lin)
+        done += 1
+    if done:
+        gm.graph.lint()
+        gm.recompile()
+    return done
 
 
 def _names(unit: dict) -> dict:
