@@ -3,9 +3,13 @@
 Finds every attention whatever form it was traced in: an existing
 `aten.scaled_dot_product_attention`, or the explicit chain
 `matmul(q, kᵀ) → [mul|div by a constant] → [add mask] → softmax(-1) → matmul(·, v)`
-(GPT-2 eager, hand-written blocks). The fused op carries heads, head size, scale, mask and
-causality; each backend lowers it to a fused kernel. A mask that lets every query see every key
-whatever the input (ViT passes an all-True one) is dropped, so kernels take their unmasked path.
+(GPT-2 eager, hand-written blocks), also written on 3-D [B·H, L, D] tensors (BLOOM's ALiBi
+`baddbmm`, DeBERTa-v2's relative-position scores; lifted to 4-D first,
+`passes.common.bmm_attention`). Several added terms and masked fills before the softmax
+(padding mask, position bias) become one additive mask. The fused op carries heads, head size,
+scale, mask and causality; each backend lowers it to a fused kernel. A mask that lets every
+query see every key whatever the input (ViT passes an all-True one) is dropped, so kernels
+take their unmasked path.
 Requires: cleanup (no eval dropout or no-op casts between the steps). Numerics: exact, fp32 max
 abs error <= 1e-4.
 """
