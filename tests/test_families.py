@@ -140,3 +140,30 @@ def test_geglu_feed_forwards_nest_and_prune_their_halves_together():
     assert layer["neurons"] == "64/128"
     proj = [n for n in pruned.graph.graph.nodes if n.target is torch.ops.aten.linear.default]
     assert sorted(tuple(n.meta["val"].shape)[-1] for n in proj).count(64) == 2  # both halves
+
+
+def test_a_lifted_attention_saves_and_runs_in_a_fresh_process_at_other_shapes(tmp_path):
+    """BLOOM's attention, lifted from 3-D and fused (its graph reads sizes at run time), saved
+    on torch and loaded by a new Python process at another batch and length."""
+    import subprocess
+    import sys
+
+    model = _family("bloom")
+    fast = optim.optimize(model, "cpu", (), example_kwargs=_inputs("bloom"),
+                          pipeline="cleanup,fuse_attention", backend="torch",
+                          measure_latency=False)
+    fast.save(tmp_path / "bloom")
+    other = _inputs("bloom", batch=3, seq=9, seed=1)
+    torch.save({k: v for k, v in other.items() if isinstance(v, torch.Tensor)},
+               tmp_path / "inputs.pt")
+    with torch.no_grad():
+        torch.save(model(**other)[0], tmp_path / "want.pt")
+    script = (f"import torch, optim\nfast = optim.load({str(tmp_path / 'bloom')!r})\n"
+              f"x = torch.load({str(tmp_path / 'inputs.pt')!r})\n"
+              f"got = fast(**x, use_cache=False)[0]\n"
+              f"want = torch.load({str(tmp_path / 'want.pt')!r})\n"
+              f"print(float((got - want).abs().max()))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip().splitlines()[-1]) < 1e-4
